@@ -1,0 +1,174 @@
+//! Admin and status endpoints: `GET /providers`, `POST /providers/reload`, `GET /health`, `GET /`.
+//! Secrets are masked in everything they return.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::config::{Auth, ModelMapping};
+use crate::routing::health::HealthState;
+use crate::secret::mask_url_credentials;
+use crate::state::AppState;
+use crate::upstream::Provider;
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn secs(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10.0).round() / 10.0
+}
+
+/// The state shown for a provider: configuration first, then health, then credentials.
+fn display_state(p: &Provider, health: HealthState) -> &'static str {
+    if !p.config.usable() {
+        "disabled"
+    } else if health != HealthState::Healthy {
+        health.as_str()
+    } else if !p.has_credentials() {
+        "no_credentials"
+    } else {
+        "healthy"
+    }
+}
+
+fn credentials(auth: &Auth) -> Value {
+    match auth {
+        Auth::ApiKey(k) => json!({"kind": "x-api-key", "value": k.masked()}),
+        Auth::Bearer(k) => json!({"kind": "bearer", "value": k.masked()}),
+        Auth::Passthrough => json!({"kind": "passthrough"}),
+        Auth::None => json!({"kind": "none"}),
+    }
+}
+
+pub async fn providers(State(state): State<Arc<AppState>>) -> Response {
+    let runtime = state.runtime();
+    let now = Instant::now();
+    let mut healthy = 0;
+    let mut list = Vec::with_capacity(runtime.config.providers.len());
+    for pc in &runtime.config.providers {
+        let Some(p) = runtime.providers.get(&pc.name) else { continue };
+        let h = state.health.report(&pc.name, now);
+        let shown = display_state(p, h.state);
+        if p.config.usable() && h.state != HealthState::CoolingDown {
+            healthy += 1;
+        }
+        list.push(json!({
+            "name": pc.name,
+            "type": pc.kind.as_str(),
+            "base_url": pc.base_url,
+            "enabled": pc.enabled,
+            "disabled_reason": pc.disabled_reason,
+            "state": shown,
+            "healthy": shown == "healthy" || shown == "no_credentials" || shown == "probing",
+            "credentials": credentials(&pc.auth),
+            "proxy": pc.proxy.as_ref().map(|u| mask_url_credentials(u.expose())),
+            "consecutive_failures": h.consecutive_faults,
+            "cooldown_remaining_seconds": secs(h.cooldown_remaining),
+            "last_error": h.last_error.as_ref().map(|(e, _)| e),
+            "last_error_time": h.last_error.as_ref().map(|(_, t)| rfc3339(*t)),
+            "requests": h.requests,
+            "successes": h.successes,
+            "failures": h.failures,
+            "avg_ttfb_ms": h.ttfb_ewma_ms.map(|v| (v * 10.0).round() / 10.0),
+        }));
+    }
+    let mut routes = serde_json::Map::new();
+    for r in &runtime.config.routes {
+        let entries: Vec<Value> = r
+            .entries
+            .iter()
+            .map(|e| {
+                json!({
+                    "provider": e.provider,
+                    "model": match &e.model { ModelMapping::Passthrough => "passthrough", ModelMapping::Name(n) => n.as_str() },
+                    "priority": e.priority,
+                    "weight": e.weight,
+                    "enabled": e.enabled,
+                })
+            })
+            .collect();
+        routes.insert(r.pattern.clone(), Value::Array(entries));
+    }
+    Json(json!({
+        "total_providers": runtime.config.providers.len(),
+        "healthy_providers": healthy,
+        "selection_strategy": runtime.config.settings.selection_strategy.as_str(),
+        "total_model_routes": runtime.config.routes.len(),
+        "config_loaded_at": rfc3339(runtime.loaded_at),
+        "providers": list,
+        "model_routes": routes,
+    }))
+    .into_response()
+}
+
+pub async fn reload(State(state): State<Arc<AppState>>) -> Response {
+    match state.reload().await {
+        Ok(s) => {
+            tracing::info!(providers = s.providers, routes = s.routes, added = ?s.added, removed = ?s.removed, "configuration reloaded");
+            for w in &s.warnings {
+                tracing::warn!("config: {w}");
+            }
+            Json(json!({
+                "status": "reloaded",
+                "providers": s.providers,
+                "model_routes": s.routes,
+                "added_providers": s.added,
+                "removed_providers": s.removed,
+                "warnings": s.warnings,
+            }))
+            .into_response()
+        }
+        Err(errors) => {
+            tracing::error!(errors = %errors, "configuration reload refused; the running configuration is unchanged");
+            let body = json!({
+                "type": "error",
+                "error": {
+                    "type": "invalid_request_error",
+                    "message": format!("configuration not reloaded, the running one is unchanged:\n{errors}"),
+                    "errors": errors.0,
+                }
+            });
+            (StatusCode::BAD_REQUEST, Json(body)).into_response()
+        }
+    }
+}
+
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let runtime = state.runtime();
+    let now = Instant::now();
+    let mut usable = 0;
+    let mut cooling = 0;
+    for p in runtime.providers.values().filter(|p| p.config.usable()) {
+        if state.health.report(&p.config.name, now).state == HealthState::CoolingDown {
+            cooling += 1;
+        } else {
+            usable += 1;
+        }
+    }
+    let ok = usable > 0;
+    let body = json!({
+        "status": if ok { "healthy" } else { "unhealthy" },
+        "providers": {
+            "total": runtime.providers.len(),
+            "usable": usable,
+            "cooling_down": cooling,
+            "disabled": runtime.providers.values().filter(|p| !p.config.usable()).count(),
+        },
+        "uptime_seconds": state.started_at.elapsed().as_secs(),
+    });
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+pub async fn root(State(state): State<Arc<AppState>>) -> Response {
+    let runtime = state.runtime();
+    let s = &runtime.config.settings;
+    Json(json!({"name": s.app_name, "version": s.app_version, "status": "running"})).into_response()
+}

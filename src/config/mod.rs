@@ -1,0 +1,235 @@
+//! The configuration file: its typed form ([`Config`]) and its loader ([`load`]).
+//!
+//! The file format is the earlier Python balancer's `config.yaml` plus our additions; see
+//! `config.example.yaml` and the README's configuration reference. Loading is all-or-nothing:
+//! either every problem is reported (each with its path) or a complete [`Config`] comes back.
+
+pub mod env;
+mod load;
+
+use std::time::Duration;
+
+use regex::RegexSet;
+
+pub use load::{ConfigErrors, Loaded, load_file, load_str};
+
+use crate::secret::Secret;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub providers: Vec<ProviderConfig>,
+    /// In file order.
+    pub routes: Vec<RouteConfig>,
+    pub settings: Settings,
+}
+
+impl Config {
+    pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    Anthropic,
+    Openai,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Openai => "openai",
+        }
+    }
+}
+
+/// How the balancer authenticates to one provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// `x-api-key: <key>`.
+    ApiKey(Secret),
+    /// `Authorization: Bearer <token>`.
+    Bearer(Secret),
+    /// The client's own `x-api-key` / `Authorization` headers are forwarded.
+    Passthrough,
+    /// No credentials configured (empty value or unset variable): requests go out without any.
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub kind: ProviderKind,
+    /// Without a trailing `/`.
+    pub base_url: String,
+    pub auth: Auth,
+    pub enabled: bool,
+    /// Why the provider cannot be used although the file enables it (e.g. `oauth`).
+    pub disabled_reason: Option<String>,
+    /// Outbound proxy URL; may contain a password, so it is printed only through
+    /// [`crate::secret::mask_url_credentials`].
+    pub proxy: Option<Secret>,
+    /// Upper bound for `max_tokens` sent to this provider (openai conversion).
+    pub max_tokens_cap: Option<u64>,
+}
+
+impl ProviderConfig {
+    pub fn usable(&self) -> bool {
+        self.enabled && self.disabled_reason.is_none()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelMapping {
+    /// Send the client's model name.
+    Passthrough,
+    /// Send this name instead.
+    Name(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteEntry {
+    pub provider: String,
+    pub model: ModelMapping,
+    pub priority: i64,
+    pub enabled: bool,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// The key as written in the file.
+    pub pattern: String,
+    pub entries: Vec<RouteEntry>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    Priority,
+    RoundRobin,
+    Random,
+    Weighted,
+    LeastLatency,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Priority => "priority",
+            Strategy::RoundRobin => "round_robin",
+            Strategy::Random => "random",
+            Strategy::Weighted => "weighted",
+            Strategy::LeastLatency => "least_latency",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TimeoutSet {
+    pub connect: Duration,
+    /// Non-streaming: the whole attempt after connecting. Streaming: the wait for the first event
+    /// and for every later gap between upstream bytes.
+    pub read: Duration,
+    pub pool: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timeouts {
+    pub non_streaming: TimeoutSet,
+    pub streaming: TimeoutSet,
+    pub deduplication: Duration,
+}
+
+/// A set of HTTP statuses (100-599).
+#[derive(Clone, PartialEq, Eq)]
+pub struct StatusSet([u64; 10]);
+
+impl StatusSet {
+    pub fn empty() -> Self {
+        Self([0; 10])
+    }
+    pub fn insert(&mut self, status: u16) {
+        if status < 640 {
+            self.0[usize::from(status / 64)] |= 1 << (status % 64);
+        }
+    }
+    pub fn contains(&self, status: u16) -> bool {
+        status < 640 && self.0[usize::from(status / 64)] & (1 << (status % 64)) != 0
+    }
+    /// 401, 402, 403, 404, 408, 429 and every 5xx.
+    pub fn default_unhealthy() -> Self {
+        let mut set = Self::empty();
+        for s in [401, 402, 403, 404, 408, 429] {
+            set.insert(s);
+        }
+        for s in 500..600 {
+            set.insert(s);
+        }
+        set
+    }
+    pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        (100..600).filter(|s| self.contains(*s))
+    }
+}
+
+impl std::fmt::Debug for StatusSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenCounting {
+    pub always_use_local: bool,
+    pub failure_threshold: u32,
+    pub api_failure_cooldown: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Deduplication {
+    pub enabled: bool,
+    pub include_max_tokens_in_signature: bool,
+    pub sse_error_cleanup_delay: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct InboundAuth {
+    pub enabled: bool,
+    pub api_keys: Vec<Secret>,
+    pub admin_keys: Vec<Secret>,
+    pub exempt_paths: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub selection_strategy: Strategy,
+    pub failure_cooldown: Duration,
+    pub unhealthy_threshold: u32,
+    pub unhealthy_reset_on_success: bool,
+    pub unhealthy_reset_timeout: Duration,
+    pub sticky_provider_duration: Duration,
+    pub timeout: Duration,
+    pub timeouts: Timeouts,
+    pub unhealthy_http_codes: StatusSet,
+    pub unhealthy_exception_patterns: Vec<String>,
+    pub unhealthy_response_body_patterns: Option<RegexSet>,
+    pub token_counting: TokenCounting,
+    pub deduplication: Deduplication,
+    pub max_cache_size: u64,
+    pub cache_ttl: Duration,
+    pub log_level: String,
+    pub log_color: bool,
+    pub log_file_path: String,
+    pub host: String,
+    pub port: u16,
+    pub app_name: String,
+    pub app_version: String,
+    pub reload: bool,
+    pub reload_includes: Vec<String>,
+    pub auth: InboundAuth,
+    pub max_request_bytes: usize,
+    pub max_concurrent_requests: u64,
+    pub shutdown_grace: Duration,
+}

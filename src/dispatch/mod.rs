@@ -1,0 +1,433 @@
+//! The one failover loop: try the planned candidates in order until one commits.
+//!
+//! An *attempt* ends in one of three outcomes: **committed** (the provider answered 2xx and, for a
+//! stream, its first complete event arrived: the response goes to the client and no other
+//! candidate is tried), a **client fault** (a status outside `unhealthy_http_codes`: returned to the
+//! client unchanged, no penalty), or a **provider fault** (transport error, timeout, unhealthy
+//! status, an error or a matching pattern before commit: counted against the provider, next
+//! candidate). When every candidate faults, the client gets one Anthropic-shaped error listing each
+//! attempt.
+
+pub mod relay;
+
+use std::error::Error as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use tokio::time::{Instant, timeout, timeout_at};
+
+use crate::config::{Settings, TimeoutSet};
+use crate::error::{ApiError, error_type_for_status};
+use crate::inbound::body::{self, Envelope};
+use crate::routing::health::Verdict;
+use crate::routing::{Candidate, PlanContext};
+use crate::state::{AppState, Runtime};
+use crate::upstream::sse::{self, EventKind, Splitter};
+use crate::upstream::{anthropic_request_headers, client_response_headers, retry_after};
+
+/// Error bodies read from a provider are cut at this size.
+const MAX_ERROR_BODY: usize = 1024 * 1024;
+/// A non-streaming answer larger than this is a provider fault.
+const MAX_RESPONSE_BODY: usize = 256 * 1024 * 1024;
+
+/// One inbound `/v1/messages` request, validated.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub envelope: Envelope,
+    pub body: Bytes,
+    pub headers: HeaderMap,
+    /// The query string, forwarded as is (`beta=true`).
+    pub query: Option<String>,
+    /// `X-Claude-Code-Session-Id`, or the session inside `metadata.user_id`.
+    pub session: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultClass {
+    /// 429, 503, 529 or an overloaded/rate-limit error event.
+    Overloaded,
+    /// 401 or 403: the provider refused the balancer's credentials.
+    Credentials,
+    Timeout,
+    /// Connection, DNS or TLS failure.
+    Transport,
+    /// Any other unhealthy status, error body or matching pattern.
+    Other,
+}
+
+/// Why an attempt failed over.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub class: FaultClass,
+    pub reason: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl Fault {
+    fn new(class: FaultClass, reason: impl Into<String>) -> Self {
+        Self { class, reason: reason.into(), retry_after: None }
+    }
+}
+
+pub enum Outcome {
+    Committed { response: Response, ttfb: Duration },
+    ClientFault(Response),
+    Fault(Fault),
+}
+
+/// `e` and its sources, without the URL (which is logged separately).
+pub fn error_chain(e: &reqwest::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
+fn transport_fault(e: reqwest::Error) -> Fault {
+    let e = e.without_url();
+    let class = if e.is_timeout() { FaultClass::Timeout } else { FaultClass::Transport };
+    Fault::new(class, error_chain(&e))
+}
+
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    // Prefer the Anthropic or OpenAI error message over the raw body.
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
+        let err = v.get("error").unwrap_or(&v);
+        let kind = err.get("type").and_then(|t| t.as_str());
+        let msg = err.get("message").and_then(|m| m.as_str());
+        match (kind, msg) {
+            (Some(k), Some(m)) => return truncate(&format!("{k}: {m}")),
+            (None, Some(m)) => return truncate(m),
+            _ => {}
+        }
+    }
+    truncate(text)
+}
+
+fn truncate(s: &str) -> String {
+    const MAX: usize = 200;
+    if s.len() <= MAX {
+        return s.to_owned();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn status_fault(status: u16, body: &[u8], retry: Option<Duration>) -> Fault {
+    let class = match status {
+        429 | 503 | 529 => FaultClass::Overloaded,
+        401 | 403 => FaultClass::Credentials,
+        408 | 504 => FaultClass::Timeout,
+        _ => FaultClass::Other,
+    };
+    let detail = snippet(body);
+    let reason = if detail.is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {detail}") };
+    Fault { class, reason, retry_after: retry }
+}
+
+/// Whether a successful-looking body is really an error (`{"type":"error",…}`) or matches
+/// `unhealthy_response_body_patterns`.
+fn body_fault(settings: &Settings, body: &[u8]) -> Option<Fault> {
+    let text = String::from_utf8_lossy(body);
+    if let Some(set) = &settings.unhealthy_response_body_patterns {
+        if set.is_match(&text) {
+            return Some(Fault::new(FaultClass::Other, format!("response matched unhealthy_response_body_patterns: {}", truncate(text.trim()))));
+        }
+    }
+    None
+}
+
+/// The class of an error event or `{"type":"error"}` body.
+fn error_payload_fault(payload: &str) -> Fault {
+    let v: serde_json::Value = serde_json::from_str(payload).unwrap_or_default();
+    let kind = v.pointer("/error/type").and_then(|t| t.as_str()).unwrap_or("error");
+    let class = match kind {
+        "overloaded_error" | "rate_limit_error" => FaultClass::Overloaded,
+        "authentication_error" | "permission_error" => FaultClass::Credentials,
+        "timeout_error" => FaultClass::Timeout,
+        _ => FaultClass::Other,
+    };
+    Fault::new(class, format!("error before the first event: {}", snippet(payload.as_bytes())))
+}
+
+fn provider_header(name: &str) -> HeaderValue {
+    HeaderValue::from_bytes(name.as_bytes()).unwrap_or(HeaderValue::from_static("invalid-name"))
+}
+
+fn response_with(status: u16, upstream: &HeaderMap, body: Body, provider: &str) -> Response {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    *resp.headers_mut() = client_response_headers(upstream);
+    resp.headers_mut().insert("x-provider-used", provider_header(provider));
+    resp
+}
+
+/// Reads a whole body, each gap between chunks bounded by `gap`, at most `limit` bytes.
+async fn read_body(resp: reqwest::Response, gap: Duration, limit: usize) -> Result<Bytes, Fault> {
+    let mut stream = resp.bytes_stream();
+    let mut out = BytesMut::new();
+    loop {
+        match timeout(gap, stream.next()).await {
+            Err(_) => return Err(Fault::new(FaultClass::Timeout, format!("no data for {} s while reading the body", gap.as_secs()))),
+            Ok(None) => return Ok(out.freeze()),
+            Ok(Some(Err(e))) => return Err(transport_fault(e)),
+            Ok(Some(Ok(chunk))) => {
+                if out.len() + chunk.len() > limit {
+                    return Err(Fault::new(FaultClass::Other, format!("body larger than {limit} bytes")));
+                }
+                out.extend_from_slice(&chunk);
+            }
+        }
+    }
+}
+
+/// Serves one `/v1/messages` request: plan, then the failover loop.
+pub async fn messages(state: &Arc<AppState>, inbound: Inbound) -> Response {
+    let runtime = state.runtime();
+    let settings = &runtime.config.settings;
+    let now = Instant::now();
+    let ctx = PlanContext {
+        providers: &runtime.providers,
+        health: &state.health,
+        strategy: settings.selection_strategy,
+        now,
+    };
+    let model = &inbound.envelope.model;
+    let Some(mut plan) = runtime.routes.plan(model, &ctx) else {
+        return ApiError::not_found(format!("model {model:?} matches no entry of model_routes")).into_response();
+    };
+    if plan.candidates.is_empty() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            format!("route {:?} for model {model:?} has no enabled provider", &*plan.route),
+        )
+        .into_response();
+    }
+    let sticky = settings.sticky_provider_duration > Duration::ZERO;
+    if let (true, Some(session)) = (sticky, &inbound.session) {
+        if let Some(p) = state.affinity.get(session, &plan.route, now) {
+            if state.health.standing(&p, now).available {
+                plan.promote(&p);
+            }
+        }
+    }
+    if let Some(forced) = &inbound.envelope.provider {
+        plan.promote(forced);
+    }
+
+    let mut failures: Vec<(String, Fault)> = Vec::new();
+    for candidate in &plan.candidates {
+        let name = candidate.provider.config.name.clone();
+        let ticket = state.health.begin(&name, Instant::now());
+        let outcome = attempt(state, &runtime, candidate, &inbound).await;
+        match outcome {
+            Outcome::Committed { response, ttfb } => {
+                log_change(&name, state.health.resolve(ticket, Verdict::Up { ttfb: Some(ttfb) }, Instant::now(), settings));
+                if let (true, Some(session)) = (sticky, &inbound.session) {
+                    state.affinity.set(session, &plan.route, &name, Instant::now(), settings.sticky_provider_duration);
+                }
+                if !failures.is_empty() {
+                    tracing::info!(model = %model, provider = %name, failed_over = failures.len(), "request succeeded after failover");
+                }
+                return response;
+            }
+            Outcome::ClientFault(response) => {
+                log_change(&name, state.health.resolve(ticket, Verdict::Up { ttfb: None }, Instant::now(), settings));
+                return response;
+            }
+            Outcome::Fault(fault) => {
+                tracing::warn!(provider = %name, model = %candidate.upstream_model, reason = %fault.reason, "attempt failed");
+                let verdict = Verdict::Fault { reason: fault.reason.clone(), retry_after: fault.retry_after };
+                log_change(&name, state.health.resolve(ticket, verdict, Instant::now(), settings));
+                failures.push((name, fault));
+            }
+        }
+    }
+    all_failed(state, model, &failures).into_response()
+}
+
+fn log_change(provider: &str, change: Option<(crate::routing::health::HealthState, crate::routing::health::HealthState)>) {
+    if let Some((from, to)) = change {
+        tracing::warn!(provider, from = from.as_str(), to = to.as_str(), "provider state changed");
+    }
+}
+
+/// The error for a request on which every candidate faulted.
+pub fn all_failed(state: &AppState, model: &str, failures: &[(String, Fault)]) -> ApiError {
+    let list: Vec<String> = failures.iter().map(|(p, f)| format!("{p}: {}", f.reason)).collect();
+    let n = failures.len();
+    let plural = if n == 1 { "" } else { "s" };
+    let message = format!("all {n} provider{plural} failed for model {model}: {}", list.join("; "));
+    let all = |c: FaultClass| failures.iter().all(|(_, f)| f.class == c);
+    if all(FaultClass::Overloaded) {
+        let now = Instant::now();
+        let shortest = failures
+            .iter()
+            .map(|(p, _)| state.health.standing(p, now).remaining)
+            .filter(|d| !d.is_zero())
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        let secs = shortest.as_secs_f64().ceil().max(1.0) as u64;
+        ApiError::new(StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), "overloaded_error", message)
+            .with_retry_after(secs)
+    } else if all(FaultClass::Timeout) {
+        ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", message)
+    } else {
+        // Credential refusals land here too: never a 401, or Claude Code would blame the user's key.
+        ApiError::new(StatusCode::BAD_GATEWAY, "api_error", message)
+    }
+}
+
+/// One attempt against one anthropic-type candidate.
+async fn attempt(state: &Arc<AppState>, runtime: &Runtime, candidate: &Candidate, inbound: &Inbound) -> Outcome {
+    let settings = &runtime.config.settings;
+    let provider = &candidate.provider;
+    let name = provider.config.name.as_str();
+    let stream = inbound.envelope.stream;
+    let t: TimeoutSet = if stream { settings.timeouts.streaming } else { settings.timeouts.non_streaming };
+    let url = match &inbound.query {
+        Some(q) => format!("{}?{q}", provider.messages_url),
+        None => provider.messages_url.clone(),
+    };
+    let body = body::rewrite(
+        &inbound.body,
+        &candidate.upstream_model,
+        &inbound.envelope.model,
+        inbound.envelope.provider.is_some(),
+    );
+    let headers = anthropic_request_headers(&inbound.headers, &provider.config.auth);
+    let started = Instant::now();
+    let attempt_deadline = started + if stream { Duration::MAX / 4 } else { settings.timeout };
+    let request = provider.client.post(url).headers(headers).body(body).send();
+    let header_deadline = (started + t.connect + t.read).min(attempt_deadline);
+    let resp = match timeout_at(header_deadline, request).await {
+        Err(_) => return Outcome::Fault(Fault::new(FaultClass::Timeout, format!("no response within {} s", (header_deadline - started).as_secs()))),
+        Ok(Err(e)) => return Outcome::Fault(transport_fault(e)),
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status().as_u16();
+    let upstream_headers = resp.headers().clone();
+    if !resp.status().is_success() {
+        let retry = retry_after(&upstream_headers);
+        let body = match read_body(resp, t.read, MAX_ERROR_BODY).await {
+            Ok(b) => b,
+            Err(f) => return Outcome::Fault(f),
+        };
+        let text = String::from_utf8_lossy(&body);
+        if settings.unhealthy_http_codes.contains(status)
+            || settings.unhealthy_exception_patterns.iter().any(|p| !p.is_empty() && text.contains(p.as_str()))
+        {
+            return Outcome::Fault(status_fault(status, &body, retry));
+        }
+        return Outcome::ClientFault(response_with(status, &upstream_headers, Body::from(body), name));
+    }
+
+    if !stream {
+        let body = match timeout_at(attempt_deadline, read_body(resp, t.read, MAX_RESPONSE_BODY)).await {
+            Err(_) => return Outcome::Fault(Fault::new(FaultClass::Timeout, format!("no complete answer within {} s (timeout_seconds)", settings.timeout.as_secs()))),
+            Ok(Err(f)) => return Outcome::Fault(f),
+            Ok(Ok(b)) => b,
+        };
+        if let Some(f) = body_fault(settings, &body) {
+            return Outcome::Fault(f);
+        }
+        if is_error_body(&body) {
+            return Outcome::Fault(error_payload_fault(&String::from_utf8_lossy(&body)));
+        }
+        let ttfb = started.elapsed();
+        let mut response = response_with(status, &upstream_headers, Body::from(body), name);
+        response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return Outcome::Committed { response, ttfb };
+    }
+
+    // Streaming: wait for the first complete event that is not a ping, then commit.
+    let mut upstream = resp.bytes_stream().boxed();
+    let mut splitter = Splitter::new();
+    let mut prefix = BytesMut::new();
+    let first_event_deadline = started + t.connect + t.read;
+    loop {
+        match timeout_at(first_event_deadline, upstream.next()).await {
+            Err(_) => return Outcome::Fault(Fault::new(FaultClass::Timeout, format!("no event within {} s", (first_event_deadline - started).as_secs()))),
+            Ok(None) => {
+                let mut seen = prefix.to_vec();
+                seen.extend_from_slice(splitter.pending());
+                if is_error_body(&seen) {
+                    return Outcome::Fault(error_payload_fault(&String::from_utf8_lossy(&seen)));
+                }
+                return Outcome::Fault(Fault::new(FaultClass::Other, "stream ended before its first event"));
+            }
+            Ok(Some(Err(e))) => return Outcome::Fault(transport_fault(e)),
+            Ok(Some(Ok(chunk))) => {
+                let events = splitter.push(&chunk);
+                prefix.extend_from_slice(&events.bytes);
+                match events.kinds.iter().find(|k| **k != EventKind::Ping) {
+                    None => continue,
+                    Some(EventKind::Error) => {
+                        let text = String::from_utf8_lossy(&prefix);
+                        let payload = sse::parse_all(&text)
+                            .into_iter()
+                            .find(|(n, _)| n.as_deref() == Some("error"))
+                            .map(|(_, d)| d)
+                            .unwrap_or_default();
+                        return Outcome::Fault(error_payload_fault(&payload));
+                    }
+                    Some(_) => {
+                        if let Some(f) = body_fault(settings, &prefix) {
+                            return Outcome::Fault(f);
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let ttfb = started.elapsed();
+    let relay = relay::Relay {
+        first: Some(prefix.freeze()),
+        upstream,
+        splitter,
+        read_timeout: t.read,
+        state: Arc::clone(state),
+        provider: name.to_owned(),
+    };
+    let mut response = response_with(status, &upstream_headers, Body::from_stream(relay::relay(relay)), name);
+    let h = response.headers_mut();
+    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+    h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Outcome::Committed { response, ttfb }
+}
+
+/// `{"type":"error",…}` at the top level.
+fn is_error_body(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Probe<'a> {
+        #[serde(borrow, rename = "type")]
+        kind: Option<std::borrow::Cow<'a, str>>,
+    }
+    let trimmed = body.trim_ascii_start();
+    trimmed.starts_with(b"{")
+        && serde_json::from_slice::<Probe<'_>>(trimmed).is_ok_and(|p| p.kind.as_deref() == Some("error"))
+}
+
+/// The status of a fault, for counters (`error_type_for_status` keeps the wording in one place).
+pub fn fault_error_type(status: u16) -> &'static str {
+    error_type_for_status(status)
+}

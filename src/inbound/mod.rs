@@ -1,0 +1,71 @@
+//! The client side: reading and validating `POST /v1/messages` and `count_tokens` requests.
+
+pub mod body;
+pub mod count_tokens;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderMap, Uri};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+use crate::dispatch::{self, Inbound};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Reads the whole request body, refusing more than `limit` bytes with a 413.
+pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::too_large(limit)),
+        Err(e) => Err(ApiError::invalid_request(format!("could not read the request body: {e}"))),
+    }
+}
+
+/// The Claude Code session id of a request, from its header or from `metadata.user_id`.
+fn session_id(headers: &HeaderMap, from_metadata: Option<&str>) -> Option<String> {
+    headers
+        .get("x-claude-code-session-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .or_else(|| from_metadata.map(str::to_owned))
+}
+
+pub async fn messages(State(state): State<Arc<AppState>>, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let limit = state.runtime().config.settings.max_request_bytes;
+    let raw = match read_body(body, &headers, limit).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let envelope = match body::parse(&raw) {
+        Ok(e) => e,
+        Err(e) => return e.into_response(),
+    };
+    let session = session_id(&headers, envelope.metadata_session.as_deref());
+    let inbound = Inbound { envelope, body: raw, headers, query: uri.query().map(str::to_owned), session };
+    dispatch::messages(&state, inbound).await
+}
+
+pub async fn count_tokens(State(state): State<Arc<AppState>>, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let limit = state.runtime().config.settings.max_request_bytes;
+    let raw = match read_body(body, &headers, limit).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let envelope = match body::parse(&raw) {
+        Ok(e) => e,
+        Err(e) => return e.into_response(),
+    };
+    count_tokens::count_tokens(&state, &envelope, raw, &headers, uri.query()).await
+}

@@ -1,0 +1,24 @@
+//! claude-balancer: one Anthropic Messages API in front, many providers behind.
+//!
+//! Modules in request-flow order:
+//!
+//! 1. [`server`]: the HTTP router and its Anthropic-shaped fallbacks.
+//! 2. [`inbound`]: reading and validating requests (`/v1/messages`, `count_tokens`).
+//! 3. [`routing`]: model name to ordered candidates (routes, strategies, health, affinity).
+//! 4. [`dispatch`]: the one failover loop, the commit point, the stream relay.
+//! 5. [`upstream`]: HTTP clients, header rules, SSE framing.
+//!
+//! Cross-cutting: [`config`] (file to validated [`config::Config`]), [`state`] (the runtime swapped on
+//! reload, books that outlive it), [`admin`], [`error`], [`secret`], [`tokens`].
+
+pub mod admin;
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod inbound;
+pub mod routing;
+pub mod secret;
+pub mod server;
+pub mod state;
+pub mod tokens;
+pub mod upstream;

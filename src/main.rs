@@ -1,0 +1,189 @@
+//! The `claude-balancer` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use claude_balancer::config::{self, Config, ModelMapping};
+use claude_balancer::routing::health::HealthBook;
+use claude_balancer::routing::{PlanContext, RouteTable};
+use claude_balancer::state::AppState;
+use claude_balancer::{server, upstream};
+use tokio::net::TcpListener;
+
+#[derive(Parser, Debug)]
+#[command(name = "claude-balancer", version, about = "A gateway between Claude Code and many model providers")]
+struct Cli {
+    /// The configuration file.
+    #[arg(long, short, default_value = "config.yaml", global = true)]
+    config: PathBuf,
+    /// Listen address (overrides settings.host).
+    #[arg(long)]
+    host: Option<String>,
+    /// Listen port (overrides settings.port).
+    #[arg(long)]
+    port: Option<u16>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate the configuration and print each route with its ordered candidates.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let loaded = match config::load_file(&cli.config) {
+        Ok(l) => l,
+        Err(errors) => {
+            eprintln!("{}: the configuration has {} error(s):", cli.config.display(), errors.0.len());
+            for e in &errors.0 {
+                eprintln!("  error: {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(Command::Check) = cli.command {
+        for w in &loaded.warnings {
+            println!("warning: {w}");
+        }
+        print_routes(&loaded.config);
+        println!("{}: OK", cli.config.display());
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(&loaded.config);
+    for w in &loaded.warnings {
+        tracing::warn!("config: {w}");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, loaded.config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let level = match config.settings.log_level.trim().to_ascii_uppercase().as_str() {
+        "TRACE" => "trace",
+        "DEBUG" => "debug",
+        "WARN" | "WARNING" => "warn",
+        "ERROR" | "CRITICAL" => "error",
+        _ => "info",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CLAUDE_BALANCER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("claude_balancer={level},claude_balancer_cli={level},warn")));
+    let color = config.settings.log_color && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(color).with_writer(std::io::stderr).init();
+}
+
+async fn run(cli: Cli, config: Config) -> Result<(), String> {
+    let host = cli.host.unwrap_or_else(|| config.settings.host.clone());
+    let port = cli.port.unwrap_or(config.settings.port);
+    upstream::install_crypto_provider();
+    let state = AppState::new(config, Some(cli.config.clone())).map_err(|e| format!("configuration: {e}"))?;
+    let listener = TcpListener::bind((host.as_str(), port)).await.map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let runtime = state.runtime();
+    tracing::info!(
+        address = %addr,
+        providers = runtime.providers.len(),
+        routes = runtime.config.routes.len(),
+        strategy = runtime.config.settings.selection_strategy.as_str(),
+        "claude-balancer listening; set ANTHROPIC_BASE_URL=http://{addr}"
+    );
+    for r in &runtime.config.routes {
+        let names: Vec<&str> = r.entries.iter().map(|e| e.provider.as_str()).collect();
+        tracing::info!(route = %r.pattern, providers = ?names, "route");
+    }
+    server::serve(listener, state, shutdown_signal()).await.map_err(|e| format!("server error: {e}"))?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutdown requested");
+}
+
+/// `check`: each route and its candidates in the order a request would try them (all healthy).
+fn print_routes(config: &Config) {
+    println!("providers:");
+    for p in &config.providers {
+        let state = if !p.enabled {
+            "disabled".to_owned()
+        } else if let Some(r) = &p.disabled_reason {
+            format!("disabled: {r}")
+        } else if matches!(p.auth, config::Auth::None) {
+            "enabled, no credentials".to_owned()
+        } else {
+            "enabled".to_owned()
+        };
+        println!("  {} ({}) {} [{state}]", p.name, p.kind.as_str(), p.base_url);
+    }
+    println!("routes (exact names first, then patterns in file order):");
+    let table = RouteTable::new(&config.routes);
+    let clients = upstream::ClientPool::default();
+    let providers = match claude_balancer::state::Runtime::build(config.clone(), &clients) {
+        Ok(rt) => rt.providers,
+        Err(e) => {
+            println!("  (cannot build providers: {e})");
+            return;
+        }
+    };
+    let health = HealthBook::new();
+    for r in &config.routes {
+        let ctx = PlanContext {
+            providers: &providers,
+            health: &health,
+            strategy: config::Strategy::Priority,
+            now: tokio::time::Instant::now(),
+        };
+        // The route's own pattern as a model name shows its candidates including fallbacks.
+        let sample = r.pattern.replace(['*', '?'], "");
+        println!("  {:?}", r.pattern);
+        let entries = &r.entries;
+        match table.plan(&sample, &ctx).filter(|p| &*p.route == r.pattern.as_str()) {
+            Some(plan) => {
+                for (i, c) in plan.candidates.iter().enumerate() {
+                    let from = if &*c.route == r.pattern.as_str() { String::new() } else { format!("  (fallback from {:?})", &*c.route) };
+                    let prio = entries.iter().find(|e| e.provider == c.provider.config.name).map(|e| e.priority);
+                    let model = match entries.iter().find(|e| e.provider == c.provider.config.name).map(|e| &e.model) {
+                        Some(ModelMapping::Name(n)) => n.clone(),
+                        _ => if from.is_empty() { "passthrough".to_owned() } else { c.upstream_model.clone() },
+                    };
+                    let prio = prio.map(|p| format!(" priority {p}")).unwrap_or_default();
+                    println!("    {}. {} -> model {model}{prio}{from}", i + 1, c.provider.config.name);
+                }
+                if plan.candidates.is_empty() {
+                    println!("    (no enabled provider)");
+                }
+            }
+            None => println!("    (shadowed by an earlier route for the name {sample:?})"),
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! Session affinity: a Claude Code session goes back to the provider that served it last (per route),
+//! which keeps that provider's prompt cache warm. Entries expire after `sticky_provider_duration`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Above this many sessions, expired entries are swept on insert; the map never grows without bound.
+const MAX_SESSIONS: usize = 10_000;
+
+#[derive(Debug, Default)]
+pub struct AffinityBook {
+    map: Mutex<HashMap<(String, String), (String, Instant)>>,
+}
+
+impl AffinityBook {
+    /// The provider that last served `session` on `route`, if that was less than `ttl` ago.
+    pub fn get(&self, session: &str, route: &str, now: Instant) -> Option<String> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&(session.to_owned(), route.to_owned()))
+            .filter(|(_, expires)| *expires > now)
+            .map(|(p, _)| p.clone())
+    }
+
+    pub fn set(&self, session: &str, route: &str, provider: &str, now: Instant, ttl: Duration) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_SESSIONS {
+            map.retain(|_, (_, expires)| *expires > now);
+            if map.len() >= MAX_SESSIONS {
+                map.clear();
+            }
+        }
+        map.insert((session.to_owned(), route.to_owned()), (provider.to_owned(), now + ttl));
+    }
+}

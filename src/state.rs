@@ -1,0 +1,121 @@
+//! Shared state: the current [`Runtime`] (a compiled configuration, swapped atomically on reload)
+//! and the books that outlive reloads (health, affinity, HTTP clients).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use tokio::time::Instant;
+
+use crate::config::{Config, ConfigErrors, Loaded, load_file};
+use crate::inbound::count_tokens::CountTokensBook;
+use crate::routing::RouteTable;
+use crate::routing::affinity::AffinityBook;
+use crate::routing::health::HealthBook;
+use crate::upstream::{ClientPool, Provider};
+
+/// One loaded configuration, compiled for use. Immutable: a reload builds a new one.
+#[derive(Debug)]
+pub struct Runtime {
+    pub config: Config,
+    pub providers: HashMap<String, Arc<Provider>>,
+    pub routes: RouteTable,
+    pub loaded_at: SystemTime,
+}
+
+impl Runtime {
+    pub fn build(config: Config, clients: &ClientPool) -> Result<Self, ConfigErrors> {
+        let mut providers = HashMap::with_capacity(config.providers.len());
+        let mut errors = Vec::new();
+        let t = &config.settings.timeouts;
+        let connect = t.streaming.connect.max(t.non_streaming.connect);
+        for (i, pc) in config.providers.iter().enumerate() {
+            match clients.get(pc.proxy.as_ref(), connect) {
+                Ok(client) => {
+                    providers.insert(pc.name.clone(), Arc::new(Provider::new(pc.clone(), client)));
+                }
+                Err(e) => errors.push(format!("providers[{i}].proxy: {e}")),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let routes = RouteTable::new(&config.routes);
+        Ok(Self { config, providers, routes, loaded_at: SystemTime::now() })
+    }
+}
+
+#[derive(Debug)]
+pub struct AppState {
+    pub runtime: ArcSwap<Runtime>,
+    pub health: Arc<HealthBook>,
+    pub count_tokens: CountTokensBook,
+    pub affinity: AffinityBook,
+    pub clients: ClientPool,
+    /// The file `POST /providers/reload` re-reads; `None` for a configuration given in memory.
+    pub config_path: Option<PathBuf>,
+    reload_lock: tokio::sync::Mutex<()>,
+    pub started_at: Instant,
+}
+
+/// What a successful reload changed.
+#[derive(Debug, Clone)]
+pub struct ReloadSummary {
+    pub providers: usize,
+    pub routes: usize,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+impl AppState {
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Self>, ConfigErrors> {
+        let clients = ClientPool::default();
+        let runtime = Runtime::build(config, &clients)?;
+        Ok(Arc::new(Self {
+            runtime: ArcSwap::from_pointee(runtime),
+            health: HealthBook::new(),
+            count_tokens: CountTokensBook::default(),
+            affinity: AffinityBook::default(),
+            clients,
+            config_path,
+            reload_lock: tokio::sync::Mutex::new(()),
+            started_at: Instant::now(),
+        }))
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Re-reads the configuration file. A file with any error changes nothing.
+    pub async fn reload(&self) -> Result<ReloadSummary, ConfigErrors> {
+        let Some(path) = self.config_path.clone() else {
+            return Err(ConfigErrors(vec!["no configuration file to reload (started from memory)".into()]));
+        };
+        let _guard = self.reload_lock.lock().await;
+        // The file is small: reading it inline is cheaper than a trip to the blocking pool.
+        let loaded = load_file(&path)?;
+        self.swap(loaded)
+    }
+
+    /// Installs an already loaded configuration (what `reload` does after reading the file).
+    pub fn swap(&self, loaded: Loaded) -> Result<ReloadSummary, ConfigErrors> {
+        let Loaded { config, warnings } = loaded;
+        let new = Runtime::build(config, &self.clients)?;
+        let old = self.runtime.load();
+        let added = new.providers.keys().filter(|k| !old.providers.contains_key(*k)).cloned().collect();
+        let removed = old.providers.keys().filter(|k| !new.providers.contains_key(*k)).cloned().collect();
+        let summary = ReloadSummary {
+            providers: new.providers.len(),
+            routes: new.config.routes.len(),
+            added,
+            removed,
+            warnings,
+        };
+        self.runtime.store(Arc::new(new));
+        Ok(summary)
+    }
+}

@@ -1,0 +1,260 @@
+//! The upstream side: one pooled HTTP client per outbound proxy, the runtime form of a provider,
+//! and the header rules for requests to providers and responses from them.
+
+pub mod sse;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use http::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::{Auth, ProviderConfig, ProviderKind};
+use crate::secret::{Secret, mask_url_credentials};
+
+/// A configured provider, ready to be called.
+#[derive(Debug)]
+pub struct Provider {
+    pub config: ProviderConfig,
+    pub client: reqwest::Client,
+    /// `POST` target for messages (anthropic) or chat completions (openai).
+    pub messages_url: String,
+    /// `POST` target for count_tokens (anthropic only).
+    pub count_tokens_url: String,
+}
+
+impl Provider {
+    pub fn new(config: ProviderConfig, client: reqwest::Client) -> Self {
+        let base = config.base_url.trim_end_matches('/');
+        let (messages_url, count_tokens_url) = match config.kind {
+            ProviderKind::Anthropic => {
+                let v1 = if base.ends_with("/v1") { base.to_owned() } else { format!("{base}/v1") };
+                (format!("{v1}/messages"), format!("{v1}/messages/count_tokens"))
+            }
+            ProviderKind::Openai => (format!("{base}/chat/completions"), String::new()),
+        };
+        Self { config, client, messages_url, count_tokens_url }
+    }
+
+    pub fn has_credentials(&self) -> bool {
+        !matches!(self.config.auth, Auth::None)
+    }
+}
+
+/// Installs the TLS crypto provider once per process (reqwest is built without a default one).
+pub fn install_crypto_provider() {
+    // An Err means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// HTTP clients shared across reloads, one per (outbound proxy, connect timeout).
+#[derive(Debug, Default)]
+pub struct ClientPool {
+    clients: Mutex<HashMap<(Option<String>, Duration), reqwest::Client>>,
+}
+
+impl ClientPool {
+    pub fn get(&self, proxy: Option<&Secret>, connect_timeout: Duration) -> Result<reqwest::Client, String> {
+        let key = (proxy.map(|p| p.expose().to_owned()), connect_timeout);
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        install_crypto_provider();
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy();
+        if let Some(p) = proxy {
+            let proxy = reqwest::Proxy::all(p.expose())
+                .map_err(|e| format!("proxy {}: {e}", mask_url_credentials(p.expose())))?;
+            builder = builder.proxy(proxy);
+        }
+        let client = builder.build().map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        clients.insert(key, client.clone());
+        Ok(client)
+    }
+}
+
+/// Request headers never forwarded to a provider: hop-by-hop headers, the client's credentials
+/// (a provider gets its own), and `accept-encoding` (responses are relayed uncompressed).
+const DROPPED_REQUEST_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "accept-encoding",
+    "x-api-key",
+    "authorization",
+];
+
+/// The headers for a request to an anthropic-type provider: the client's headers minus the
+/// dropped ones, plus the provider's credentials (or the client's own, for `passthrough`).
+pub fn anthropic_request_headers(client: &HeaderMap, auth: &Auth) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(client.len() + 2);
+    for (name, value) in client {
+        if !DROPPED_REQUEST_HEADERS.contains(&name.as_str()) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    if !out.contains_key("anthropic-version") {
+        out.insert(HeaderName::from_static("anthropic-version"), HeaderValue::from_static("2023-06-01"));
+    }
+    if !out.contains_key(http::header::CONTENT_TYPE) {
+        out.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    apply_auth(&mut out, client, auth, AuthStyle::Anthropic);
+    out
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthStyle {
+    /// `api_key` means `x-api-key`; `auth_token` means a bearer token.
+    Anthropic,
+    /// Always a bearer token.
+    Openai,
+}
+
+pub fn apply_auth(out: &mut HeaderMap, client: &HeaderMap, auth: &Auth, style: AuthStyle) {
+    let bearer = |s: &Secret| HeaderValue::from_str(&format!("Bearer {}", s.expose())).ok();
+    match auth {
+        Auth::ApiKey(key) if style == AuthStyle::Anthropic => {
+            if let Ok(mut v) = HeaderValue::from_str(key.expose()) {
+                v.set_sensitive(true);
+                out.insert(HeaderName::from_static("x-api-key"), v);
+            }
+        }
+        Auth::ApiKey(key) | Auth::Bearer(key) => {
+            if let Some(mut v) = bearer(key) {
+                v.set_sensitive(true);
+                out.insert(AUTHORIZATION, v);
+            }
+        }
+        Auth::Passthrough => {
+            for name in ["x-api-key", "authorization"] {
+                if let Some(v) = client.get(name) {
+                    out.insert(HeaderName::from_static(name), v.clone());
+                }
+            }
+        }
+        Auth::None => {}
+    }
+}
+
+/// Response headers of a provider that the client gets back.
+pub fn client_response_headers(upstream: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, value) in upstream {
+        let n = name.as_str();
+        if matches!(
+            n,
+            "content-type"
+                | "request-id"
+                | "retry-after"
+                | "retry-after-ms"
+                | "x-should-retry"
+                | "anthropic-organization-id"
+                | "anthropic-workspace-id"
+        ) || n.starts_with("anthropic-ratelimit-")
+        {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// Parses `retry-after` (integer seconds) or `retry-after-ms`.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers.get("retry-after-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok()) {
+        if ms.is_finite() && ms >= 0.0 {
+            return Some(Duration::from_secs_f64(ms / 1000.0));
+        }
+    }
+    headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0 && *s < 86_400.0)
+        .map(Duration::from_secs_f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(kind: ProviderKind, base: &str) -> Provider {
+        let config = ProviderConfig {
+            name: "p".into(),
+            kind,
+            base_url: base.into(),
+            auth: Auth::None,
+            enabled: true,
+            disabled_reason: None,
+            proxy: None,
+            max_tokens_cap: None,
+        };
+        install_crypto_provider();
+        Provider::new(config, reqwest::Client::new())
+    }
+
+    #[test]
+    fn urls_follow_the_base_url() {
+        let p = provider(ProviderKind::Anthropic, "https://relay.example/claudecode");
+        assert_eq!(p.messages_url, "https://relay.example/claudecode/v1/messages");
+        assert_eq!(p.count_tokens_url, "https://relay.example/claudecode/v1/messages/count_tokens");
+        let p = provider(ProviderKind::Anthropic, "https://api.example/v1");
+        assert_eq!(p.messages_url, "https://api.example/v1/messages");
+        let p = provider(ProviderKind::Openai, "https://openrouter.example/api/v1");
+        assert_eq!(p.messages_url, "https://openrouter.example/api/v1/chat/completions");
+    }
+
+    #[test]
+    fn client_credentials_never_reach_a_provider_with_its_own() {
+        let mut client = HeaderMap::new();
+        client.insert("x-api-key", HeaderValue::from_static("client-key"));
+        client.insert("authorization", HeaderValue::from_static("Bearer client-token"));
+        client.insert("anthropic-beta", HeaderValue::from_static("a,b"));
+        client.insert("accept-encoding", HeaderValue::from_static("gzip"));
+        client.insert("connection", HeaderValue::from_static("keep-alive"));
+        let out = anthropic_request_headers(&client, &Auth::ApiKey(Secret::new("own-key")));
+        assert_eq!(out.get("x-api-key").unwrap(), "own-key");
+        assert!(out.get("authorization").is_none());
+        assert_eq!(out.get("anthropic-beta").unwrap(), "a,b");
+        assert_eq!(out.get("anthropic-version").unwrap(), "2023-06-01");
+        assert!(out.get("accept-encoding").is_none());
+        assert!(out.get("connection").is_none());
+
+        let out = anthropic_request_headers(&client, &Auth::Bearer(Secret::new("tok")));
+        assert_eq!(out.get("authorization").unwrap(), "Bearer tok");
+        assert!(out.get("x-api-key").is_none());
+
+        let out = anthropic_request_headers(&client, &Auth::Passthrough);
+        assert_eq!(out.get("x-api-key").unwrap(), "client-key");
+        assert_eq!(out.get("authorization").unwrap(), "Bearer client-token");
+
+        let out = anthropic_request_headers(&client, &Auth::None);
+        assert!(out.get("x-api-key").is_none() && out.get("authorization").is_none());
+    }
+
+    #[test]
+    fn retry_after_parses_seconds_and_ms() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert("retry-after-ms", HeaderValue::from_static("1500"));
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        assert_eq!(retry_after(&h), None);
+    }
+}

@@ -1,0 +1,208 @@
+//! SSE framing: splitting a byte stream into complete events without copying them apart.
+//!
+//! The relay forwards only complete events, so it can always insert a `ping` or a final
+//! `error` event at an event boundary, and it can tell when `message_stop` has gone by.
+
+use bytes::{Bytes, BytesMut};
+
+/// The event names the relay cares about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    MessageStart,
+    MessageStop,
+    Error,
+    Ping,
+    Other,
+}
+
+impl EventKind {
+    fn from_name(name: &[u8]) -> Self {
+        match name {
+            b"message_start" => EventKind::MessageStart,
+            b"message_stop" => EventKind::MessageStop,
+            b"error" => EventKind::Error,
+            b"ping" => EventKind::Ping,
+            _ => EventKind::Other,
+        }
+    }
+}
+
+/// Complete events taken out of the splitter.
+#[derive(Debug, Default)]
+pub struct Events {
+    /// The raw bytes of the events, boundaries included, exactly as received.
+    pub bytes: Bytes,
+    /// One entry per event, in order (by `event:` name; `Other` for unnamed events).
+    pub kinds: Vec<EventKind>,
+}
+
+/// Incremental SSE event splitter. Accepts `\n`, `\r\n` line endings.
+#[derive(Debug, Default)]
+pub struct Splitter {
+    buf: BytesMut,
+    /// Bytes of `buf` already scanned (always at a line start).
+    scanned: usize,
+    /// End of the last complete event in `buf`.
+    complete_end: usize,
+    /// Kind of the event being read, if it has an `event:` line.
+    current: Option<EventKind>,
+    /// Whether the event being read has any line yet.
+    current_has_lines: bool,
+    kinds: Vec<EventKind>,
+}
+
+impl Splitter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds bytes and returns the events completed by them (possibly none).
+    pub fn push(&mut self, data: &[u8]) -> Events {
+        self.buf.extend_from_slice(data);
+        while let Some(nl) = memchr::memchr(b'\n', &self.buf[self.scanned..]) {
+            let line_end = self.scanned + nl;
+            let mut line = &self.buf[self.scanned..line_end];
+            if let [rest @ .., b'\r'] = line {
+                line = rest;
+            }
+            if line.is_empty() {
+                if self.current_has_lines {
+                    self.kinds.push(self.current.unwrap_or(EventKind::Other));
+                }
+                self.current = None;
+                self.current_has_lines = false;
+                self.complete_end = line_end + 1;
+            } else {
+                self.current_has_lines = true;
+                if let Some(name) = line.strip_prefix(b"event:") {
+                    self.current = Some(EventKind::from_name(name.trim_ascii()));
+                }
+            }
+            self.scanned = line_end + 1;
+        }
+        if self.complete_end == 0 {
+            return Events::default();
+        }
+        let bytes = self.buf.split_to(self.complete_end).freeze();
+        self.scanned -= self.complete_end;
+        self.complete_end = 0;
+        Events { bytes, kinds: std::mem::take(&mut self.kinds) }
+    }
+
+    /// Bytes received that do not yet form a complete event.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Whether the pending bytes hold a final event that only lacks its blank line, and its kind.
+    pub fn unterminated_kind(&self) -> Option<EventKind> {
+        self.current_has_lines.then(|| self.current.unwrap_or(EventKind::Other))
+    }
+}
+
+/// The bytes of a ping event, as Anthropic sends it.
+pub const PING_EVENT: &[u8] = b"event: ping\ndata: {\"type\": \"ping\"}\n\n";
+
+/// The bytes of an `event: error`.
+pub fn error_event(error_type: &str, message: &str) -> Bytes {
+    let body = serde_json::json!({"type": "error", "error": {"type": error_type, "message": message}});
+    Bytes::from(format!("event: error\ndata: {body}\n\n"))
+}
+
+/// Splits a finished SSE text into `(event name, data)` pairs; for tests and small bodies.
+pub fn parse_all(text: &str) -> Vec<(Option<String>, String)> {
+    let mut out = Vec::new();
+    let normalized = text.replace("\r\n", "\n");
+    for block in normalized.split("\n\n") {
+        let mut name = None;
+        let mut data: Vec<&str> = Vec::new();
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("event:") {
+                name = Some(v.trim().to_owned());
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+        if name.is_some() || !data.is_empty() {
+            out.push((name, data.join("\n")));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const STREAM: &str = "event: message_start\ndata: {\"type\":\"message_start\"}\n\n\
+event: ping\r\ndata: {\"type\":\"ping\"}\r\n\r\n\
+data: {\"unnamed\":true}\n\n\
+event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+
+    fn split_all(chunks: &[&[u8]]) -> (Vec<u8>, Vec<EventKind>) {
+        let mut s = Splitter::new();
+        let mut bytes = Vec::new();
+        let mut kinds = Vec::new();
+        for c in chunks {
+            let ev = s.push(c);
+            bytes.extend_from_slice(&ev.bytes);
+            kinds.extend(ev.kinds);
+        }
+        assert!(s.pending().is_empty(), "left over: {:?}", String::from_utf8_lossy(s.pending()));
+        (bytes, kinds)
+    }
+
+    #[test]
+    fn whole_stream_in_one_chunk() {
+        let (bytes, kinds) = split_all(&[STREAM.as_bytes()]);
+        assert_eq!(bytes, STREAM.as_bytes());
+        assert_eq!(
+            kinds,
+            vec![EventKind::MessageStart, EventKind::Ping, EventKind::Other, EventKind::MessageStop]
+        );
+    }
+
+    #[test]
+    fn partial_event_is_held_back() {
+        let mut s = Splitter::new();
+        let ev = s.push(b"event: message_start\ndata: {\"a\"");
+        assert!(ev.bytes.is_empty());
+        assert_eq!(s.unterminated_kind(), Some(EventKind::MessageStart));
+        let ev = s.push(b":1}\n\nevent: err");
+        assert_eq!(&ev.bytes[..], b"event: message_start\ndata: {\"a\":1}\n\n");
+        assert_eq!(ev.kinds, vec![EventKind::MessageStart]);
+        let ev = s.push(b"or\ndata: {}\n\n");
+        assert_eq!(ev.kinds, vec![EventKind::Error]);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn splitting_does_not_depend_on_chunk_boundaries(cuts in proptest::collection::vec(0usize..STREAM.len(), 0..12)) {
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            cuts.dedup();
+            let bytes = STREAM.as_bytes();
+            let mut chunks = Vec::new();
+            let mut last = 0;
+            for c in cuts {
+                chunks.push(&bytes[last..c]);
+                last = c;
+            }
+            chunks.push(&bytes[last..]);
+            let (out, kinds) = split_all(&chunks);
+            prop_assert_eq!(out, bytes.to_vec());
+            prop_assert_eq!(kinds.len(), 4);
+        }
+    }
+
+    #[test]
+    fn parse_all_reads_names_and_data() {
+        let events = parse_all(STREAM);
+        assert_eq!(events.len(), 4);
+        assert_eq!(events[0].0.as_deref(), Some("message_start"));
+        assert_eq!(events[2].0, None);
+        assert_eq!(events[3].1, "{\"type\":\"message_stop\"}");
+    }
+}
