@@ -53,7 +53,9 @@ pub async fn providers(State(state): State<Arc<AppState>>) -> Response {
     let mut healthy = 0;
     let mut list = Vec::with_capacity(runtime.config.providers.len());
     for pc in &runtime.config.providers {
-        let Some(p) = runtime.providers.get(&pc.name) else { continue };
+        let Some(p) = runtime.providers.get(&pc.name) else {
+            continue;
+        };
         let h = state.health.report(&pc.name, now);
         let shown = display_state(p, h.state);
         if p.config.usable() && h.state != HealthState::CoolingDown {
@@ -163,7 +165,11 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
         },
         "uptime_seconds": state.started_at.elapsed().as_secs(),
     });
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }
 

@@ -16,7 +16,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, error_type: &'static str, message: impl Into<String>) -> Self {
-        Self { status, error_type, message: message.into(), retry_after: None }
+        Self {
+            status,
+            error_type,
+            message: message.into(),
+            retry_after: None,
+        }
     }
 
     pub fn invalid_request(message: impl Into<String>) -> Self {
@@ -36,7 +41,11 @@ impl ApiError {
     }
 
     pub fn method_not_allowed() -> Self {
-        Self::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method not allowed for this path")
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "method not allowed for this path",
+        )
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
@@ -57,7 +66,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, self.body()).into_response();
         let h = resp.headers_mut();
-        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if let Some(secs) = self.retry_after {
             h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
@@ -90,7 +102,10 @@ mod tests {
     fn body_has_exactly_the_anthropic_shape() {
         let e = ApiError::invalid_request("bad");
         let v: serde_json::Value = serde_json::from_str(&e.body()).unwrap();
-        assert_eq!(v, serde_json::json!({"type":"error","error":{"type":"invalid_request_error","message":"bad"}}));
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"error","error":{"type":"invalid_request_error","message":"bad"}})
+        );
     }
 
     #[test]

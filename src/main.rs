@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use claude_balancer::config::{self, Config, ModelMapping};
+use claude_balancer::config::{self, Config};
 use claude_balancer::routing::health::HealthBook;
 use claude_balancer::routing::{PlanContext, RouteTable};
 use claude_balancer::state::AppState;
@@ -12,7 +12,11 @@ use claude_balancer::{server, upstream};
 use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
-#[command(name = "claude-balancer", version, about = "A gateway between Claude Code and many model providers")]
+#[command(
+    name = "claude-balancer",
+    version,
+    about = "A gateway between Claude Code and many model providers"
+)]
 struct Cli {
     /// The configuration file.
     #[arg(long, short, default_value = "config.yaml", global = true)]
@@ -38,7 +42,11 @@ fn main() -> ExitCode {
     let loaded = match config::load_file(&cli.config) {
         Ok(l) => l,
         Err(errors) => {
-            eprintln!("{}: the configuration has {} error(s):", cli.config.display(), errors.0.len());
+            eprintln!(
+                "{}: the configuration has {} error(s):",
+                cli.config.display(),
+                errors.0.len()
+            );
             for e in &errors.0 {
                 eprintln!("  error: {e}");
             }
@@ -57,7 +65,10 @@ fn main() -> ExitCode {
     for w in &loaded.warnings {
         tracing::warn!("config: {w}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
@@ -74,25 +85,42 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(config: &Config) {
-    let level = match config.settings.log_level.trim().to_ascii_uppercase().as_str() {
+    let level = match config
+        .settings
+        .log_level
+        .trim()
+        .to_ascii_uppercase()
+        .as_str()
+    {
         "TRACE" => "trace",
         "DEBUG" => "debug",
         "WARN" | "WARNING" => "warn",
         "ERROR" | "CRITICAL" => "error",
         _ => "info",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CLAUDE_BALANCER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("claude_balancer={level},claude_balancer_cli={level},warn")));
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("CLAUDE_BALANCER_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!(
+                "claude_balancer={level},claude_balancer_cli={level},warn"
+            ))
+        });
     let color = config.settings.log_color && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(color).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(color)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn run(cli: Cli, config: Config) -> Result<(), String> {
     let host = cli.host.unwrap_or_else(|| config.settings.host.clone());
     let port = cli.port.unwrap_or(config.settings.port);
     upstream::install_crypto_provider();
-    let state = AppState::new(config, Some(cli.config.clone())).map_err(|e| format!("configuration: {e}"))?;
-    let listener = TcpListener::bind((host.as_str(), port)).await.map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
+    let state = AppState::new(config, Some(cli.config.clone()))
+        .map_err(|e| format!("configuration: {e}"))?;
+    let listener = TcpListener::bind((host.as_str(), port))
+        .await
+        .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let runtime = state.runtime();
     tracing::info!(
@@ -106,7 +134,9 @@ async fn run(cli: Cli, config: Config) -> Result<(), String> {
         let names: Vec<&str> = r.entries.iter().map(|e| e.provider.as_str()).collect();
         tracing::info!(route = %r.pattern, providers = ?names, "route");
     }
-    server::serve(listener, state, shutdown_signal()).await.map_err(|e| format!("server error: {e}"))?;
+    server::serve(listener, state, shutdown_signal())
+        .await
+        .map_err(|e| format!("server error: {e}"))?;
     tracing::info!("shut down");
     Ok(())
 }
@@ -143,7 +173,12 @@ fn print_routes(config: &Config) {
         } else {
             "enabled".to_owned()
         };
-        println!("  {} ({}) {} [{state}]", p.name, p.kind.as_str(), p.base_url);
+        println!(
+            "  {} ({}) {} [{state}]",
+            p.name,
+            p.kind.as_str(),
+            p.base_url
+        );
     }
     println!("routes (exact names first, then patterns in file order):");
     let table = RouteTable::new(&config.routes);
@@ -166,18 +201,28 @@ fn print_routes(config: &Config) {
         // The route's own pattern as a model name shows its candidates including fallbacks.
         let sample = r.pattern.replace(['*', '?'], "");
         println!("  {:?}", r.pattern);
-        let entries = &r.entries;
-        match table.plan(&sample, &ctx).filter(|p| &*p.route == r.pattern.as_str()) {
+        match table
+            .plan(&sample, &ctx)
+            .filter(|p| &*p.route == r.pattern.as_str())
+        {
             Some(plan) => {
                 for (i, c) in plan.candidates.iter().enumerate() {
-                    let from = if &*c.route == r.pattern.as_str() { String::new() } else { format!("  (fallback from {:?})", &*c.route) };
-                    let prio = entries.iter().find(|e| e.provider == c.provider.config.name).map(|e| e.priority);
-                    let model = match entries.iter().find(|e| e.provider == c.provider.config.name).map(|e| &e.model) {
-                        Some(ModelMapping::Name(n)) => n.clone(),
-                        _ => if from.is_empty() { "passthrough".to_owned() } else { c.upstream_model.clone() },
+                    let model = if c.passthrough {
+                        "passthrough".to_owned()
+                    } else {
+                        c.upstream_model.clone()
                     };
-                    let prio = prio.map(|p| format!(" priority {p}")).unwrap_or_default();
-                    println!("    {}. {} -> model {model}{prio}{from}", i + 1, c.provider.config.name);
+                    let from = if &*c.route == r.pattern.as_str() {
+                        String::new()
+                    } else {
+                        format!(" (fallback from route {:?})", &*c.route)
+                    };
+                    println!(
+                        "    {}. {} -> model {model}, priority {}{from}",
+                        i + 1,
+                        c.provider.config.name,
+                        c.priority
+                    );
                 }
                 if plan.candidates.is_empty() {
                     println!("    (no enabled provider)");

@@ -25,8 +25,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(admin::health))
         .route("/", get(admin::root))
         // Claude Code's connection-warming probe and telemetry: cheap answers instead of 404 noise.
-        .route("/api/hello", head(|| async { StatusCode::OK }).get(|| async { StatusCode::OK }))
-        .route("/api/event_logging/{*rest}", post(|| async { axum::Json(serde_json::json!({})) }))
+        .route(
+            "/api/hello",
+            head(|| async { StatusCode::OK }).get(|| async { StatusCode::OK }),
+        )
+        .route(
+            "/api/event_logging/{*rest}",
+            post(|| async { axum::Json(serde_json::json!({})) }),
+        )
         .fallback(|| async { ApiError::not_found("no such endpoint").into_response() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed().into_response() })
         .layer(CatchPanicLayer::custom(panic_response))
@@ -48,5 +54,7 @@ pub async fn serve(
             tracing::debug!("cannot set TCP_NODELAY: {e}");
         }
     });
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }

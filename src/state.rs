@@ -43,7 +43,12 @@ impl Runtime {
             return Err(ConfigErrors(errors));
         }
         let routes = RouteTable::new(&config.routes);
-        Ok(Self { config, providers, routes, loaded_at: SystemTime::now() })
+        Ok(Self {
+            config,
+            providers,
+            routes,
+            loaded_at: SystemTime::now(),
+        })
     }
 }
 
@@ -93,7 +98,9 @@ impl AppState {
     /// Re-reads the configuration file. A file with any error changes nothing.
     pub async fn reload(&self) -> Result<ReloadSummary, ConfigErrors> {
         let Some(path) = self.config_path.clone() else {
-            return Err(ConfigErrors(vec!["no configuration file to reload (started from memory)".into()]));
+            return Err(ConfigErrors(vec![
+                "no configuration file to reload (started from memory)".into(),
+            ]));
         };
         let _guard = self.reload_lock.lock().await;
         // The file is small: reading it inline is cheaper than a trip to the blocking pool.
@@ -106,8 +113,18 @@ impl AppState {
         let Loaded { config, warnings } = loaded;
         let new = Runtime::build(config, &self.clients)?;
         let old = self.runtime.load();
-        let added = new.providers.keys().filter(|k| !old.providers.contains_key(*k)).cloned().collect();
-        let removed = old.providers.keys().filter(|k| !new.providers.contains_key(*k)).cloned().collect();
+        let added = new
+            .providers
+            .keys()
+            .filter(|k| !old.providers.contains_key(*k))
+            .cloned()
+            .collect();
+        let removed = old
+            .providers
+            .keys()
+            .filter(|k| !new.providers.contains_key(*k))
+            .cloned()
+            .collect();
         let summary = ReloadSummary {
             providers: new.providers.len(),
             routes: new.config.routes.len(),

@@ -109,7 +109,10 @@ fn collect_block(block: &Value, text: &mut String, fixed: &mut usize) {
                 }
                 // A PDF: about 1,500 tokens a page, a page about 3 KB of base64.
                 _ => {
-                    let len = source.and_then(|s| s.get("data")).and_then(Value::as_str).map_or(0, str::len);
+                    let len = source
+                        .and_then(|s| s.get("data"))
+                        .and_then(Value::as_str)
+                        .map_or(0, str::len);
                     *fixed += (len / 2).max(PER_IMAGE);
                 }
             }
@@ -131,7 +134,8 @@ mod tests {
         let empty = count_request(&json!({"model":"m","messages":[]}));
         assert!(empty >= 1);
         let small = count_request(&json!({"messages":[{"role":"user","content":"hello"}]}));
-        let big = count_request(&json!({"messages":[{"role":"user","content":"hello ".repeat(1000)}]}));
+        let big =
+            count_request(&json!({"messages":[{"role":"user","content":"hello ".repeat(1000)}]}));
         assert!(small > empty);
         // 1000 repetitions of "hello " are about 1000 tokens (plus the margin).
         assert!((1000..1400).contains(&big), "{big}");

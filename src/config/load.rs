@@ -32,30 +32,52 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 pub fn load_file(path: &Path) -> Result<Loaded, ConfigErrors> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigErrors(vec![format!("{}: cannot read the file: {e}", path.display())]))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![format!(
+            "{}: cannot read the file: {e}",
+            path.display()
+        )])
+    })?;
     load_str(&text, &|name| std::env::var(name).ok())
 }
 
 /// Parses and validates a configuration text; `lookup` resolves `${VAR}` references.
-pub fn load_str(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, ConfigErrors> {
+pub fn load_str(
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Loaded, ConfigErrors> {
     let root: Value = if text.trim().is_empty() {
         Value::Null
     } else {
         serde_saphyr::from_str(text).map_err(|e| ConfigErrors(vec![format!("YAML syntax: {e}")]))?
     };
-    let mut w = Walker { errors: Vec::new(), warnings: Vec::new(), lookup };
+    let mut w = Walker {
+        errors: Vec::new(),
+        warnings: Vec::new(),
+        lookup,
+    };
     let config = w.config(&root);
     if w.errors.is_empty() {
-        Ok(Loaded { config, warnings: w.warnings })
+        Ok(Loaded {
+            config,
+            warnings: w.warnings,
+        })
     } else {
         Err(ConfigErrors(w.errors))
     }
 }
 
 const TOP_KEYS: &[&str] = &["providers", "model_routes", "settings"];
-const PROVIDER_KEYS: &[&str] =
-    &["name", "type", "base_url", "auth_type", "auth_value", "enabled", "proxy", "max_tokens_cap"];
+const PROVIDER_KEYS: &[&str] = &[
+    "name",
+    "type",
+    "base_url",
+    "auth_type",
+    "auth_value",
+    "enabled",
+    "proxy",
+    "max_tokens_cap",
+];
 const PROVIDER_IGNORED: &[&str] = &["streaming_mode", "account_email", "priority"];
 const ENTRY_KEYS: &[&str] = &["provider", "model", "priority", "enabled", "weight"];
 const ENTRY_IGNORED: &[&str] = &["account_email"];
@@ -108,7 +130,10 @@ struct Walker<'a> {
 
 /// `parent.key`, quoting keys that are not plain identifiers.
 fn join(parent: &str, key: &str) -> String {
-    let plain = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let plain = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     match (parent.is_empty(), plain) {
         (true, true) => key.to_owned(),
         (true, false) => format!("{key:?}"),
@@ -161,7 +186,10 @@ impl Walker<'_> {
                 self.warn(&key_path, "accepted for compatibility and ignored");
             } else {
                 match suggestion(key, known.iter().copied()) {
-                    Some(s) => self.warn(&key_path, format!("unknown key, ignored (did you mean {s:?}?)")),
+                    Some(s) => self.warn(
+                        &key_path,
+                        format!("unknown key, ignored (did you mean {s:?}?)"),
+                    ),
                     None => self.warn(&key_path, "unknown key, ignored"),
                 }
             }
@@ -173,10 +201,19 @@ impl Walker<'_> {
         match m.get(key) {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(self.expand(s)),
-            Some(Value::Number(n)) => Some(Expanded { value: n.to_string(), unset: vec![] }),
-            Some(Value::Bool(b)) => Some(Expanded { value: b.to_string(), unset: vec![] }),
+            Some(Value::Number(n)) => Some(Expanded {
+                value: n.to_string(),
+                unset: vec![],
+            }),
+            Some(Value::Bool(b)) => Some(Expanded {
+                value: b.to_string(),
+                unset: vec![],
+            }),
             Some(_) => {
-                self.error(&join(path, key), "expected a single value, not a list or mapping");
+                self.error(
+                    &join(path, key),
+                    "expected a single value, not a list or mapping",
+                );
                 None
             }
         }
@@ -201,13 +238,18 @@ impl Walker<'_> {
     }
 
     fn bool(&mut self, m: &Map<String, Value>, key: &str, path: &str, default: bool) -> bool {
-        let Some(t) = self.text(m, key, path) else { return default };
+        let Some(t) = self.text(m, key, path) else {
+            return default;
+        };
         match t.value.trim().to_ascii_lowercase().as_str() {
             "true" | "yes" | "on" | "1" => true,
             "false" | "no" | "off" | "0" => false,
             "" => default,
             other => {
-                self.error(&join(path, key), format!("expected true or false, found {other:?}"));
+                self.error(
+                    &join(path, key),
+                    format!("expected true or false, found {other:?}"),
+                );
                 default
             }
         }
@@ -228,24 +270,38 @@ impl Walker<'_> {
         }
     }
 
-    fn integer(&mut self, m: &Map<String, Value>, key: &str, path: &str, min: i64, max: i64) -> Option<i64> {
+    fn integer(
+        &mut self,
+        m: &Map<String, Value>,
+        key: &str,
+        path: &str,
+        min: i64,
+        max: i64,
+    ) -> Option<i64> {
         let n = self.number(m, key, path)?;
         if n.fract() != 0.0 || n < min as f64 || n > max as f64 {
-            self.error(&join(path, key), format!("expected a whole number from {min} to {max}, found {n}"));
+            self.error(
+                &join(path, key),
+                format!("expected a whole number from {min} to {max}, found {n}"),
+            );
             return None;
         }
         Some(n as i64)
     }
 
     fn unsigned(&mut self, m: &Map<String, Value>, key: &str, path: &str, default: u64) -> u64 {
-        self.integer(m, key, path, 0, i64::MAX).map_or(default, |n| n as u64)
+        self.integer(m, key, path, 0, i64::MAX)
+            .map_or(default, |n| n as u64)
     }
 
     fn seconds(&mut self, m: &Map<String, Value>, key: &str, path: &str, default: f64) -> Duration {
         match self.number(m, key, path) {
             Some(n) if (0.0..1e9).contains(&n) => Duration::from_secs_f64(n),
             Some(n) => {
-                self.error(&join(path, key), format!("expected seconds from 0 to 1e9, found {n}"));
+                self.error(
+                    &join(path, key),
+                    format!("expected seconds from 0 to 1e9, found {n}"),
+                );
                 Duration::from_secs_f64(default)
             }
             None => Duration::from_secs_f64(default),
@@ -278,12 +334,18 @@ impl Walker<'_> {
         let empty = Map::new();
         let top = match root {
             Value::Null => {
-                self.error("(file)", "is empty: expected `providers`, `model_routes` and `settings`");
+                self.error(
+                    "(file)",
+                    "is empty: expected `providers`, `model_routes` and `settings`",
+                );
                 &empty
             }
             Value::Object(m) => m,
             _ => {
-                self.error("(file)", "expected a mapping with `providers`, `model_routes` and `settings`");
+                self.error(
+                    "(file)",
+                    "expected a mapping with `providers`, `model_routes` and `settings`",
+                );
                 &empty
             }
         };
@@ -292,7 +354,11 @@ impl Walker<'_> {
         let routes = self.routes(top.get("model_routes"), &providers);
         let settings_map = self.map(top.get("settings"), "settings").unwrap_or(&empty);
         let settings = self.settings(settings_map);
-        Config { providers, routes, settings }
+        Config {
+            providers,
+            routes,
+            settings,
+        }
     }
 
     fn providers(&mut self, v: Option<&Value>) -> Vec<ProviderConfig> {
@@ -308,7 +374,10 @@ impl Walker<'_> {
             }
         };
         if items.is_empty() {
-            self.warn("providers", "the list is empty: every request will be answered with an error");
+            self.warn(
+                "providers",
+                "the list is empty: every request will be answered with an error",
+            );
         }
         let mut out: Vec<ProviderConfig> = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
@@ -321,7 +390,10 @@ impl Walker<'_> {
             };
             if let Some(p) = self.provider(m, &path) {
                 if out.iter().any(|o| o.name == p.name) {
-                    self.error(&join(&path, "name"), format!("duplicate provider name {:?}", p.name));
+                    self.error(
+                        &join(&path, "name"),
+                        format!("duplicate provider name {:?}", p.name),
+                    );
                 } else {
                     out.push(p);
                 }
@@ -334,11 +406,17 @@ impl Walker<'_> {
         self.check_keys(m, path, PROVIDER_KEYS, PROVIDER_IGNORED);
         let name = self.required_string(m, "name", path);
         let label = name.clone().unwrap_or_else(|| path.to_owned());
-        let kind = match self.required_string(m, "type", path).map(|t| t.to_ascii_lowercase()) {
+        let kind = match self
+            .required_string(m, "type", path)
+            .map(|t| t.to_ascii_lowercase())
+        {
             Some(t) if t == "anthropic" => Some(ProviderKind::Anthropic),
             Some(t) if t == "openai" => Some(ProviderKind::Openai),
             Some(t) => {
-                self.error(&join(path, "type"), format!("expected \"anthropic\" or \"openai\", found {t:?}"));
+                self.error(
+                    &join(path, "type"),
+                    format!("expected \"anthropic\" or \"openai\", found {t:?}"),
+                );
                 None
             }
             None => None,
@@ -346,14 +424,21 @@ impl Walker<'_> {
         let base_url = self.required_string(m, "base_url", path).and_then(|u| {
             let trimmed = u.trim_end_matches('/').to_owned();
             match reqwest::Url::parse(&trimmed) {
-                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Some(trimmed),
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+                    Some(trimmed)
+                }
                 _ => {
-                    self.error(&join(path, "base_url"), format!("expected an absolute http(s) URL, found {u:?}"));
+                    self.error(
+                        &join(path, "base_url"),
+                        format!("expected an absolute http(s) URL, found {u:?}"),
+                    );
                     None
                 }
             }
         });
-        let auth_type = self.required_string(m, "auth_type", path).map(|t| t.to_ascii_lowercase());
+        let auth_type = self
+            .required_string(m, "auth_type", path)
+            .map(|t| t.to_ascii_lowercase());
         if let Some(t) = &auth_type {
             if !matches!(t.as_str(), "api_key" | "auth_token" | "bearer") {
                 self.error(
@@ -366,7 +451,10 @@ impl Walker<'_> {
         let auth = match self.text(m, "auth_value", path) {
             None => {
                 if !m.contains_key("auth_value") {
-                    self.error(&join(path, "auth_value"), "is required (it may be empty, `passthrough` or `${VAR}`)");
+                    self.error(
+                        &join(path, "auth_value"),
+                        "is required (it may be empty, `passthrough` or `${VAR}`)",
+                    );
                 }
                 Auth::None
             }
@@ -378,7 +466,9 @@ impl Walker<'_> {
                     disabled_reason = Some("auth_value `oauth` is not supported".to_owned());
                     self.warn(
                         &join(path, "auth_value"),
-                        format!("provider {label:?}: `oauth` is not supported; the provider is disabled"),
+                        format!(
+                            "provider {label:?}: `oauth` is not supported; the provider is disabled"
+                        ),
                     );
                     Auth::None
                 } else if value.is_empty() {
@@ -387,9 +477,14 @@ impl Walker<'_> {
                     } else {
                         format!("environment variable {} is not set", unset.join(", "))
                     };
-                    self.warn(&join(path, "auth_value"), format!("provider {label:?} has no credentials ({why})"));
+                    self.warn(
+                        &join(path, "auth_value"),
+                        format!("provider {label:?} has no credentials ({why})"),
+                    );
                     Auth::None
-                } else if kind == Some(ProviderKind::Anthropic) && auth_type.as_deref() == Some("api_key") {
+                } else if kind == Some(ProviderKind::Anthropic)
+                    && auth_type.as_deref() == Some("api_key")
+                {
                     Auth::ApiKey(Secret::new(value))
                 } else {
                     Auth::Bearer(Secret::new(value))
@@ -397,25 +492,33 @@ impl Walker<'_> {
             }
         };
         let enabled = self.bool(m, "enabled", path, true);
-        let proxy = self.string(m, "proxy", path).filter(|p| !p.trim().is_empty()).and_then(|p| {
-            let p = p.trim().to_owned();
-            let ok = reqwest::Url::parse(&p)
-                .map(|u| matches!(u.scheme(), "http" | "https" | "socks5" | "socks5h") && u.host().is_some())
-                .unwrap_or(false);
-            if ok {
-                Some(Secret::new(p))
-            } else {
-                self.error(
-                    &join(path, "proxy"),
-                    format!(
-                        "expected an http, https, socks5 or socks5h URL, found {:?}",
-                        crate::secret::mask_url_credentials(&p)
-                    ),
-                );
-                None
-            }
-        });
-        let max_tokens_cap = self.integer(m, "max_tokens_cap", path, 1, i64::MAX).map(|n| n as u64);
+        let proxy = self
+            .string(m, "proxy", path)
+            .filter(|p| !p.trim().is_empty())
+            .and_then(|p| {
+                let p = p.trim().to_owned();
+                let ok = reqwest::Url::parse(&p)
+                    .map(|u| {
+                        matches!(u.scheme(), "http" | "https" | "socks5" | "socks5h")
+                            && u.host().is_some()
+                    })
+                    .unwrap_or(false);
+                if ok {
+                    Some(Secret::new(p))
+                } else {
+                    self.error(
+                        &join(path, "proxy"),
+                        format!(
+                            "expected an http, https, socks5 or socks5h URL, found {:?}",
+                            crate::secret::mask_url_credentials(&p)
+                        ),
+                    );
+                    None
+                }
+            });
+        let max_tokens_cap = self
+            .integer(m, "max_tokens_cap", path, 1, i64::MAX)
+            .map(|n| n as u64);
         Some(ProviderConfig {
             name: name?,
             kind: kind?,
@@ -449,7 +552,10 @@ impl Walker<'_> {
             if items.is_empty() {
                 self.warn(&path, "the route has no entries");
             }
-            let mut route = RouteConfig { pattern: pattern.clone(), entries: Vec::with_capacity(items.len()) };
+            let mut route = RouteConfig {
+                pattern: pattern.clone(),
+                entries: Vec::with_capacity(items.len()),
+            };
             for (j, item) in items.iter().enumerate() {
                 let entry_path = format!("{path}[{j}]");
                 let Some(e) = self.map(Some(item), &entry_path) else {
@@ -467,7 +573,12 @@ impl Walker<'_> {
         out
     }
 
-    fn entry(&mut self, m: &Map<String, Value>, path: &str, providers: &[ProviderConfig]) -> Option<RouteEntry> {
+    fn entry(
+        &mut self,
+        m: &Map<String, Value>,
+        path: &str,
+        providers: &[ProviderConfig],
+    ) -> Option<RouteEntry> {
         self.check_keys(m, path, ENTRY_KEYS, ENTRY_IGNORED);
         let provider = self.required_string(m, "provider", path);
         if let Some(name) = &provider {
@@ -481,13 +592,31 @@ impl Walker<'_> {
         }
         let model = match self.string(m, "model", path).map(|s| s.trim().to_owned()) {
             None => ModelMapping::Passthrough,
-            Some(s) if s.is_empty() || s.eq_ignore_ascii_case("passthrough") => ModelMapping::Passthrough,
+            Some(s) if s.is_empty() || s.eq_ignore_ascii_case("passthrough") => {
+                ModelMapping::Passthrough
+            }
             Some(s) => ModelMapping::Name(s),
         };
-        let priority = self.integer(m, "priority", path, i64::from(i32::MIN), i64::from(i32::MAX)).unwrap_or(1);
+        let priority = self
+            .integer(
+                m,
+                "priority",
+                path,
+                i64::from(i32::MIN),
+                i64::from(i32::MAX),
+            )
+            .unwrap_or(1);
         let enabled = self.bool(m, "enabled", path, true);
-        let weight = self.integer(m, "weight", path, 0, i64::from(u32::MAX)).map_or(1, |w| w as u32);
-        Some(RouteEntry { provider: provider?, model, priority, enabled, weight })
+        let weight = self
+            .integer(m, "weight", path, 0, i64::from(u32::MAX))
+            .map_or(1, |w| w as u32);
+        Some(RouteEntry {
+            provider: provider?,
+            model,
+            priority,
+            enabled,
+            weight,
+        })
     }
 
     fn timeout_set(&mut self, m: Option<&Map<String, Value>>, path: &str) -> TimeoutSet {
@@ -511,7 +640,9 @@ impl Walker<'_> {
         let empty = Map::new();
         self.check_keys(m, path, SETTINGS_KEYS, SETTINGS_IGNORED);
 
-        let selection_strategy = match self.string(m, "selection_strategy", path).map(|s| s.trim().to_ascii_lowercase())
+        let selection_strategy = match self
+            .string(m, "selection_strategy", path)
+            .map(|s| s.trim().to_ascii_lowercase())
         {
             None => Strategy::Priority,
             Some(s) => match s.as_str() {
@@ -536,17 +667,41 @@ impl Walker<'_> {
         } else {
             self.seconds(m, "cooldown_seconds", path, 60.0)
         };
-        let unhealthy_threshold = self.integer(m, "unhealthy_threshold", path, 1, i64::from(u32::MAX)).unwrap_or(1) as u32;
+        let unhealthy_threshold = self
+            .integer(m, "unhealthy_threshold", path, 1, i64::from(u32::MAX))
+            .unwrap_or(1) as u32;
 
-        let timeouts_map = self.map(m.get("timeouts"), "settings.timeouts").unwrap_or(&empty);
-        self.check_keys(timeouts_map, "settings.timeouts", &["non_streaming", "streaming", "caching"], &["health_check"]);
-        let ns = self.map(timeouts_map.get("non_streaming"), "settings.timeouts.non_streaming");
+        let timeouts_map = self
+            .map(m.get("timeouts"), "settings.timeouts")
+            .unwrap_or(&empty);
+        self.check_keys(
+            timeouts_map,
+            "settings.timeouts",
+            &["non_streaming", "streaming", "caching"],
+            &["health_check"],
+        );
+        let ns = self.map(
+            timeouts_map.get("non_streaming"),
+            "settings.timeouts.non_streaming",
+        );
         let non_streaming = self.timeout_set(ns, "settings.timeouts.non_streaming");
         let st = self.map(timeouts_map.get("streaming"), "settings.timeouts.streaming");
         let streaming = self.timeout_set(st, "settings.timeouts.streaming");
-        let caching = self.map(timeouts_map.get("caching"), "settings.timeouts.caching").unwrap_or(&empty);
-        self.check_keys(caching, "settings.timeouts.caching", &["deduplication_timeout"], &["cache_operation_timeout"]);
-        let deduplication_timeout = self.seconds(caching, "deduplication_timeout", "settings.timeouts.caching", 300.0);
+        let caching = self
+            .map(timeouts_map.get("caching"), "settings.timeouts.caching")
+            .unwrap_or(&empty);
+        self.check_keys(
+            caching,
+            "settings.timeouts.caching",
+            &["deduplication_timeout"],
+            &["cache_operation_timeout"],
+        );
+        let deduplication_timeout = self.seconds(
+            caching,
+            "deduplication_timeout",
+            "settings.timeouts.caching",
+            300.0,
+        );
 
         let unhealthy_http_codes = match m.get("unhealthy_http_codes") {
             None | Some(Value::Null) => StatusSet::default_unhealthy(),
@@ -560,69 +715,137 @@ impl Walker<'_> {
                     };
                     match code {
                         Some(c) if (100..600).contains(&c) => set.insert(c as u16),
-                        _ => self.error(&format!("settings.unhealthy_http_codes[{i}]"), "expected an HTTP status from 100 to 599"),
+                        _ => self.error(
+                            &format!("settings.unhealthy_http_codes[{i}]"),
+                            "expected an HTTP status from 100 to 599",
+                        ),
                     }
                 }
                 set
             }
             Some(_) => {
-                self.error("settings.unhealthy_http_codes", "expected a list of HTTP statuses");
+                self.error(
+                    "settings.unhealthy_http_codes",
+                    "expected a list of HTTP statuses",
+                );
                 StatusSet::default_unhealthy()
             }
         };
-        let unhealthy_exception_patterns = self.string_list(m, "unhealthy_exception_patterns", path);
+        let unhealthy_exception_patterns =
+            self.string_list(m, "unhealthy_exception_patterns", path);
         let body_patterns = self.string_list(m, "unhealthy_response_body_patterns", path);
         let mut valid = Vec::with_capacity(body_patterns.len());
         for (i, p) in body_patterns.iter().enumerate() {
             match regex::Regex::new(p) {
                 Ok(_) => valid.push(p.clone()),
-                Err(e) => self.error(&format!("settings.unhealthy_response_body_patterns[{i}]"), format!("invalid regex: {e}")),
+                Err(e) => self.error(
+                    &format!("settings.unhealthy_response_body_patterns[{i}]"),
+                    format!("invalid regex: {e}"),
+                ),
             }
         }
-        let unhealthy_response_body_patterns =
-            if valid.is_empty() { None } else { RegexSet::new(&valid).ok() };
+        let unhealthy_response_body_patterns = if valid.is_empty() {
+            None
+        } else {
+            RegexSet::new(&valid).ok()
+        };
 
-        let tc = self.map(m.get("token_counting"), "settings.token_counting").unwrap_or(&empty);
+        let tc = self
+            .map(m.get("token_counting"), "settings.token_counting")
+            .unwrap_or(&empty);
         let tc_path = "settings.token_counting";
-        self.check_keys(tc, tc_path, &["always_use_local", "failure_threshold", "api_failure_cooldown", "timeout_override"], &[]);
+        self.check_keys(
+            tc,
+            tc_path,
+            &[
+                "always_use_local",
+                "failure_threshold",
+                "api_failure_cooldown",
+                "timeout_override",
+            ],
+            &[],
+        );
         let token_counting = TokenCounting {
             always_use_local: self.bool(tc, "always_use_local", tc_path, false),
-            failure_threshold: self.integer(tc, "failure_threshold", tc_path, 1, i64::from(u32::MAX)).unwrap_or(2) as u32,
+            failure_threshold: self
+                .integer(tc, "failure_threshold", tc_path, 1, i64::from(u32::MAX))
+                .unwrap_or(2) as u32,
             api_failure_cooldown: self.seconds(tc, "api_failure_cooldown", tc_path, 300.0),
             timeout: self.seconds(tc, "timeout_override", tc_path, 10.0),
         };
 
-        let dd = self.map(m.get("deduplication"), "settings.deduplication").unwrap_or(&empty);
+        let dd = self
+            .map(m.get("deduplication"), "settings.deduplication")
+            .unwrap_or(&empty);
         let dd_path = "settings.deduplication";
-        self.check_keys(dd, dd_path, &["enabled", "include_max_tokens_in_signature", "sse_error_cleanup_delay"], &[]);
+        self.check_keys(
+            dd,
+            dd_path,
+            &[
+                "enabled",
+                "include_max_tokens_in_signature",
+                "sse_error_cleanup_delay",
+            ],
+            &[],
+        );
         let deduplication = Deduplication {
             enabled: self.bool(dd, "enabled", dd_path, true),
-            include_max_tokens_in_signature: self.bool(dd, "include_max_tokens_in_signature", dd_path, false),
+            include_max_tokens_in_signature: self.bool(
+                dd,
+                "include_max_tokens_in_signature",
+                dd_path,
+                false,
+            ),
             sse_error_cleanup_delay: self.seconds(dd, "sse_error_cleanup_delay", dd_path, 3.0),
         };
 
-        let log_level = self.string(m, "log_level", path).unwrap_or_else(|| "INFO".to_owned());
+        let log_level = self
+            .string(m, "log_level", path)
+            .unwrap_or_else(|| "INFO".to_owned());
         if !matches!(
             log_level.trim().to_ascii_uppercase().as_str(),
             "TRACE" | "DEBUG" | "INFO" | "WARN" | "WARNING" | "ERROR" | "CRITICAL"
         ) {
-            self.error("settings.log_level", format!("expected DEBUG, INFO, WARNING, ERROR or CRITICAL, found {log_level:?}"));
+            self.error(
+                "settings.log_level",
+                format!("expected DEBUG, INFO, WARNING, ERROR or CRITICAL, found {log_level:?}"),
+            );
         }
 
         let au = self.map(m.get("auth"), "settings.auth").unwrap_or(&empty);
         let au_path = "settings.auth";
-        self.check_keys(au, au_path, &["enabled", "api_keys", "admin_keys", "exempt_paths"], &[]);
+        self.check_keys(
+            au,
+            au_path,
+            &["enabled", "api_keys", "admin_keys", "exempt_paths"],
+            &[],
+        );
         let auth = InboundAuth {
             enabled: self.bool(au, "enabled", au_path, false),
-            api_keys: self.string_list(au, "api_keys", au_path).into_iter().filter(|k| !k.is_empty()).map(Secret::new).collect(),
-            admin_keys: self.string_list(au, "admin_keys", au_path).into_iter().filter(|k| !k.is_empty()).map(Secret::new).collect(),
+            api_keys: self
+                .string_list(au, "api_keys", au_path)
+                .into_iter()
+                .filter(|k| !k.is_empty())
+                .map(Secret::new)
+                .collect(),
+            admin_keys: self
+                .string_list(au, "admin_keys", au_path)
+                .into_iter()
+                .filter(|k| !k.is_empty())
+                .map(Secret::new)
+                .collect(),
             exempt_paths: self.string_list(au, "exempt_paths", au_path),
         };
         if auth.enabled && auth.api_keys.is_empty() {
-            self.error("settings.auth.api_keys", "auth is enabled but no key is configured: every request would be refused");
+            self.error(
+                "settings.auth.api_keys",
+                "auth is enabled but no key is configured: every request would be refused",
+            );
         }
 
-        let port = self.integer(m, "port", path, 0, 65535).map_or(9090, |p| p as u16);
+        let port = self
+            .integer(m, "port", path, 0, 65535)
+            .map_or(9090, |p| p as u16);
         Settings {
             selection_strategy,
             failure_cooldown,
@@ -631,7 +854,11 @@ impl Walker<'_> {
             unhealthy_reset_timeout: self.seconds(m, "unhealthy_reset_timeout", path, 300.0),
             sticky_provider_duration: self.seconds(m, "sticky_provider_duration", path, 300.0),
             timeout: self.seconds(m, "timeout_seconds", path, 300.0),
-            timeouts: Timeouts { non_streaming, streaming, deduplication: deduplication_timeout },
+            timeouts: Timeouts {
+                non_streaming,
+                streaming,
+                deduplication: deduplication_timeout,
+            },
             unhealthy_http_codes,
             unhealthy_exception_patterns,
             unhealthy_response_body_patterns,
@@ -641,15 +868,24 @@ impl Walker<'_> {
             cache_ttl: self.seconds(m, "cache_ttl_seconds", path, 300.0),
             log_level,
             log_color: self.bool(m, "log_color", path, true),
-            log_file_path: self.string(m, "log_file_path", path).unwrap_or_else(|| "logs/logs.jsonl".to_owned()),
-            host: self.string(m, "host", path).unwrap_or_else(|| "127.0.0.1".to_owned()),
+            log_file_path: self
+                .string(m, "log_file_path", path)
+                .unwrap_or_else(|| "logs/logs.jsonl".to_owned()),
+            host: self
+                .string(m, "host", path)
+                .unwrap_or_else(|| "127.0.0.1".to_owned()),
             port,
-            app_name: self.string(m, "app_name", path).unwrap_or_else(|| "claude-balancer".to_owned()),
-            app_version: self.string(m, "app_version", path).unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned()),
+            app_name: self
+                .string(m, "app_name", path)
+                .unwrap_or_else(|| "claude-balancer".to_owned()),
+            app_version: self
+                .string(m, "app_version", path)
+                .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned()),
             reload: self.bool(m, "reload", path, false),
             reload_includes: self.string_list(m, "reload_includes", path),
             auth,
-            max_request_bytes: self.unsigned(m, "max_request_bytes", path, 32 * 1024 * 1024) as usize,
+            max_request_bytes: self.unsigned(m, "max_request_bytes", path, 32 * 1024 * 1024)
+                as usize,
             max_concurrent_requests: self.unsigned(m, "max_concurrent_requests", path, 0),
             shutdown_grace: self.seconds(m, "shutdown_grace_seconds", path, 30.0),
         }

@@ -70,7 +70,11 @@ pub struct Fault {
 
 impl Fault {
     fn new(class: FaultClass, reason: impl Into<String>) -> Self {
-        Self { class, reason: reason.into(), retry_after: None }
+        Self {
+            class,
+            reason: reason.into(),
+            retry_after: None,
+        }
     }
 }
 
@@ -96,7 +100,11 @@ pub fn error_chain(e: &reqwest::Error) -> String {
 
 fn transport_fault(e: reqwest::Error) -> Fault {
     let e = e.without_url();
-    let class = if e.is_timeout() { FaultClass::Timeout } else { FaultClass::Transport };
+    let class = if e.is_timeout() {
+        FaultClass::Timeout
+    } else {
+        FaultClass::Transport
+    };
     Fault::new(class, error_chain(&e))
 }
 
@@ -137,8 +145,16 @@ fn status_fault(status: u16, body: &[u8], retry: Option<Duration>) -> Fault {
         _ => FaultClass::Other,
     };
     let detail = snippet(body);
-    let reason = if detail.is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {detail}") };
-    Fault { class, reason, retry_after: retry }
+    let reason = if detail.is_empty() {
+        format!("HTTP {status}")
+    } else {
+        format!("HTTP {status}: {detail}")
+    };
+    Fault {
+        class,
+        reason,
+        retry_after: retry,
+    }
 }
 
 /// Whether a successful-looking body is really an error (`{"type":"error",…}`) or matches
@@ -147,7 +163,13 @@ fn body_fault(settings: &Settings, body: &[u8]) -> Option<Fault> {
     let text = String::from_utf8_lossy(body);
     if let Some(set) = &settings.unhealthy_response_body_patterns {
         if set.is_match(&text) {
-            return Some(Fault::new(FaultClass::Other, format!("response matched unhealthy_response_body_patterns: {}", truncate(text.trim()))));
+            return Some(Fault::new(
+                FaultClass::Other,
+                format!(
+                    "response matched unhealthy_response_body_patterns: {}",
+                    truncate(text.trim())
+                ),
+            ));
         }
     }
     None
@@ -156,14 +178,23 @@ fn body_fault(settings: &Settings, body: &[u8]) -> Option<Fault> {
 /// The class of an error event or `{"type":"error"}` body.
 fn error_payload_fault(payload: &str) -> Fault {
     let v: serde_json::Value = serde_json::from_str(payload).unwrap_or_default();
-    let kind = v.pointer("/error/type").and_then(|t| t.as_str()).unwrap_or("error");
+    let kind = v
+        .pointer("/error/type")
+        .and_then(|t| t.as_str())
+        .unwrap_or("error");
     let class = match kind {
         "overloaded_error" | "rate_limit_error" => FaultClass::Overloaded,
         "authentication_error" | "permission_error" => FaultClass::Credentials,
         "timeout_error" => FaultClass::Timeout,
         _ => FaultClass::Other,
     };
-    Fault::new(class, format!("error before the first event: {}", snippet(payload.as_bytes())))
+    Fault::new(
+        class,
+        format!(
+            "error before the first event: {}",
+            snippet(payload.as_bytes())
+        ),
+    )
 }
 
 fn provider_header(name: &str) -> HeaderValue {
@@ -174,7 +205,8 @@ fn response_with(status: u16, upstream: &HeaderMap, body: Body, provider: &str) 
     let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     *resp.headers_mut() = client_response_headers(upstream);
-    resp.headers_mut().insert("x-provider-used", provider_header(provider));
+    resp.headers_mut()
+        .insert("x-provider-used", provider_header(provider));
     resp
 }
 
@@ -184,12 +216,20 @@ async fn read_body(resp: reqwest::Response, gap: Duration, limit: usize) -> Resu
     let mut out = BytesMut::new();
     loop {
         match timeout(gap, stream.next()).await {
-            Err(_) => return Err(Fault::new(FaultClass::Timeout, format!("no data for {} s while reading the body", gap.as_secs()))),
+            Err(_) => {
+                return Err(Fault::new(
+                    FaultClass::Timeout,
+                    format!("no data for {} s while reading the body", gap.as_secs()),
+                ));
+            }
             Ok(None) => return Ok(out.freeze()),
             Ok(Some(Err(e))) => return Err(transport_fault(e)),
             Ok(Some(Ok(chunk))) => {
                 if out.len() + chunk.len() > limit {
-                    return Err(Fault::new(FaultClass::Other, format!("body larger than {limit} bytes")));
+                    return Err(Fault::new(
+                        FaultClass::Other,
+                        format!("body larger than {limit} bytes"),
+                    ));
                 }
                 out.extend_from_slice(&chunk);
             }
@@ -210,13 +250,17 @@ pub async fn messages(state: &Arc<AppState>, inbound: Inbound) -> Response {
     };
     let model = &inbound.envelope.model;
     let Some(mut plan) = runtime.routes.plan(model, &ctx) else {
-        return ApiError::not_found(format!("model {model:?} matches no entry of model_routes")).into_response();
+        return ApiError::not_found(format!("model {model:?} matches no entry of model_routes"))
+            .into_response();
     };
     if plan.candidates.is_empty() {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "api_error",
-            format!("route {:?} for model {model:?} has no enabled provider", &*plan.route),
+            format!(
+                "route {:?} for model {model:?} has no enabled provider",
+                &*plan.route
+            ),
         )
         .into_response();
     }
@@ -239,9 +283,23 @@ pub async fn messages(state: &Arc<AppState>, inbound: Inbound) -> Response {
         let outcome = attempt(state, &runtime, candidate, &inbound).await;
         match outcome {
             Outcome::Committed { response, ttfb } => {
-                log_change(&name, state.health.resolve(ticket, Verdict::Up { ttfb: Some(ttfb) }, Instant::now(), settings));
+                log_change(
+                    &name,
+                    state.health.resolve(
+                        ticket,
+                        Verdict::Up { ttfb: Some(ttfb) },
+                        Instant::now(),
+                        settings,
+                    ),
+                );
                 if let (true, Some(session)) = (sticky, &inbound.session) {
-                    state.affinity.set(session, &plan.route, &name, Instant::now(), settings.sticky_provider_duration);
+                    state.affinity.set(
+                        session,
+                        &plan.route,
+                        &name,
+                        Instant::now(),
+                        settings.sticky_provider_duration,
+                    );
                 }
                 if !failures.is_empty() {
                     tracing::info!(model = %model, provider = %name, failed_over = failures.len(), "request succeeded after failover");
@@ -249,13 +307,29 @@ pub async fn messages(state: &Arc<AppState>, inbound: Inbound) -> Response {
                 return response;
             }
             Outcome::ClientFault(response) => {
-                log_change(&name, state.health.resolve(ticket, Verdict::Up { ttfb: None }, Instant::now(), settings));
+                log_change(
+                    &name,
+                    state.health.resolve(
+                        ticket,
+                        Verdict::Up { ttfb: None },
+                        Instant::now(),
+                        settings,
+                    ),
+                );
                 return response;
             }
             Outcome::Fault(fault) => {
                 tracing::warn!(provider = %name, model = %candidate.upstream_model, reason = %fault.reason, "attempt failed");
-                let verdict = Verdict::Fault { reason: fault.reason.clone(), retry_after: fault.retry_after };
-                log_change(&name, state.health.resolve(ticket, verdict, Instant::now(), settings));
+                let verdict = Verdict::Fault {
+                    reason: fault.reason.clone(),
+                    retry_after: fault.retry_after,
+                };
+                log_change(
+                    &name,
+                    state
+                        .health
+                        .resolve(ticket, verdict, Instant::now(), settings),
+                );
                 failures.push((name, fault));
             }
         }
@@ -263,18 +337,35 @@ pub async fn messages(state: &Arc<AppState>, inbound: Inbound) -> Response {
     all_failed(state, model, &failures).into_response()
 }
 
-fn log_change(provider: &str, change: Option<(crate::routing::health::HealthState, crate::routing::health::HealthState)>) {
+fn log_change(
+    provider: &str,
+    change: Option<(
+        crate::routing::health::HealthState,
+        crate::routing::health::HealthState,
+    )>,
+) {
     if let Some((from, to)) = change {
-        tracing::warn!(provider, from = from.as_str(), to = to.as_str(), "provider state changed");
+        tracing::warn!(
+            provider,
+            from = from.as_str(),
+            to = to.as_str(),
+            "provider state changed"
+        );
     }
 }
 
 /// The error for a request on which every candidate faulted.
 pub fn all_failed(state: &AppState, model: &str, failures: &[(String, Fault)]) -> ApiError {
-    let list: Vec<String> = failures.iter().map(|(p, f)| format!("{p}: {}", f.reason)).collect();
+    let list: Vec<String> = failures
+        .iter()
+        .map(|(p, f)| format!("{p}: {}", f.reason))
+        .collect();
     let n = failures.len();
     let plural = if n == 1 { "" } else { "s" };
-    let message = format!("all {n} provider{plural} failed for model {model}: {}", list.join("; "));
+    let message = format!(
+        "all {n} provider{plural} failed for model {model}: {}",
+        list.join("; ")
+    );
     let all = |c: FaultClass| failures.iter().all(|(_, f)| f.class == c);
     if all(FaultClass::Overloaded) {
         let now = Instant::now();
@@ -285,8 +376,12 @@ pub fn all_failed(state: &AppState, model: &str, failures: &[(String, Fault)]) -
             .min()
             .unwrap_or(Duration::from_secs(1));
         let secs = shortest.as_secs_f64().ceil().max(1.0) as u64;
-        ApiError::new(StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), "overloaded_error", message)
-            .with_retry_after(secs)
+        ApiError::new(
+            StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            "overloaded_error",
+            message,
+        )
+        .with_retry_after(secs)
     } else if all(FaultClass::Timeout) {
         ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", message)
     } else {
@@ -296,12 +391,21 @@ pub fn all_failed(state: &AppState, model: &str, failures: &[(String, Fault)]) -
 }
 
 /// One attempt against one anthropic-type candidate.
-async fn attempt(state: &Arc<AppState>, runtime: &Runtime, candidate: &Candidate, inbound: &Inbound) -> Outcome {
+async fn attempt(
+    state: &Arc<AppState>,
+    runtime: &Runtime,
+    candidate: &Candidate,
+    inbound: &Inbound,
+) -> Outcome {
     let settings = &runtime.config.settings;
     let provider = &candidate.provider;
     let name = provider.config.name.as_str();
     let stream = inbound.envelope.stream;
-    let t: TimeoutSet = if stream { settings.timeouts.streaming } else { settings.timeouts.non_streaming };
+    let t: TimeoutSet = if stream {
+        settings.timeouts.streaming
+    } else {
+        settings.timeouts.non_streaming
+    };
     let url = match &inbound.query {
         Some(q) => format!("{}?{q}", provider.messages_url),
         None => provider.messages_url.clone(),
@@ -314,11 +418,24 @@ async fn attempt(state: &Arc<AppState>, runtime: &Runtime, candidate: &Candidate
     );
     let headers = anthropic_request_headers(&inbound.headers, &provider.config.auth);
     let started = Instant::now();
-    let attempt_deadline = started + if stream { Duration::MAX / 4 } else { settings.timeout };
+    let attempt_deadline = started
+        + if stream {
+            Duration::MAX / 4
+        } else {
+            settings.timeout
+        };
     let request = provider.client.post(url).headers(headers).body(body).send();
     let header_deadline = (started + t.connect + t.read).min(attempt_deadline);
     let resp = match timeout_at(header_deadline, request).await {
-        Err(_) => return Outcome::Fault(Fault::new(FaultClass::Timeout, format!("no response within {} s", (header_deadline - started).as_secs()))),
+        Err(_) => {
+            return Outcome::Fault(Fault::new(
+                FaultClass::Timeout,
+                format!(
+                    "no response within {} s",
+                    (header_deadline - started).as_secs()
+                ),
+            ));
+        }
         Ok(Err(e)) => return Outcome::Fault(transport_fault(e)),
         Ok(Ok(r)) => r,
     };
@@ -332,19 +449,36 @@ async fn attempt(state: &Arc<AppState>, runtime: &Runtime, candidate: &Candidate
         };
         let text = String::from_utf8_lossy(&body);
         if settings.unhealthy_http_codes.contains(status)
-            || settings.unhealthy_exception_patterns.iter().any(|p| !p.is_empty() && text.contains(p.as_str()))
+            || settings
+                .unhealthy_exception_patterns
+                .iter()
+                .any(|p| !p.is_empty() && text.contains(p.as_str()))
         {
             return Outcome::Fault(status_fault(status, &body, retry));
         }
-        return Outcome::ClientFault(response_with(status, &upstream_headers, Body::from(body), name));
+        return Outcome::ClientFault(response_with(
+            status,
+            &upstream_headers,
+            Body::from(body),
+            name,
+        ));
     }
 
     if !stream {
-        let body = match timeout_at(attempt_deadline, read_body(resp, t.read, MAX_RESPONSE_BODY)).await {
-            Err(_) => return Outcome::Fault(Fault::new(FaultClass::Timeout, format!("no complete answer within {} s (timeout_seconds)", settings.timeout.as_secs()))),
-            Ok(Err(f)) => return Outcome::Fault(f),
-            Ok(Ok(b)) => b,
-        };
+        let body =
+            match timeout_at(attempt_deadline, read_body(resp, t.read, MAX_RESPONSE_BODY)).await {
+                Err(_) => {
+                    return Outcome::Fault(Fault::new(
+                        FaultClass::Timeout,
+                        format!(
+                            "no complete answer within {} s (timeout_seconds)",
+                            settings.timeout.as_secs()
+                        ),
+                    ));
+                }
+                Ok(Err(f)) => return Outcome::Fault(f),
+                Ok(Ok(b)) => b,
+            };
         if let Some(f) = body_fault(settings, &body) {
             return Outcome::Fault(f);
         }
@@ -353,7 +487,10 @@ async fn attempt(state: &Arc<AppState>, runtime: &Runtime, candidate: &Candidate
         }
         let ttfb = started.elapsed();
         let mut response = response_with(status, &upstream_headers, Body::from(body), name);
-        response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         return Outcome::Committed { response, ttfb };
     }
 
@@ -364,14 +501,25 @@ async fn attempt(state: &Arc<AppState>, runtime: &Runtime, candidate: &Candidate
     let first_event_deadline = started + t.connect + t.read;
     loop {
         match timeout_at(first_event_deadline, upstream.next()).await {
-            Err(_) => return Outcome::Fault(Fault::new(FaultClass::Timeout, format!("no event within {} s", (first_event_deadline - started).as_secs()))),
+            Err(_) => {
+                return Outcome::Fault(Fault::new(
+                    FaultClass::Timeout,
+                    format!(
+                        "no event within {} s",
+                        (first_event_deadline - started).as_secs()
+                    ),
+                ));
+            }
             Ok(None) => {
                 let mut seen = prefix.to_vec();
                 seen.extend_from_slice(splitter.pending());
                 if is_error_body(&seen) {
                     return Outcome::Fault(error_payload_fault(&String::from_utf8_lossy(&seen)));
                 }
-                return Outcome::Fault(Fault::new(FaultClass::Other, "stream ended before its first event"));
+                return Outcome::Fault(Fault::new(
+                    FaultClass::Other,
+                    "stream ended before its first event",
+                ));
             }
             Ok(Some(Err(e))) => return Outcome::Fault(transport_fault(e)),
             Ok(Some(Ok(chunk))) => {
@@ -407,10 +555,21 @@ async fn attempt(state: &Arc<AppState>, runtime: &Runtime, candidate: &Candidate
         state: Arc::clone(state),
         provider: name.to_owned(),
     };
-    let mut response = response_with(status, &upstream_headers, Body::from_stream(relay::relay(relay)), name);
+    let mut response = response_with(
+        status,
+        &upstream_headers,
+        Body::from_stream(relay::relay(relay)),
+        name,
+    );
     let h = response.headers_mut();
-    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
-    h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Outcome::Committed { response, ttfb }
 }
@@ -424,7 +583,8 @@ fn is_error_body(body: &[u8]) -> bool {
     }
     let trimmed = body.trim_ascii_start();
     trimmed.starts_with(b"{")
-        && serde_json::from_slice::<Probe<'_>>(trimmed).is_ok_and(|p| p.kind.as_deref() == Some("error"))
+        && serde_json::from_slice::<Probe<'_>>(trimmed)
+            .is_ok_and(|p| p.kind.as_deref() == Some("error"))
 }
 
 /// The status of a fault, for counters (`error_type_for_status` keeps the wording in one place).

@@ -38,6 +38,8 @@ struct Running {
     relay: Relay,
     finished: bool,
     last_output: Instant,
+    /// When the provider's silence becomes a failure; moved on by every byte it sends.
+    idle_deadline: Instant,
 }
 
 impl Running {
@@ -46,12 +48,18 @@ impl Running {
         let runtime = self.relay.state.runtime();
         self.relay.state.health.record(
             &self.relay.provider,
-            Verdict::Fault { reason: reason.clone(), retry_after: None },
+            Verdict::Fault {
+                reason: reason.clone(),
+                retry_after: None,
+            },
             Instant::now(),
             &runtime.config.settings,
         );
         tracing::warn!(provider = %self.relay.provider, %reason, "stream failed after commit");
-        error_event("api_error", &format!("upstream provider {}: {reason}", self.relay.provider))
+        error_event(
+            "api_error",
+            &format!("upstream provider {}: {reason}", self.relay.provider),
+        )
     }
 
     async fn next_item(&mut self) -> Option<Bytes> {
@@ -62,14 +70,13 @@ impl Running {
         if self.finished {
             return None;
         }
-        let mut idle_deadline = Instant::now() + self.relay.read_timeout;
         loop {
             let ping_at = self.last_output + PING_INTERVAL;
-            let wake = ping_at.min(idle_deadline);
+            let wake = ping_at.min(self.idle_deadline);
             tokio::select! {
                 chunk = self.relay.upstream.next() => match chunk {
                     Some(Ok(data)) => {
-                        idle_deadline = Instant::now() + self.relay.read_timeout;
+                        self.idle_deadline = Instant::now() + self.relay.read_timeout;
                         let events = self.relay.splitter.push(&data);
                         if events.bytes.is_empty() {
                             continue;
@@ -96,7 +103,7 @@ impl Running {
                     }
                 },
                 _ = sleep_until(wake) => {
-                    if Instant::now() >= idle_deadline {
+                    if Instant::now() >= self.idle_deadline {
                         let secs = self.relay.read_timeout.as_secs();
                         return Some(self.fail(format!("no data for {secs} s (read_timeout)")));
                     }
@@ -110,6 +117,15 @@ impl Running {
 
 /// The client-facing body stream.
 pub fn relay(relay: Relay) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
-    let running = Running { relay, finished: false, last_output: Instant::now() };
-    stream::unfold(running, |mut r| async move { r.next_item().await.map(|b| (Ok(b), r)) })
+    let now = Instant::now();
+    let idle_deadline = now + relay.read_timeout;
+    let running = Running {
+        relay,
+        finished: false,
+        last_output: now,
+        idle_deadline,
+    };
+    stream::unfold(running, |mut r| async move {
+        r.next_item().await.map(|b| (Ok(b), r))
+    })
 }

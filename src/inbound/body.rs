@@ -66,7 +66,10 @@ pub fn parse(body: &[u8]) -> Result<Envelope, ApiError> {
         model,
         stream: head.stream.unwrap_or(false),
         provider: head.provider.map(Cow::into_owned).filter(|p| !p.is_empty()),
-        metadata_session: head.metadata.and_then(|m| m.user_id).and_then(|u| session_from_user_id(&u)),
+        metadata_session: head
+            .metadata
+            .and_then(|m| m.user_id)
+            .and_then(|u| session_from_user_id(&u)),
     })
 }
 
@@ -78,9 +81,15 @@ pub fn session_from_user_id(user_id: &str) -> Option<String> {
         struct Ids {
             session_id: Option<String>,
         }
-        return serde_json::from_str::<Ids>(user_id).ok()?.session_id.filter(|s| !s.is_empty());
+        return serde_json::from_str::<Ids>(user_id)
+            .ok()?
+            .session_id
+            .filter(|s| !s.is_empty());
     }
-    user_id.rsplit_once("_session_").map(|(_, s)| s.to_owned()).filter(|s| !s.is_empty())
+    user_id
+        .rsplit_once("_session_")
+        .map(|(_, s)| s.to_owned())
+        .filter(|s| !s.is_empty())
 }
 
 /// One top-level member of a JSON object, as byte ranges of the original text.
@@ -138,7 +147,8 @@ fn skip_value(b: &[u8], i: usize) -> Option<usize> {
         }
         _ => {
             let mut j = i;
-            while j < b.len() && !matches!(b[j], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+            while j < b.len() && !matches!(b[j], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+            {
                 j += 1;
             }
             Some(j)
@@ -166,7 +176,10 @@ fn members(b: &[u8]) -> Option<Vec<Member>> {
         }
         let value_start = skip_ws(b, i + 1);
         let value_end = skip_value(b, value_start)?;
-        out.push(Member { key, value: value_start..value_end });
+        out.push(Member {
+            key,
+            value: value_start..value_end,
+        });
         i = skip_ws(b, value_end);
         match b.get(i)? {
             b',' => i = skip_ws(b, i + 1),
@@ -182,7 +195,9 @@ pub fn rewrite(body: &Bytes, model: &str, current_model: &str, strip_provider: b
     if model == current_model && !strip_provider {
         return body.clone();
     }
-    let Some(members) = members(body) else { return body.clone() };
+    let Some(members) = members(body) else {
+        return body.clone();
+    };
     let mut edits: Vec<(Range<usize>, Vec<u8>)> = Vec::new();
     for (n, m) in members.iter().enumerate() {
         let key = &body[m.key.clone()];
@@ -233,7 +248,14 @@ mod tests {
 
     #[test]
     fn parse_rejects_bad_bodies_with_400() {
-        for body in [&b"{"[..], b"[]", br#"{"messages":[]}"#, br#"{"model":"m"}"#, br#"{"model":5,"messages":[]}"#, br#"{"model":"m","messages":{}}"#] {
+        for body in [
+            &b"{"[..],
+            b"[]",
+            br#"{"messages":[]}"#,
+            br#"{"model":"m"}"#,
+            br#"{"model":5,"messages":[]}"#,
+            br#"{"model":"m","messages":{}}"#,
+        ] {
             let e = parse(body).unwrap_err();
             assert_eq!(e.status, 400, "{}", String::from_utf8_lossy(body));
             assert_eq!(e.error_type, "invalid_request_error");

@@ -32,10 +32,19 @@ pub struct CountTokensBook {
 impl CountTokensBook {
     fn allowed(&self, provider: &str, now: Instant) -> bool {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(provider).and_then(|(_, until)| *until).is_none_or(|until| until <= now)
+        map.get(provider)
+            .and_then(|(_, until)| *until)
+            .is_none_or(|until| until <= now)
     }
 
-    fn record(&self, provider: &str, ok: bool, now: Instant, threshold: u32, cooldown: std::time::Duration) {
+    fn record(
+        &self,
+        provider: &str,
+        ok: bool,
+        now: Instant,
+        threshold: u32,
+        cooldown: std::time::Duration,
+    ) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let e = map.entry(provider.to_owned()).or_default();
         if ok {
@@ -69,8 +78,15 @@ pub async fn count_tokens(
             strategy: settings.selection_strategy,
             now: Instant::now(),
         };
-        let candidates = runtime.routes.plan(&envelope.model, &ctx).map(|p| p.candidates).unwrap_or_default();
-        for c in candidates.iter().filter(|c| c.provider.config.kind == ProviderKind::Anthropic) {
+        let candidates = runtime
+            .routes
+            .plan(&envelope.model, &ctx)
+            .map(|p| p.candidates)
+            .unwrap_or_default();
+        for c in candidates
+            .iter()
+            .filter(|c| c.provider.config.kind == ProviderKind::Anthropic)
+        {
             let name = c.provider.config.name.as_str();
             if !state.count_tokens.allowed(name, Instant::now()) {
                 continue;
@@ -79,8 +95,18 @@ pub async fn count_tokens(
                 Some(q) => format!("{}?{q}", c.provider.count_tokens_url),
                 None => c.provider.count_tokens_url.clone(),
             };
-            let body = body::rewrite(&raw, &c.upstream_model, &envelope.model, envelope.provider.is_some());
-            let req = c.provider.client.post(url).headers(anthropic_request_headers(headers, &c.provider.config.auth)).body(body);
+            let body = body::rewrite(
+                &raw,
+                &c.upstream_model,
+                &envelope.model,
+                envelope.provider.is_some(),
+            );
+            let req = c
+                .provider
+                .client
+                .post(url)
+                .headers(anthropic_request_headers(headers, &c.provider.config.auth))
+                .body(body);
             let answer = timeout(tc.timeout, async {
                 let resp = req.send().await.ok()?;
                 if !resp.status().is_success() {
@@ -103,17 +129,29 @@ pub async fn count_tokens(
             .ok()
             .flatten();
             let ok = answer.is_some();
-            state.count_tokens.record(name, ok, Instant::now(), tc.failure_threshold, tc.api_failure_cooldown);
+            state.count_tokens.record(
+                name,
+                ok,
+                Instant::now(),
+                tc.failure_threshold,
+                tc.api_failure_cooldown,
+            );
             if let Some((upstream_headers, buf)) = answer {
                 let mut resp = Response::new(Body::from(buf));
                 *resp.headers_mut() = client_response_headers(&upstream_headers);
-                resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                resp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
                 if let Ok(v) = HeaderValue::from_bytes(name.as_bytes()) {
                     resp.headers_mut().insert("x-provider-used", v);
                 }
                 return resp;
             }
-            tracing::debug!(provider = name, "count_tokens not answered; trying the next provider or counting locally");
+            tracing::debug!(
+                provider = name,
+                "count_tokens not answered; trying the next provider or counting locally"
+            );
         }
     }
     local_count(&raw)
@@ -123,10 +161,16 @@ fn local_count(raw: &[u8]) -> Response {
     match serde_json::from_slice::<serde_json::Value>(raw) {
         Ok(v) => {
             let n = tokens::count_request(&v);
-            let mut resp = (StatusCode::OK, axum::Json(serde_json::json!({ "input_tokens": n }))).into_response();
-            resp.headers_mut().insert("x-token-count", HeaderValue::from_static("local"));
+            let mut resp = (
+                StatusCode::OK,
+                axum::Json(serde_json::json!({ "input_tokens": n })),
+            )
+                .into_response();
+            resp.headers_mut()
+                .insert("x-token-count", HeaderValue::from_static("local"));
             resp
         }
-        Err(e) => ApiError::invalid_request(format!("request body is not valid JSON: {e}")).into_response(),
+        Err(e) => ApiError::invalid_request(format!("request body is not valid JSON: {e}"))
+            .into_response(),
     }
 }

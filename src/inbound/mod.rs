@@ -28,7 +28,9 @@ pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::too_large(limit)),
-        Err(e) => Err(ApiError::invalid_request(format!("could not read the request body: {e}"))),
+        Err(e) => Err(ApiError::invalid_request(format!(
+            "could not read the request body: {e}"
+        ))),
     }
 }
 
@@ -42,7 +44,12 @@ fn session_id(headers: &HeaderMap, from_metadata: Option<&str>) -> Option<String
         .or_else(|| from_metadata.map(str::to_owned))
 }
 
-pub async fn messages(State(state): State<Arc<AppState>>, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+pub async fn messages(
+    State(state): State<Arc<AppState>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let limit = state.runtime().config.settings.max_request_bytes;
     let raw = match read_body(body, &headers, limit).await {
         Ok(b) => b,
@@ -53,11 +60,22 @@ pub async fn messages(State(state): State<Arc<AppState>>, uri: Uri, headers: Hea
         Err(e) => return e.into_response(),
     };
     let session = session_id(&headers, envelope.metadata_session.as_deref());
-    let inbound = Inbound { envelope, body: raw, headers, query: uri.query().map(str::to_owned), session };
+    let inbound = Inbound {
+        envelope,
+        body: raw,
+        headers,
+        query: uri.query().map(str::to_owned),
+        session,
+    };
     dispatch::messages(&state, inbound).await
 }
 
-pub async fn count_tokens(State(state): State<Arc<AppState>>, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+pub async fn count_tokens(
+    State(state): State<Arc<AppState>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let limit = state.runtime().config.settings.max_request_bytes;
     let raw = match read_body(body, &headers, limit).await {
         Ok(b) => b,

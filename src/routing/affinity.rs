@@ -32,6 +32,9 @@ impl AffinityBook {
                 map.clear();
             }
         }
-        map.insert((session.to_owned(), route.to_owned()), (provider.to_owned(), now + ttl));
+        map.insert(
+            (session.to_owned(), route.to_owned()),
+            (provider.to_owned(), now + ttl),
+        );
     }
 }

@@ -89,7 +89,10 @@ pub enum Verdict {
     /// The provider answered (a success, or a client fault that proves it is up).
     Up { ttfb: Option<Duration> },
     /// A provider fault; `retry_after` is the provider's own hint (429/529).
-    Fault { reason: String, retry_after: Option<Duration> },
+    Fault {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -110,12 +113,19 @@ impl HealthBook {
     pub fn standing(&self, provider: &str, now: Instant) -> Standing {
         let map = self.lock();
         let Some(e) = map.get(provider) else {
-            return Standing { available: true, remaining: Duration::ZERO, ttfb_ewma_ms: None };
+            return Standing {
+                available: true,
+                remaining: Duration::ZERO,
+                ttfb_ewma_ms: None,
+            };
         };
         let state = e.state(now);
         Standing {
-            available: state == HealthState::Healthy || (state == HealthState::Probing && !e.probe_in_flight),
-            remaining: e.cooldown_until.map_or(Duration::ZERO, |u| u.saturating_duration_since(now)),
+            available: state == HealthState::Healthy
+                || (state == HealthState::Probing && !e.probe_in_flight),
+            remaining: e
+                .cooldown_until
+                .map_or(Duration::ZERO, |u| u.saturating_duration_since(now)),
             ttfb_ewma_ms: e.ttfb_ewma_ms,
         }
     }
@@ -130,7 +140,12 @@ impl HealthBook {
         if probe {
             e.probe_in_flight = true;
         }
-        AttemptTicket { book: Arc::clone(self), provider: provider.to_owned(), probe, resolved: false }
+        AttemptTicket {
+            book: Arc::clone(self),
+            provider: provider.to_owned(),
+            probe,
+            resolved: false,
+        }
     }
 
     /// Ends an attempt: frees its probe slot and records the verdict.
@@ -179,10 +194,15 @@ impl HealthBook {
                     });
                 }
             }
-            Verdict::Fault { reason, retry_after } => {
+            Verdict::Fault {
+                reason,
+                retry_after,
+            } => {
                 e.failures += 1;
                 e.last_error = Some((reason, SystemTime::now()));
-                if e.last_fault_at.is_some_and(|t| now.saturating_duration_since(t) > settings.unhealthy_reset_timeout) {
+                if e.last_fault_at.is_some_and(|t| {
+                    now.saturating_duration_since(t) > settings.unhealthy_reset_timeout
+                }) {
                     e.consecutive_faults = 0;
                 }
                 e.consecutive_faults = e.consecutive_faults.saturating_add(1);
@@ -194,8 +214,11 @@ impl HealthBook {
                 if was_marked && before != HealthState::CoolingDown {
                     // A failed probe (or a failure while waiting for one): back off further.
                     e.backoff = (e.backoff * 2).min(MAX_BACKOFF);
-                    e.cooldown_until = Some(now + retry_after.unwrap_or(settings.failure_cooldown * e.backoff));
-                } else if retry_after.is_some() || e.consecutive_faults >= settings.unhealthy_threshold {
+                    e.cooldown_until =
+                        Some(now + retry_after.unwrap_or(settings.failure_cooldown * e.backoff));
+                } else if retry_after.is_some()
+                    || e.consecutive_faults >= settings.unhealthy_threshold
+                {
                     let base = settings.failure_cooldown * e.backoff;
                     let until = now + retry_after.unwrap_or(base);
                     // Never shorten a cooldown that is already running.
@@ -213,7 +236,9 @@ impl HealthBook {
         HealthReport {
             state: e.state(now),
             consecutive_faults: e.consecutive_faults,
-            cooldown_remaining: e.cooldown_until.map_or(Duration::ZERO, |u| u.saturating_duration_since(now)),
+            cooldown_remaining: e
+                .cooldown_until
+                .map_or(Duration::ZERO, |u| u.saturating_duration_since(now)),
             last_error: e.last_error,
             requests: e.requests,
             successes: e.successes,

@@ -23,6 +23,9 @@ pub struct Candidate {
     pub provider: Arc<Provider>,
     /// The model name sent upstream.
     pub upstream_model: String,
+    /// Whether `upstream_model` is the client's own name (`model: passthrough`).
+    pub passthrough: bool,
+    pub priority: i64,
     /// The route (pattern as written) this candidate came from.
     pub route: Arc<str>,
 }
@@ -90,7 +93,11 @@ impl RouteTable {
             for (i, e) in entries.iter().enumerate().filter(|(_, e)| e.enabled) {
                 match tiers.iter_mut().find(|t| t.priority == e.priority) {
                     Some(t) => t.entries.push(i),
-                    None => tiers.push(Tier { priority: e.priority, entries: vec![i], next: AtomicUsize::new(0) }),
+                    None => tiers.push(Tier {
+                        priority: e.priority,
+                        entries: vec![i],
+                        next: AtomicUsize::new(0),
+                    }),
                 }
             }
             tiers.sort_by_key(|t| t.priority);
@@ -98,10 +105,20 @@ impl RouteTable {
             if rc.pattern.contains(['*', '?']) {
                 // glob_regex escapes everything else, so it always compiles; a failure would only drop the route.
                 if let Some(re) = glob_regex(&rc.pattern) {
-                    globs.push(Route { pattern, matcher: Matcher::Glob(re), entries, tiers });
+                    globs.push(Route {
+                        pattern,
+                        matcher: Matcher::Glob(re),
+                        entries,
+                        tiers,
+                    });
                 }
             } else {
-                exact.push(Route { pattern, matcher: Matcher::Exact(rc.pattern.to_lowercase()), entries, tiers });
+                exact.push(Route {
+                    pattern,
+                    matcher: Matcher::Exact(rc.pattern.to_lowercase()),
+                    entries,
+                    tiers,
+                });
             }
         }
         exact.extend(globs);
@@ -118,7 +135,9 @@ impl RouteTable {
 
     /// The patterns that match `model`, first match first.
     pub fn matching_patterns(&self, model: &str) -> Vec<Arc<str>> {
-        self.matching(model).map(|r| Arc::clone(&r.pattern)).collect()
+        self.matching(model)
+            .map(|r| Arc::clone(&r.pattern))
+            .collect()
     }
 
     /// Orders the candidates for one request. `None` when no route matches.
@@ -142,31 +161,48 @@ impl RouteTable {
                 for i in idx {
                     let entry = &route.entries[i];
                     // Filtered above: the provider exists and is usable.
-                    let Some(provider) = ctx.providers.get(entry.provider.as_str()) else { continue };
-                    if ordered.iter().any(|c| c.provider.config.name == entry.provider) {
+                    let Some(provider) = ctx.providers.get(entry.provider.as_str()) else {
+                        continue;
+                    };
+                    if ordered
+                        .iter()
+                        .any(|c| c.provider.config.name == entry.provider)
+                    {
                         continue; // the same provider twice in one tier
                     }
-                    let upstream_model = match &entry.model {
-                        ModelMapping::Passthrough => model.to_owned(),
-                        ModelMapping::Name(n) => n.clone(),
+                    let (upstream_model, passthrough) = match &entry.model {
+                        ModelMapping::Passthrough => (model.to_owned(), true),
+                        ModelMapping::Name(n) => (n.clone(), false),
                     };
                     ordered.push(Candidate {
                         provider: Arc::clone(provider),
                         upstream_model,
+                        passthrough,
+                        priority: entry.priority,
                         route: Arc::clone(&route.pattern),
                     });
                 }
             }
         }
         // Providers cooling down go last, soonest to recover first; the order is otherwise kept.
-        let standings: Vec<_> = ordered.iter().map(|c| ctx.health.standing(&c.provider.config.name, ctx.now)).collect();
+        let standings: Vec<_> = ordered
+            .iter()
+            .map(|c| ctx.health.standing(&c.provider.config.name, ctx.now))
+            .collect();
         let mut keyed: Vec<(usize, Candidate)> = ordered.into_iter().enumerate().collect();
         keyed.sort_by_key(|(i, _)| {
             let s = standings[*i];
-            if s.available { (0, std::time::Duration::ZERO, *i) } else { (1, s.remaining, *i) }
+            if s.available {
+                (0, std::time::Duration::ZERO, *i)
+            } else {
+                (1, s.remaining, *i)
+            }
         });
         let candidates: Vec<Candidate> = keyed.into_iter().map(|(_, c)| c).collect();
-        Some(Plan { route: route_name, candidates })
+        Some(Plan {
+            route: route_name,
+            candidates,
+        })
     }
 }
 
@@ -182,7 +218,11 @@ impl Plan {
     /// Moves the named provider to the front (session affinity, the client's `provider` field).
     /// Returns whether it was among the candidates.
     pub fn promote(&mut self, provider: &str) -> bool {
-        match self.candidates.iter().position(|c| c.provider.config.name == provider) {
+        match self
+            .candidates
+            .iter()
+            .position(|c| c.provider.config.name == provider)
+        {
             Some(pos) => {
                 let c = self.candidates.remove(pos);
                 self.candidates.insert(0, c);
@@ -208,7 +248,10 @@ fn order_tier(idx: &mut [usize], tier: &Tier, route: &Route, ctx: &PlanContext<'
         Strategy::Weighted => {
             // Weighted order without replacement: each pick is proportional to the remaining weights.
             for pos in 0..n {
-                let weights: Vec<u64> = idx[pos..].iter().map(|&i| u64::from(route.entries[i].weight)).collect();
+                let weights: Vec<u64> = idx[pos..]
+                    .iter()
+                    .map(|&i| u64::from(route.entries[i].weight))
+                    .collect();
                 let total: u64 = weights.iter().sum();
                 if total == 0 {
                     break;
@@ -229,7 +272,10 @@ fn order_tier(idx: &mut [usize], tier: &Tier, route: &Route, ctx: &PlanContext<'
             // Unmeasured providers first (so they get measured), then the fastest moving average.
             let key = |i: &usize| {
                 let name = route.entries[*i].provider.as_str();
-                ctx.health.standing(name, ctx.now).ttfb_ewma_ms.unwrap_or(-1.0)
+                ctx.health
+                    .standing(name, ctx.now)
+                    .ttfb_ewma_ms
+                    .unwrap_or(-1.0)
             };
             idx.sort_by(|a, b| key(a).total_cmp(&key(b)));
         }

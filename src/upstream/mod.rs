@@ -28,12 +28,24 @@ impl Provider {
         let base = config.base_url.trim_end_matches('/');
         let (messages_url, count_tokens_url) = match config.kind {
             ProviderKind::Anthropic => {
-                let v1 = if base.ends_with("/v1") { base.to_owned() } else { format!("{base}/v1") };
-                (format!("{v1}/messages"), format!("{v1}/messages/count_tokens"))
+                let v1 = if base.ends_with("/v1") {
+                    base.to_owned()
+                } else {
+                    format!("{base}/v1")
+                };
+                (
+                    format!("{v1}/messages"),
+                    format!("{v1}/messages/count_tokens"),
+                )
             }
             ProviderKind::Openai => (format!("{base}/chat/completions"), String::new()),
         };
-        Self { config, client, messages_url, count_tokens_url }
+        Self {
+            config,
+            client,
+            messages_url,
+            count_tokens_url,
+        }
     }
 
     pub fn has_credentials(&self) -> bool {
@@ -54,7 +66,11 @@ pub struct ClientPool {
 }
 
 impl ClientPool {
-    pub fn get(&self, proxy: Option<&Secret>, connect_timeout: Duration) -> Result<reqwest::Client, String> {
+    pub fn get(
+        &self,
+        proxy: Option<&Secret>,
+        connect_timeout: Duration,
+    ) -> Result<reqwest::Client, String> {
         let key = (proxy.map(|p| p.expose().to_owned()), connect_timeout);
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = clients.get(&key) {
@@ -73,7 +89,9 @@ impl ClientPool {
                 .map_err(|e| format!("proxy {}: {e}", mask_url_credentials(p.expose())))?;
             builder = builder.proxy(proxy);
         }
-        let client = builder.build().map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let client = builder
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         clients.insert(key, client.clone());
         Ok(client)
     }
@@ -108,10 +126,16 @@ pub fn anthropic_request_headers(client: &HeaderMap, auth: &Auth) -> HeaderMap {
         }
     }
     if !out.contains_key("anthropic-version") {
-        out.insert(HeaderName::from_static("anthropic-version"), HeaderValue::from_static("2023-06-01"));
+        out.insert(
+            HeaderName::from_static("anthropic-version"),
+            HeaderValue::from_static("2023-06-01"),
+        );
     }
     if !out.contains_key(http::header::CONTENT_TYPE) {
-        out.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        out.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
     }
     apply_auth(&mut out, client, auth, AuthStyle::Anthropic);
     out
@@ -175,7 +199,11 @@ pub fn client_response_headers(upstream: &HeaderMap) -> HeaderMap {
 
 /// Parses `retry-after` (integer seconds) or `retry-after-ms`.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) = headers.get("retry-after-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok()) {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+    {
         if ms.is_finite() && ms >= 0.0 {
             return Some(Duration::from_secs_f64(ms / 1000.0));
         }
@@ -210,19 +238,31 @@ mod tests {
     #[test]
     fn urls_follow_the_base_url() {
         let p = provider(ProviderKind::Anthropic, "https://relay.example/claudecode");
-        assert_eq!(p.messages_url, "https://relay.example/claudecode/v1/messages");
-        assert_eq!(p.count_tokens_url, "https://relay.example/claudecode/v1/messages/count_tokens");
+        assert_eq!(
+            p.messages_url,
+            "https://relay.example/claudecode/v1/messages"
+        );
+        assert_eq!(
+            p.count_tokens_url,
+            "https://relay.example/claudecode/v1/messages/count_tokens"
+        );
         let p = provider(ProviderKind::Anthropic, "https://api.example/v1");
         assert_eq!(p.messages_url, "https://api.example/v1/messages");
         let p = provider(ProviderKind::Openai, "https://openrouter.example/api/v1");
-        assert_eq!(p.messages_url, "https://openrouter.example/api/v1/chat/completions");
+        assert_eq!(
+            p.messages_url,
+            "https://openrouter.example/api/v1/chat/completions"
+        );
     }
 
     #[test]
     fn client_credentials_never_reach_a_provider_with_its_own() {
         let mut client = HeaderMap::new();
         client.insert("x-api-key", HeaderValue::from_static("client-key"));
-        client.insert("authorization", HeaderValue::from_static("Bearer client-token"));
+        client.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer client-token"),
+        );
         client.insert("anthropic-beta", HeaderValue::from_static("a,b"));
         client.insert("accept-encoding", HeaderValue::from_static("gzip"));
         client.insert("connection", HeaderValue::from_static("keep-alive"));
@@ -254,7 +294,10 @@ mod tests {
         h.insert("retry-after-ms", HeaderValue::from_static("1500"));
         assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
         let mut h = HeaderMap::new();
-        h.insert("retry-after", HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        h.insert(
+            "retry-after",
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
         assert_eq!(retry_after(&h), None);
     }
 }

@@ -86,7 +86,10 @@ impl Splitter {
         let bytes = self.buf.split_to(self.complete_end).freeze();
         self.scanned -= self.complete_end;
         self.complete_end = 0;
-        Events { bytes, kinds: std::mem::take(&mut self.kinds) }
+        Events {
+            bytes,
+            kinds: std::mem::take(&mut self.kinds),
+        }
     }
 
     /// Bytes received that do not yet form a complete event.
@@ -96,7 +99,8 @@ impl Splitter {
 
     /// Whether the pending bytes hold a final event that only lacks its blank line, and its kind.
     pub fn unterminated_kind(&self) -> Option<EventKind> {
-        self.current_has_lines.then(|| self.current.unwrap_or(EventKind::Other))
+        self.current_has_lines
+            .then(|| self.current.unwrap_or(EventKind::Other))
     }
 }
 
@@ -105,7 +109,8 @@ pub const PING_EVENT: &[u8] = b"event: ping\ndata: {\"type\": \"ping\"}\n\n";
 
 /// The bytes of an `event: error`.
 pub fn error_event(error_type: &str, message: &str) -> Bytes {
-    let body = serde_json::json!({"type": "error", "error": {"type": error_type, "message": message}});
+    let body =
+        serde_json::json!({"type": "error", "error": {"type": error_type, "message": message}});
     Bytes::from(format!("event: error\ndata: {body}\n\n"))
 }
 
@@ -149,7 +154,11 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
             bytes.extend_from_slice(&ev.bytes);
             kinds.extend(ev.kinds);
         }
-        assert!(s.pending().is_empty(), "left over: {:?}", String::from_utf8_lossy(s.pending()));
+        assert!(
+            s.pending().is_empty(),
+            "left over: {:?}",
+            String::from_utf8_lossy(s.pending())
+        );
         (bytes, kinds)
     }
 
@@ -159,7 +168,12 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         assert_eq!(bytes, STREAM.as_bytes());
         assert_eq!(
             kinds,
-            vec![EventKind::MessageStart, EventKind::Ping, EventKind::Other, EventKind::MessageStop]
+            vec![
+                EventKind::MessageStart,
+                EventKind::Ping,
+                EventKind::Other,
+                EventKind::MessageStop
+            ]
         );
     }
 

@@ -1,0 +1,152 @@
+//! Test harness: the balancer in-process on 127.0.0.1:0, with its configuration in a temp file.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use claude_balancer::config::load_file;
+use claude_balancer::state::AppState;
+use claude_balancer::{server, upstream};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+pub use mock_provider::{End, MockProvider, Reply};
+
+pub struct Balancer {
+    pub addr: SocketAddr,
+    pub url: String,
+    pub state: Arc<AppState>,
+    pub config_file: tempfile::NamedTempFile,
+    pub client: reqwest::Client,
+    _shutdown: oneshot::Sender<()>,
+}
+
+impl Balancer {
+    pub async fn start(yaml: &str) -> Self {
+        upstream::install_crypto_provider();
+        let config_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(config_file.path(), yaml).unwrap();
+        let loaded =
+            load_file(config_file.path()).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+        let state = AppState::new(loaded.config, Some(config_file.path().to_path_buf())).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let s = Arc::clone(&state);
+        tokio::spawn(async move {
+            let _ = server::serve(listener, s, async {
+                let _ = rx.await;
+            })
+            .await;
+        });
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        Self {
+            addr,
+            url: format!("http://{addr}"),
+            state,
+            config_file,
+            client,
+            _shutdown: tx,
+        }
+    }
+
+    pub fn write_config(&self, yaml: &str) {
+        std::fs::write(self.config_file.path(), yaml).unwrap();
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post_with(
+        &self,
+        path: &str,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut req = self.client.post(format!("{}{path}", self.url)).json(body);
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        req.send().await.unwrap()
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap())
+    }
+
+    /// The `GET /providers` entry of one provider.
+    pub async fn provider(&self, name: &str) -> Value {
+        let (_, v) = self.get_json("/providers").await;
+        v["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+            .unwrap()
+    }
+}
+
+/// A provider entry of type anthropic with a key.
+pub fn provider_yaml(name: &str, url: &str) -> String {
+    format!(
+        "  - name: \"{name}\"\n    type: anthropic\n    base_url: \"{url}\"\n    auth_type: api_key\n    auth_value: \"key-{name}\"\n"
+    )
+}
+
+/// A config with the given providers, all in one route `*` at the given priorities, and extra settings.
+pub fn config_yaml(providers: &[(&str, &str, i64)], settings: &str) -> String {
+    let mut y = String::from("providers:\n");
+    for (name, url, _) in providers {
+        y.push_str(&provider_yaml(name, url));
+    }
+    y.push_str("model_routes:\n  \"*\":\n");
+    for (name, _, prio) in providers {
+        y.push_str(&format!(
+            "    - provider: \"{name}\"\n      model: passthrough\n      priority: {prio}\n"
+        ));
+    }
+    y.push_str("settings:\n");
+    y.push_str(settings);
+    y
+}
+
+pub fn request(stream: bool) -> Value {
+    json!({
+        "model": "claude-sonnet-4-6",
+        "max_tokens": 100,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "hello"}]
+    })
+}
+
+/// Reads an SSE body into (event name, data JSON) pairs.
+pub fn events(text: &str) -> Vec<(String, Value)> {
+    claude_balancer::upstream::sse::parse_all(text)
+        .into_iter()
+        .map(|(n, d)| {
+            (
+                n.unwrap_or_default(),
+                serde_json::from_str(&d).unwrap_or(Value::Null),
+            )
+        })
+        .collect()
+}
+
+pub fn names(events: &[(String, Value)]) -> Vec<&str> {
+    events.iter().map(|(n, _)| n.as_str()).collect()
+}
