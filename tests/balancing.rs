@@ -1,4 +1,5 @@
 //! Candidate order: strategies, session affinity, cooldowns and probes, the `provider` field.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
 
 mod common;
 
@@ -23,7 +24,11 @@ async fn three(prios: [i64; 3], settings: &str) -> Three {
     }
     let urls: Vec<String> = mocks.iter().map(|m| m.url()).collect();
     let bal = Balancer::start(&config_yaml(
-        &[("A", &urls[0], prios[0]), ("B", &urls[1], prios[1]), ("C", &urls[2], prios[2])],
+        &[
+            ("A", &urls[0], prios[0]),
+            ("B", &urls[1], prios[1]),
+            ("C", &urls[2], prios[2]),
+        ],
         settings,
     ))
     .await;
@@ -33,7 +38,10 @@ async fn three(prios: [i64; 3], settings: &str) -> Three {
 async fn served_by(bal: &Balancer, body: &Value, headers: &[(&str, &str)]) -> String {
     let resp = bal.post_with("/v1/messages", body, headers).await;
     assert_eq!(resp.status(), 200);
-    resp.headers()["x-provider-used"].to_str().unwrap().to_owned()
+    resp.headers()["x-provider-used"]
+        .to_str()
+        .unwrap()
+        .to_owned()
 }
 
 async fn sequence(bal: &Balancer, n: usize) -> Vec<String> {
@@ -63,7 +71,11 @@ async fn round_robin_rotates_under_continuous_load() {
     for s in all {
         *counts.entry(s).or_default() += 1;
     }
-    assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![10, 10, 10], "{counts:?}");
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10],
+        "{counts:?}"
+    );
 }
 
 #[tokio::test]
@@ -117,7 +129,11 @@ async fn least_latency_prefers_the_fastest_after_measuring_each() {
 
 #[tokio::test]
 async fn sessions_stick_to_the_provider_that_served_them() {
-    let t = three([1, 1, 1], "  selection_strategy: round_robin\n  sticky_provider_duration: 300\n").await;
+    let t = three(
+        [1, 1, 1],
+        "  selection_strategy: round_robin\n  sticky_provider_duration: 300\n",
+    )
+    .await;
     let s1 = [("x-claude-code-session-id", "session-1")];
     let first = served_by(&t.bal, &request(false), &s1).await;
     for _ in 0..5 {
@@ -150,7 +166,11 @@ async fn a_session_moves_when_its_provider_fails() {
 
 #[tokio::test]
 async fn affinity_is_off_at_zero() {
-    let t = three([1, 1, 1], "  selection_strategy: round_robin\n  sticky_provider_duration: 0\n").await;
+    let t = three(
+        [1, 1, 1],
+        "  selection_strategy: round_robin\n  sticky_provider_duration: 0\n",
+    )
+    .await;
     let s = [("x-claude-code-session-id", "s")];
     let a = served_by(&t.bal, &request(false), &s).await;
     let b = served_by(&t.bal, &request(false), &s).await;
@@ -181,7 +201,9 @@ async fn a_failed_probe_doubles_the_cooldown_up_to_eight_times() {
     served_by(&t.bal, &request(false), &[]).await;
     let mut seen = Vec::new();
     for _ in 0..5 {
-        let remaining = t.bal.provider("A").await["cooldown_remaining_seconds"].as_f64().unwrap();
+        let remaining = t.bal.provider("A").await["cooldown_remaining_seconds"]
+            .as_f64()
+            .unwrap();
         seen.push(remaining);
         tokio::time::sleep(Duration::from_secs_f64(remaining) + SECS).await;
         assert_eq!(served_by(&t.bal, &request(false), &[]).await, "B"); // the probe fails over to B
@@ -226,7 +248,11 @@ async fn threshold_counts_consecutive_faults() {
 
 #[tokio::test(start_paused = true)]
 async fn old_faults_are_forgotten_after_the_reset_timeout() {
-    let t = three([1, 2, 3], "  unhealthy_threshold: 2\n  unhealthy_reset_timeout: 30\n").await;
+    let t = three(
+        [1, 2, 3],
+        "  unhealthy_threshold: 2\n  unhealthy_reset_timeout: 30\n",
+    )
+    .await;
     t.mocks[0].push(Reply::error(500, "api_error", "x"));
     served_by(&t.bal, &request(false), &[]).await;
     tokio::time::sleep(31 * SECS).await;
@@ -239,7 +265,11 @@ async fn old_faults_are_forgotten_after_the_reset_timeout() {
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_of_a_429_is_the_cooldown() {
-    let t = three([1, 2, 3], "  failure_cooldown: 60\n  unhealthy_threshold: 3\n").await;
+    let t = three(
+        [1, 2, 3],
+        "  failure_cooldown: 60\n  unhealthy_threshold: 3\n",
+    )
+    .await;
     t.mocks[0].push(Reply::error(429, "rate_limit_error", "slow").with_header("retry-after", "12"));
     served_by(&t.bal, &request(false), &[]).await;
     let a = t.bal.provider("A").await;

@@ -1,4 +1,5 @@
 //! Same-request failover: which faults fail over, which count, and the final error when all fail.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! The streaming relay: byte-exact, event by event, the commit point, and what happens after it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Test harness: the balancer in-process on 127.0.0.1:0, with its configuration in a temp file.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -11,6 +12,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+#[allow(unused_imports)]
 pub use mock_provider::{End, MockProvider, Reply};
 
 pub struct Balancer {

@@ -458,3 +458,23 @@ async fn serve_connection(mut socket: TcpStream, shared: Arc<Shared>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_builder_splits_into_whole_events() {
+        let s = anthropic_stream("m", "a b");
+        let parts = split_events(&s);
+        assert_eq!(parts.concat(), s);
+        assert!(
+            parts
+                .iter()
+                .all(|p| p.ends_with("\n\n") && p.starts_with("event: "))
+        );
+        assert!(
+            parts[0].contains("message_start") && parts.last().unwrap().contains("message_stop")
+        );
+    }
+}

@@ -1,0 +1,282 @@
+//! The configuration file: the earlier program's files, expansion, errors with paths, the `check` command.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
+
+use std::process::Command;
+use std::time::Duration;
+
+use claude_balancer::config::{Auth, ModelMapping, ProviderKind, Strategy, load_file, load_str};
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+#[test]
+fn the_earlier_programs_file_loads_unchanged() {
+    let loaded = load_str(include_str!("fixtures/earlier-config.yaml"), &no_env).unwrap();
+    let c = &loaded.config;
+    assert_eq!(c.providers.len(), 4);
+    assert!(!c.providers[0].enabled);
+    assert_eq!(c.providers[0].auth, Auth::Passthrough);
+    assert!(c.providers[0].proxy.is_some());
+    assert_eq!(c.providers[1].auth, Auth::None);
+    assert!(matches!(&c.providers[2].auth, Auth::Bearer(k) if k.expose() == "sk-literal-token"));
+    assert_eq!(c.providers[3].kind, ProviderKind::Openai);
+    assert_eq!(c.routes.len(), 2);
+    assert_eq!(c.routes[0].pattern, "*sonnet*");
+    assert_eq!(
+        c.routes[0].entries[3].model,
+        ModelMapping::Name("google/gemini-2.5-pro".into())
+    );
+    let s = &c.settings;
+    assert_eq!(s.failure_cooldown, Duration::from_secs(180));
+    assert_eq!(s.unhealthy_threshold, 2);
+    assert!(s.unhealthy_http_codes.contains(529) && !s.unhealthy_http_codes.contains(401));
+    assert!(s.unhealthy_response_body_patterns.is_some());
+    assert_eq!(s.max_cache_size, 1000);
+    assert_eq!(s.port, 9090);
+    assert!(s.reload);
+    // The keys it had that mean nothing here are warnings, each named.
+    let w = loaded.warnings.join("\n");
+    for key in [
+        "settings.oauth",
+        "settings.testing",
+        "settings.failover_error_types",
+        "settings.failover_http_codes",
+        "settings.idle_recovery_interval",
+        "settings.client_disconnect_watchdog",
+        "settings.timeouts.streaming.chunk_timeout",
+        "settings.timeouts.health_check",
+        "providers[1].streaming_mode",
+        "providers[2].account_email",
+    ] {
+        assert!(w.contains(key), "no warning for {key}:\n{w}");
+    }
+    assert!(w.contains("OPENROUTER_API_KEY is not set"), "{w}");
+}
+
+#[test]
+fn the_earlier_readme_example_loads() {
+    let yaml = r#"
+providers:
+  - name: "GAC"
+    type: "anthropic"
+    base_url: "https://gaccode.com/claudecode"
+    auth_type: "api_key"
+    auth_value: "your-api-key-here"
+    enabled: true
+  - name: "Together"
+    type: "openai"
+    base_url: "https://api.together.xyz/v1"
+    auth_type: "api_key"
+    auth_value: "${TOGETHER_API_KEY}"
+    enabled: true
+model_routes:
+  "*haiku*":
+    - provider: "Together"
+      model: "meta-llama/Meta-Llama-3.1-405B-Instruct-Turbo"
+      priority: 1
+    - provider: "GAC"
+      model: "passthrough"
+      priority: 2
+settings:
+  cooldown_seconds: 90
+  timeout_seconds: 300
+  log_level: "INFO"
+  max_cache_size: 1000
+"#;
+    let loaded = load_str(yaml, &|n| {
+        (n == "TOGETHER_API_KEY").then(|| "tg-key".to_owned())
+    })
+    .unwrap();
+    let c = loaded.config;
+    assert_eq!(c.settings.failure_cooldown, Duration::from_secs(90));
+    assert!(matches!(&c.providers[1].auth, Auth::Bearer(k) if k.expose() == "tg-key"));
+    assert_eq!(c.settings.selection_strategy, Strategy::Priority);
+}
+
+#[test]
+fn the_shipped_example_loads_with_no_variables_set() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml"))
+        .unwrap();
+    let loaded = load_str(&text, &no_env).unwrap();
+    assert!(loaded.config.providers.len() >= 3);
+    // Every key it sets is a known key.
+    assert!(
+        !loaded.warnings.iter().any(|w| w.contains("unknown key")),
+        "{:?}",
+        loaded.warnings
+    );
+}
+
+#[test]
+fn variables_expand_in_any_string_value() {
+    let yaml = r#"
+providers:
+  - name: "${NAME:-Main}"
+    type: anthropic
+    base_url: "${BASE}/relay"
+    auth_type: api_key
+    auth_value: "${KEY}"
+model_routes:
+  "*":
+    - provider: Main
+settings:
+  port: "${PORT:-9191}"
+  log_color: "${COLOR:-false}"
+"#;
+    let env = |n: &str| match n {
+        "BASE" => Some("https://example.com".to_owned()),
+        "KEY" => Some("k-1".to_owned()),
+        _ => None,
+    };
+    let c = load_str(yaml, &env).unwrap().config;
+    assert_eq!(c.providers[0].name, "Main");
+    assert_eq!(c.providers[0].base_url, "https://example.com/relay");
+    assert!(matches!(&c.providers[0].auth, Auth::ApiKey(k) if k.expose() == "k-1"));
+    assert_eq!(c.settings.port, 9191);
+    assert!(!c.settings.log_color);
+    assert_eq!(c.routes[0].entries[0].model, ModelMapping::Passthrough);
+}
+
+#[test]
+fn every_problem_is_reported_at_once_with_its_path() {
+    let yaml = r#"
+providers:
+  - name: OpenRouter
+    type: openai
+    base_url: "https://openrouter.ai/api/v1"
+    auth_type: api_key
+    auth_value: k
+  - name: OpenRouter
+    type: anthropic
+    base_url: "https://x.example"
+    auth_type: api_key
+    auth_value: k
+  - name: Broken
+    type: grpc
+    base_url: "ftp://nowhere"
+    auth_type: magic
+    auth_value: k
+    proxy: "gopher://proxy"
+  - type: anthropic
+model_routes:
+  "*sonnet*":
+    - provider: OpenRouter
+    - provider: OpenRoutr
+      priority: first
+settings:
+  selection_strategy: fastest
+  port: 70000
+  failure_cooldown: -1
+  unhealthy_http_codes: [200, 999]
+  unhealthy_response_body_patterns: ["(unclosed"]
+  log_level: LOUD
+"#;
+    let errors = load_str(yaml, &no_env).unwrap_err().0;
+    let expect = [
+        "providers[1].name: duplicate provider name \"OpenRouter\"",
+        "providers[2].type:",
+        "providers[2].base_url:",
+        "providers[2].auth_type:",
+        "providers[2].proxy:",
+        "providers[3].name: is required",
+        "providers[3].base_url: is required",
+        "model_routes.\"*sonnet*\"[1].provider: no provider named \"OpenRoutr\" (did you mean \"OpenRouter\"?)",
+        "model_routes.\"*sonnet*\"[1].priority:",
+        "settings.selection_strategy:",
+        "settings.port:",
+        "settings.failure_cooldown:",
+        "settings.unhealthy_http_codes[1]:",
+        "settings.unhealthy_response_body_patterns[0]: invalid regex",
+        "settings.log_level:",
+    ];
+    for e in expect {
+        assert!(
+            errors.iter().any(|got| got.starts_with(e)),
+            "missing {e:?} in\n{}",
+            errors.join("\n")
+        );
+    }
+}
+
+#[test]
+fn unknown_keys_are_warnings_with_suggestions() {
+    let yaml = "providers:\n  - {name: P, type: anthropic, base_url: \"https://x.example\", auth_type: api_key, auth_value: k, enabeld: true}\nmodel_routes: {}\nsettings:\n  selection_stratgy: round_robin\n  future_feature: 1\nextra_top: 1\n";
+    let loaded = load_str(yaml, &no_env).unwrap();
+    let w = loaded.warnings.join("\n");
+    assert!(
+        w.contains("providers[0].enabeld: unknown key, ignored (did you mean \"enabled\"?)"),
+        "{w}"
+    );
+    assert!(w.contains("settings.selection_stratgy: unknown key, ignored (did you mean \"selection_strategy\"?)"), "{w}");
+    assert!(w.contains("settings.future_feature: unknown key"), "{w}");
+    assert!(w.contains("extra_top: unknown key"), "{w}");
+}
+
+#[test]
+fn oauth_disables_the_provider_without_stopping_the_balancer() {
+    let yaml = "providers:\n  - {name: P, type: anthropic, base_url: \"https://x.example\", auth_type: auth_token, auth_value: oauth}\nmodel_routes: {}\n";
+    let loaded = load_str(yaml, &no_env).unwrap();
+    assert!(!loaded.config.providers[0].usable());
+    assert!(loaded.warnings.join("\n").contains("oauth"));
+}
+
+#[test]
+fn yaml_syntax_errors_are_reported() {
+    let e = load_str("providers: [\n  - broken", &no_env).unwrap_err();
+    assert!(e.0[0].starts_with("YAML syntax"), "{e}");
+    let e = load_file(std::path::Path::new("/nonexistent/config.yaml")).unwrap_err();
+    assert!(e.0[0].contains("cannot read"));
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_claude-balancer"))
+}
+
+#[test]
+fn check_prints_routes_with_ordered_candidates() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(
+        &path,
+        "providers:\n  - {name: A, type: anthropic, base_url: \"https://a.example\", auth_type: api_key, auth_value: \"${CB_CHECK_KEY}\"}\n  - {name: B, type: openai, base_url: \"https://b.example/v1\", auth_type: api_key, auth_value: k}\nmodel_routes:\n  \"*sonnet*\":\n    - {provider: B, model: vendor/x, priority: 2}\n    - {provider: A, model: passthrough, priority: 1}\n  \"*\":\n    - {provider: B, model: catch}\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("CB_CHECK_KEY", "sk-x")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = stdout
+        .find("1. A -> model passthrough, priority 1")
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let b = stdout
+        .find("2. B -> model vendor/x, priority 2")
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(a < b);
+    assert!(
+        stdout.contains("A (anthropic) https://a.example [enabled]"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("sk-x"));
+
+    std::fs::write(&path, "providers:\n  - {name: A, type: nope}\n").unwrap();
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("providers[0].type") && stderr.contains("providers[0].base_url"),
+        "{stderr}"
+    );
+}
