@@ -11,6 +11,7 @@
 //! Cross-cutting: [`config`] (file to validated [`config::Config`]), [`state`] (the runtime swapped on
 //! reload, books that outlive it), [`admin`], [`error`], [`secret`], [`tokens`].
 
+pub mod adapter;
 pub mod admin;
 pub mod config;
 pub mod dispatch;

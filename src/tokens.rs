@@ -18,6 +18,21 @@ const PER_IMAGE: usize = 1600;
 
 /// Counts the input tokens of a Messages request body (system, messages, tools). Never 0.
 pub fn count_request(body: &Value) -> u64 {
+    let (text, fixed) = countable(body);
+    let bpe = tiktoken_rs::o200k_base_singleton();
+    let counted = bpe.encode_ordinary(&text).len() + fixed;
+    ((counted as f64 * MARGIN).ceil() as u64).max(1)
+}
+
+/// A cheap estimate (about four bytes a token) for `message_start` and missing usage, where
+/// running the tokenizer over every request would cost more than the rest of the conversion.
+pub fn estimate_request(body: &Value) -> u64 {
+    let (text, fixed) = countable(body);
+    ((text.len() / 4 + fixed) as u64).max(1)
+}
+
+/// The countable text of a request, and the tokens counted without text (framing, images).
+fn countable(body: &Value) -> (String, usize) {
     let mut text = String::new();
     let mut fixed = 0usize;
     if let Some(system) = body.get("system") {
@@ -44,9 +59,7 @@ pub fn count_request(body: &Value) -> u64 {
             }
         }
     }
-    let bpe = tiktoken_rs::o200k_base_singleton();
-    let counted = bpe.encode_ordinary(&text).len() + fixed;
-    ((counted as f64 * MARGIN).ceil() as u64).max(1)
+    (text, fixed)
 }
 
 fn push(text: &mut String, s: &str) {

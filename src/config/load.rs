@@ -77,6 +77,8 @@ const PROVIDER_KEYS: &[&str] = &[
     "enabled",
     "proxy",
     "max_tokens_cap",
+    "dialect",
+    "sanitize_schemas",
 ];
 const PROVIDER_IGNORED: &[&str] = &["streaming_mode", "account_email", "priority"];
 const ENTRY_KEYS: &[&str] = &["provider", "model", "priority", "enabled", "weight"];
@@ -519,6 +521,34 @@ impl Walker<'_> {
         let max_tokens_cap = self
             .integer(m, "max_tokens_cap", path, 1, i64::MAX)
             .map(|n| n as u64);
+        let detected = base_url
+            .as_deref()
+            .map_or(Dialect::Generic, Dialect::detect);
+        let dialect = match self
+            .string(m, "dialect", path)
+            .map(|d| d.trim().to_ascii_lowercase())
+        {
+            None => detected,
+            Some(d) => match d.as_str() {
+                "" | "auto" => detected,
+                "openai" => Dialect::Openai,
+                "openrouter" => Dialect::Openrouter,
+                "deepseek" => Dialect::Deepseek,
+                "vllm" => Dialect::Vllm,
+                "generic" => Dialect::Generic,
+                other => {
+                    self.error(
+                        &join(path, "dialect"),
+                        format!("expected auto, openai, openrouter, deepseek, vllm or generic, found {other:?}"),
+                    );
+                    Dialect::Generic
+                }
+            },
+        };
+        let sanitize_default = base_url
+            .as_deref()
+            .is_some_and(|u| u.contains("generativelanguage.googleapis.com"));
+        let sanitize_schemas = self.bool(m, "sanitize_schemas", path, sanitize_default);
         Some(ProviderConfig {
             name: name?,
             kind: kind?,
@@ -528,6 +558,8 @@ impl Walker<'_> {
             disabled_reason,
             proxy,
             max_tokens_cap,
+            dialect,
+            sanitize_schemas,
         })
     }
 

@@ -72,6 +72,55 @@ pub struct ProviderConfig {
     pub proxy: Option<Secret>,
     /// Upper bound for `max_tokens` sent to this provider (openai conversion).
     pub max_tokens_cap: Option<u64>,
+    /// Which OpenAI-compatible dialect an openai provider speaks.
+    pub dialect: Dialect,
+    /// Remove JSON-schema keywords strict backends reject from tool schemas (openai conversion).
+    pub sanitize_schemas: bool,
+}
+
+/// The flavour of Chat Completions an openai-type provider speaks (protocol.md B.2, B.8, C.8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// OpenAI itself: `max_completion_tokens`, `reasoning_effort`, no reasoning in history.
+    Openai,
+    /// OpenRouter: `reasoning: {…}` request object, `reasoning` in history.
+    Openrouter,
+    /// DeepSeek: `thinking: {type}` plus `reasoning_effort`, `reasoning_content` on every tool-call turn.
+    Deepseek,
+    /// vLLM: `reasoning` in history.
+    Vllm,
+    /// Any other compatible server: `max_tokens`, `reasoning_content` in history, a reasoning
+    /// parameter only for an explicit thinking budget.
+    Generic,
+}
+
+impl Dialect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::Openai => "openai",
+            Dialect::Openrouter => "openrouter",
+            Dialect::Deepseek => "deepseek",
+            Dialect::Vllm => "vllm",
+            Dialect::Generic => "generic",
+        }
+    }
+
+    /// The dialect implied by a base URL's host, when the file does not name one.
+    pub fn detect(base_url: &str) -> Self {
+        let host = reqwest::Url::parse(base_url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+            .unwrap_or_default();
+        if host == "api.openai.com" {
+            Dialect::Openai
+        } else if host.ends_with("openrouter.ai") {
+            Dialect::Openrouter
+        } else if host.contains("deepseek") {
+            Dialect::Deepseek
+        } else {
+            Dialect::Generic
+        }
+    }
 }
 
 impl ProviderConfig {

@@ -8,6 +8,7 @@
 //! candidate). When every candidate faults, the client gets one Anthropic-shaped error listing each
 //! attempt.
 
+pub mod attempt;
 pub mod relay;
 
 use std::error::Error as _;
@@ -19,21 +20,15 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode};
-use tokio::time::{Instant, timeout, timeout_at};
+use tokio::time::{Instant, timeout};
 
-use crate::config::{Settings, TimeoutSet};
-use crate::error::{ApiError, error_type_for_status};
-use crate::inbound::body::{self, Envelope};
+use crate::config::Settings;
+use crate::error::ApiError;
+use crate::inbound::body::Envelope;
+use crate::routing::PlanContext;
 use crate::routing::health::Verdict;
-use crate::routing::{Candidate, PlanContext};
-use crate::state::{AppState, Runtime};
-use crate::upstream::sse::{self, EventKind, Splitter};
-use crate::upstream::{anthropic_request_headers, client_response_headers, retry_after};
-
-/// Error bodies read from a provider are cut at this size.
-const MAX_ERROR_BODY: usize = 1024 * 1024;
-/// A non-streaming answer larger than this is a provider fault.
-const MAX_RESPONSE_BODY: usize = 256 * 1024 * 1024;
+use crate::state::AppState;
+use crate::upstream::client_response_headers;
 
 /// One inbound `/v1/messages` request, validated.
 #[derive(Debug, Clone)]
@@ -45,6 +40,40 @@ pub struct Inbound {
     pub query: Option<String>,
     /// `X-Claude-Code-Session-Id`, or the session inside `metadata.user_id`.
     pub session: Option<String>,
+    /// The body as a JSON value with a local token estimate, parsed on first use (only conversion
+    /// needs it; passthrough never does).
+    pub parsed: std::sync::OnceLock<Option<(serde_json::Value, u64)>>,
+}
+
+impl Inbound {
+    pub fn new(
+        envelope: Envelope,
+        body: Bytes,
+        headers: HeaderMap,
+        query: Option<String>,
+        session: Option<String>,
+    ) -> Self {
+        Self {
+            envelope,
+            body,
+            headers,
+            query,
+            session,
+            parsed: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The parsed body and its token estimate.
+    pub fn parsed(&self) -> Option<(&serde_json::Value, u64)> {
+        self.parsed
+            .get_or_init(|| {
+                let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
+                let estimate = crate::tokens::estimate_request(&v);
+                Some((v, estimate))
+            })
+            .as_ref()
+            .map(|(v, e)| (v, *e))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +98,7 @@ pub struct Fault {
 }
 
 impl Fault {
-    fn new(class: FaultClass, reason: impl Into<String>) -> Self {
+    pub fn new(class: FaultClass, reason: impl Into<String>) -> Self {
         Self {
             class,
             reason: reason.into(),
@@ -79,9 +108,15 @@ impl Fault {
 }
 
 pub enum Outcome {
-    Committed { response: Response, ttfb: Duration },
+    Committed {
+        response: Response,
+        ttfb: Duration,
+    },
     ClientFault(Response),
     Fault(Fault),
+    /// The request cannot be expressed for this provider (e.g. a server tool on an OpenAI-compatible
+    /// route): the candidate is skipped without penalty.
+    Unsupported(String),
 }
 
 /// `e` and its sources, without the URL (which is logged separately).
@@ -98,7 +133,7 @@ pub fn error_chain(e: &reqwest::Error) -> String {
     parts.join(": ")
 }
 
-fn transport_fault(e: reqwest::Error) -> Fault {
+pub(crate) fn transport_fault(e: reqwest::Error) -> Fault {
     let e = e.without_url();
     let class = if e.is_timeout() {
         FaultClass::Timeout
@@ -137,7 +172,7 @@ fn truncate(s: &str) -> String {
     format!("{}…", &s[..end])
 }
 
-fn status_fault(status: u16, body: &[u8], retry: Option<Duration>) -> Fault {
+pub(crate) fn status_fault(status: u16, body: &[u8], retry: Option<Duration>) -> Fault {
     let class = match status {
         429 | 503 | 529 => FaultClass::Overloaded,
         401 | 403 => FaultClass::Credentials,
@@ -159,7 +194,7 @@ fn status_fault(status: u16, body: &[u8], retry: Option<Duration>) -> Fault {
 
 /// Whether a successful-looking body is really an error (`{"type":"error",…}`) or matches
 /// `unhealthy_response_body_patterns`.
-fn body_fault(settings: &Settings, body: &[u8]) -> Option<Fault> {
+pub(crate) fn body_fault(settings: &Settings, body: &[u8]) -> Option<Fault> {
     let text = String::from_utf8_lossy(body);
     if let Some(set) = &settings.unhealthy_response_body_patterns {
         if set.is_match(&text) {
@@ -176,7 +211,7 @@ fn body_fault(settings: &Settings, body: &[u8]) -> Option<Fault> {
 }
 
 /// The class of an error event or `{"type":"error"}` body.
-fn error_payload_fault(payload: &str) -> Fault {
+pub(crate) fn error_payload_fault(payload: &str) -> Fault {
     let v: serde_json::Value = serde_json::from_str(payload).unwrap_or_default();
     let kind = v
         .pointer("/error/type")
@@ -197,11 +232,16 @@ fn error_payload_fault(payload: &str) -> Fault {
     )
 }
 
-fn provider_header(name: &str) -> HeaderValue {
+pub(crate) fn provider_header(name: &str) -> HeaderValue {
     HeaderValue::from_bytes(name.as_bytes()).unwrap_or(HeaderValue::from_static("invalid-name"))
 }
 
-fn response_with(status: u16, upstream: &HeaderMap, body: Body, provider: &str) -> Response {
+pub(crate) fn response_with(
+    status: u16,
+    upstream: &HeaderMap,
+    body: Body,
+    provider: &str,
+) -> Response {
     let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     *resp.headers_mut() = client_response_headers(upstream);
@@ -211,7 +251,11 @@ fn response_with(status: u16, upstream: &HeaderMap, body: Body, provider: &str) 
 }
 
 /// Reads a whole body, each gap between chunks bounded by `gap`, at most `limit` bytes.
-async fn read_body(resp: reqwest::Response, gap: Duration, limit: usize) -> Result<Bytes, Fault> {
+pub(crate) async fn read_body(
+    resp: reqwest::Response,
+    gap: Duration,
+    limit: usize,
+) -> Result<Bytes, Fault> {
     let mut stream = resp.bytes_stream();
     let mut out = BytesMut::new();
     loop {
@@ -277,10 +321,11 @@ pub async fn messages(state: &Arc<AppState>, inbound: Inbound) -> Response {
     }
 
     let mut failures: Vec<(String, Fault)> = Vec::new();
+    let mut unsupported: Vec<String> = Vec::new();
     for candidate in &plan.candidates {
         let name = candidate.provider.config.name.clone();
         let ticket = state.health.begin(&name, Instant::now());
-        let outcome = attempt(state, &runtime, candidate, &inbound).await;
+        let outcome = attempt::attempt(state, &runtime, candidate, &inbound).await;
         match outcome {
             Outcome::Committed { response, ttfb } => {
                 log_change(
@@ -332,7 +377,19 @@ pub async fn messages(state: &Arc<AppState>, inbound: Inbound) -> Response {
                 );
                 failures.push((name, fault));
             }
+            Outcome::Unsupported(reason) => {
+                drop(ticket);
+                tracing::info!(provider = %name, %reason, "candidate cannot serve this request; skipped");
+                unsupported.push(format!("{name}: {reason}"));
+            }
         }
+    }
+    if failures.is_empty() && !unsupported.is_empty() {
+        return ApiError::invalid_request(format!(
+            "no provider of this route can serve the request: {}",
+            unsupported.join("; ")
+        ))
+        .into_response();
     }
     all_failed(state, model, &failures).into_response()
 }
@@ -390,192 +447,8 @@ pub fn all_failed(state: &AppState, model: &str, failures: &[(String, Fault)]) -
     }
 }
 
-/// One attempt against one anthropic-type candidate.
-async fn attempt(
-    state: &Arc<AppState>,
-    runtime: &Runtime,
-    candidate: &Candidate,
-    inbound: &Inbound,
-) -> Outcome {
-    let settings = &runtime.config.settings;
-    let provider = &candidate.provider;
-    let name = provider.config.name.as_str();
-    let stream = inbound.envelope.stream;
-    let t: TimeoutSet = if stream {
-        settings.timeouts.streaming
-    } else {
-        settings.timeouts.non_streaming
-    };
-    let url = match &inbound.query {
-        Some(q) => format!("{}?{q}", provider.messages_url),
-        None => provider.messages_url.clone(),
-    };
-    let body = body::rewrite(
-        &inbound.body,
-        &candidate.upstream_model,
-        &inbound.envelope.model,
-        inbound.envelope.provider.is_some(),
-    );
-    let headers = anthropic_request_headers(&inbound.headers, &provider.config.auth);
-    let started = Instant::now();
-    let attempt_deadline = started
-        + if stream {
-            Duration::MAX / 4
-        } else {
-            settings.timeout
-        };
-    let request = provider.client.post(url).headers(headers).body(body).send();
-    let header_deadline = (started + t.connect + t.read).min(attempt_deadline);
-    let resp = match timeout_at(header_deadline, request).await {
-        Err(_) => {
-            return Outcome::Fault(Fault::new(
-                FaultClass::Timeout,
-                format!(
-                    "no response within {} s",
-                    (header_deadline - started).as_secs()
-                ),
-            ));
-        }
-        Ok(Err(e)) => return Outcome::Fault(transport_fault(e)),
-        Ok(Ok(r)) => r,
-    };
-    let status = resp.status().as_u16();
-    let upstream_headers = resp.headers().clone();
-    if !resp.status().is_success() {
-        let retry = retry_after(&upstream_headers);
-        let body = match read_body(resp, t.read, MAX_ERROR_BODY).await {
-            Ok(b) => b,
-            Err(f) => return Outcome::Fault(f),
-        };
-        let text = String::from_utf8_lossy(&body);
-        if settings.unhealthy_http_codes.contains(status)
-            || settings
-                .unhealthy_exception_patterns
-                .iter()
-                .any(|p| !p.is_empty() && text.contains(p.as_str()))
-        {
-            return Outcome::Fault(status_fault(status, &body, retry));
-        }
-        return Outcome::ClientFault(response_with(
-            status,
-            &upstream_headers,
-            Body::from(body),
-            name,
-        ));
-    }
-
-    if !stream {
-        let body =
-            match timeout_at(attempt_deadline, read_body(resp, t.read, MAX_RESPONSE_BODY)).await {
-                Err(_) => {
-                    return Outcome::Fault(Fault::new(
-                        FaultClass::Timeout,
-                        format!(
-                            "no complete answer within {} s (timeout_seconds)",
-                            settings.timeout.as_secs()
-                        ),
-                    ));
-                }
-                Ok(Err(f)) => return Outcome::Fault(f),
-                Ok(Ok(b)) => b,
-            };
-        if let Some(f) = body_fault(settings, &body) {
-            return Outcome::Fault(f);
-        }
-        if is_error_body(&body) {
-            return Outcome::Fault(error_payload_fault(&String::from_utf8_lossy(&body)));
-        }
-        let ttfb = started.elapsed();
-        let mut response = response_with(status, &upstream_headers, Body::from(body), name);
-        response.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        return Outcome::Committed { response, ttfb };
-    }
-
-    // Streaming: wait for the first complete event that is not a ping, then commit.
-    let mut upstream = resp.bytes_stream().boxed();
-    let mut splitter = Splitter::new();
-    let mut prefix = BytesMut::new();
-    let first_event_deadline = started + t.connect + t.read;
-    loop {
-        match timeout_at(first_event_deadline, upstream.next()).await {
-            Err(_) => {
-                return Outcome::Fault(Fault::new(
-                    FaultClass::Timeout,
-                    format!(
-                        "no event within {} s",
-                        (first_event_deadline - started).as_secs()
-                    ),
-                ));
-            }
-            Ok(None) => {
-                let mut seen = prefix.to_vec();
-                seen.extend_from_slice(splitter.pending());
-                if is_error_body(&seen) {
-                    return Outcome::Fault(error_payload_fault(&String::from_utf8_lossy(&seen)));
-                }
-                return Outcome::Fault(Fault::new(
-                    FaultClass::Other,
-                    "stream ended before its first event",
-                ));
-            }
-            Ok(Some(Err(e))) => return Outcome::Fault(transport_fault(e)),
-            Ok(Some(Ok(chunk))) => {
-                let events = splitter.push(&chunk);
-                prefix.extend_from_slice(&events.bytes);
-                match events.kinds.iter().find(|k| **k != EventKind::Ping) {
-                    None => continue,
-                    Some(EventKind::Error) => {
-                        let text = String::from_utf8_lossy(&prefix);
-                        let payload = sse::parse_all(&text)
-                            .into_iter()
-                            .find(|(n, _)| n.as_deref() == Some("error"))
-                            .map(|(_, d)| d)
-                            .unwrap_or_default();
-                        return Outcome::Fault(error_payload_fault(&payload));
-                    }
-                    Some(_) => {
-                        if let Some(f) = body_fault(settings, &prefix) {
-                            return Outcome::Fault(f);
-                        }
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    let ttfb = started.elapsed();
-    let relay = relay::Relay {
-        first: Some(prefix.freeze()),
-        upstream,
-        splitter,
-        read_timeout: t.read,
-        state: Arc::clone(state),
-        provider: name.to_owned(),
-    };
-    let mut response = response_with(
-        status,
-        &upstream_headers,
-        Body::from_stream(relay::relay(relay)),
-        name,
-    );
-    let h = response.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    h.insert(
-        http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache"),
-    );
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Outcome::Committed { response, ttfb }
-}
-
 /// `{"type":"error",…}` at the top level.
-fn is_error_body(body: &[u8]) -> bool {
+pub(crate) fn is_error_body(body: &[u8]) -> bool {
     #[derive(serde::Deserialize)]
     struct Probe<'a> {
         #[serde(borrow, rename = "type")]
@@ -585,9 +458,4 @@ fn is_error_body(body: &[u8]) -> bool {
     trimmed.starts_with(b"{")
         && serde_json::from_slice::<Probe<'_>>(trimmed)
             .is_ok_and(|p| p.kind.as_deref() == Some("error"))
-}
-
-/// The status of a fault, for counters (`error_type_for_status` keeps the wording in one place).
-pub fn fault_error_type(status: u16) -> &'static str {
-    error_type_for_status(status)
 }

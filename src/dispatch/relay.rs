@@ -13,6 +13,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::stream::{self, BoxStream, Stream, StreamExt};
 use tokio::time::{Instant, sleep_until};
 
+use crate::adapter::openai::stream::{Step, StreamState};
 use crate::routing::health::Verdict;
 use crate::state::AppState;
 use crate::upstream::sse::{EventKind, PING_EVENT, Splitter, error_event};
@@ -32,6 +33,86 @@ pub struct Relay {
     /// Where to report a failure after commit.
     pub state: Arc<AppState>,
     pub provider: String,
+    pub transform: Transform,
+}
+
+/// What happens to complete upstream events on their way to the client.
+pub enum Transform {
+    /// Anthropic events, forwarded byte for byte.
+    Passthrough,
+    /// Chat Completions chunks, converted by the stream state machine.
+    Openai(Box<StreamState>),
+}
+
+impl Transform {
+    /// Client bytes for complete upstream events, and whether the stream has ended.
+    fn events(&mut self, bytes: Bytes, kinds: &[EventKind]) -> (Bytes, bool) {
+        match self {
+            Transform::Passthrough => {
+                let done = kinds
+                    .iter()
+                    .any(|k| matches!(k, EventKind::MessageStop | EventKind::Error));
+                (bytes, done)
+            }
+            Transform::Openai(state) => {
+                for data in super::attempt::data_payloads(&bytes) {
+                    if state.push_data(&data) != Step::Continue {
+                        break;
+                    }
+                }
+                (Bytes::from(state.take()), state.is_finished())
+            }
+        }
+    }
+
+    /// Upstream EOF: the closing bytes, and a failure reason if the ending was not clean.
+    fn end(&mut self, splitter: &Splitter) -> (Bytes, Option<String>) {
+        match self {
+            Transform::Passthrough => {
+                if splitter.unterminated_kind() == Some(EventKind::MessageStop) {
+                    // The last event only lacks its blank line: complete it.
+                    let mut last = BytesMut::from(splitter.pending());
+                    last.extend_from_slice(b"\n\n");
+                    return (last.freeze(), None);
+                }
+                let reason = "stream ended before message_stop".to_owned();
+                (
+                    error_event("api_error", &format!("upstream provider: {reason}")),
+                    Some(reason),
+                )
+            }
+            Transform::Openai(state) => {
+                // A final chunk that lacks its blank line still counts.
+                let mut step = Step::Continue;
+                for data in super::attempt::data_payloads(splitter.pending()) {
+                    step = state.push_data(&data);
+                    if step != Step::Continue {
+                        break;
+                    }
+                }
+                if step == Step::Continue {
+                    step = state.finish();
+                }
+                let reason = match step {
+                    Step::Failed { message, .. } => Some(message),
+                    _ => None,
+                };
+                (Bytes::from(state.take()), reason)
+            }
+        }
+    }
+
+    /// The bytes that end the stream after a failure.
+    fn fail(&mut self, provider: &str, reason: &str) -> Bytes {
+        let message = format!("upstream provider {provider}: {reason}");
+        match self {
+            Transform::Passthrough => error_event("api_error", &message),
+            Transform::Openai(state) => {
+                state.fail("api_error", &message);
+                Bytes::from(state.take())
+            }
+        }
+    }
 }
 
 struct Running {
@@ -43,23 +124,24 @@ struct Running {
 }
 
 impl Running {
-    fn fail(&mut self, reason: String) -> Bytes {
-        self.finished = true;
+    fn record_failure(&self, reason: &str) {
         let runtime = self.relay.state.runtime();
         self.relay.state.health.record(
             &self.relay.provider,
             Verdict::Fault {
-                reason: reason.clone(),
+                reason: reason.to_owned(),
                 retry_after: None,
             },
             Instant::now(),
             &runtime.config.settings,
         );
         tracing::warn!(provider = %self.relay.provider, %reason, "stream failed after commit");
-        error_event(
-            "api_error",
-            &format!("upstream provider {}: {reason}", self.relay.provider),
-        )
+    }
+
+    fn fail(&mut self, reason: String) -> Bytes {
+        self.finished = true;
+        self.record_failure(&reason);
+        self.relay.transform.fail(&self.relay.provider, &reason)
     }
 
     async fn next_item(&mut self) -> Option<Bytes> {
@@ -81,11 +163,13 @@ impl Running {
                         if events.bytes.is_empty() {
                             continue;
                         }
-                        if events.kinds.iter().any(|k| matches!(k, EventKind::MessageStop | EventKind::Error)) {
-                            self.finished = true;
+                        let (out, done) = self.relay.transform.events(events.bytes, &events.kinds);
+                        self.finished = done;
+                        if out.is_empty() {
+                            continue;
                         }
                         self.last_output = Instant::now();
-                        return Some(events.bytes);
+                        return Some(out);
                     }
                     Some(Err(e)) => {
                         let reason = format!("connection lost mid-stream: {}", crate::dispatch::error_chain(&e));
@@ -93,13 +177,11 @@ impl Running {
                     }
                     None => {
                         self.finished = true;
-                        if self.relay.splitter.unterminated_kind() == Some(EventKind::MessageStop) {
-                            // The last event only lacks its blank line: complete it.
-                            let mut last = BytesMut::from(self.relay.splitter.pending());
-                            last.extend_from_slice(b"\n\n");
-                            return Some(last.freeze());
+                        let (out, failure) = self.relay.transform.end(&self.relay.splitter);
+                        if let Some(reason) = failure {
+                            self.record_failure(&reason);
                         }
-                        return Some(self.fail("stream ended before message_stop".to_owned()));
+                        return (!out.is_empty()).then_some(out);
                     }
                 },
                 _ = sleep_until(wake) => {

@@ -60,13 +60,13 @@ pub async fn messages(
         Err(e) => return e.into_response(),
     };
     let session = session_id(&headers, envelope.metadata_session.as_deref());
-    let inbound = Inbound {
+    let inbound = Inbound::new(
         envelope,
-        body: raw,
+        raw,
         headers,
-        query: uri.query().map(str::to_owned),
+        uri.query().map(str::to_owned),
         session,
-    };
+    );
     dispatch::messages(&state, inbound).await
 }
 

@@ -230,6 +230,8 @@ mod tests {
             disabled_reason: None,
             proxy: None,
             max_tokens_cap: None,
+            dialect: crate::config::Dialect::Generic,
+            sanitize_schemas: false,
         };
         install_crypto_provider();
         Provider::new(config, reqwest::Client::new())
