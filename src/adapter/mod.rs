@@ -1,11 +1,13 @@
 //! Conversion between the Anthropic Messages API and provider dialects. Pure code: values or
 //! bytes in, values or bytes out, no I/O.
 //!
+//! - [`events`]: the Anthropic event-stream accumulator and rule checker.
 //! - [`ids`]: message ids, tool-call id encoding, gateway thinking signatures.
 //! - [`openai`]: Anthropic request to Chat Completions, and the answer (JSON or SSE) back.
 //! - [`anthropic`]: the one change passthrough ever makes beyond the model name: removing
 //!   thinking blocks this gateway signed, which Anthropic would reject.
 
 pub mod anthropic;
+pub mod events;
 pub mod ids;
 pub mod openai;
