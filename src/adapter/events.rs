@@ -8,7 +8,9 @@
 use serde_json::{Value, json};
 
 /// Rebuilds the message from `(event name, data)` pairs; an `error` event or a broken rule is an `Err`.
-pub fn accumulate<'a>(events: impl IntoIterator<Item = (&'a str, &'a Value)>) -> Result<Value, String> {
+pub fn accumulate<'a>(
+    events: impl IntoIterator<Item = (&'a str, &'a Value)>,
+) -> Result<Value, String> {
     let mut message: Option<Value> = None;
     let mut open: Option<usize> = None;
     let mut partial_json: Vec<String> = Vec::new();
@@ -18,18 +20,35 @@ pub fn accumulate<'a>(events: impl IntoIterator<Item = (&'a str, &'a Value)>) ->
         if stopped {
             return Err(format!("`{name}` after message_stop"));
         }
-        if name != "ping" && name != "error" && data.get("type").and_then(Value::as_str) != Some(name) {
-            return Err(format!("event `{name}` carries type {:?}", data.get("type")));
+        if name != "ping"
+            && name != "error"
+            && data.get("type").and_then(Value::as_str) != Some(name)
+        {
+            return Err(format!(
+                "event `{name}` carries type {:?}",
+                data.get("type")
+            ));
         }
         match name {
             "ping" => {}
-            "error" => return Err(format!("error event: {}", data.get("error").unwrap_or(data))),
+            "error" => {
+                return Err(format!(
+                    "error event: {}",
+                    data.get("error").unwrap_or(data)
+                ));
+            }
             "message_start" => {
                 if message.is_some() {
                     return Err("duplicate message_start".into());
                 }
-                let m = data.get("message").cloned().ok_or("message_start without message")?;
-                if m.pointer("/usage/input_tokens").and_then(Value::as_u64).is_none() {
+                let m = data
+                    .get("message")
+                    .cloned()
+                    .ok_or("message_start without message")?;
+                if m.pointer("/usage/input_tokens")
+                    .and_then(Value::as_u64)
+                    .is_none()
+                {
                     return Err("message_start without usage.input_tokens".into());
                 }
                 message = Some(m);
@@ -40,36 +59,64 @@ pub fn accumulate<'a>(events: impl IntoIterator<Item = (&'a str, &'a Value)>) ->
                     return Err(format!("block {i} still open at content_block_start"));
                 }
                 let m = message.as_mut().ok_or("no message")?;
-                let content = m.get_mut("content").and_then(Value::as_array_mut).ok_or("message without content")?;
-                let index = data.get("index").and_then(Value::as_u64).ok_or("start without index")? as usize;
+                let content = m
+                    .get_mut("content")
+                    .and_then(Value::as_array_mut)
+                    .ok_or("message without content")?;
+                let index = data
+                    .get("index")
+                    .and_then(Value::as_u64)
+                    .ok_or("start without index")? as usize;
                 if index != content.len() {
                     return Err(format!("block index {index}, expected {}", content.len()));
                 }
-                content.push(data.get("content_block").cloned().ok_or("start without content_block")?);
+                content.push(
+                    data.get("content_block")
+                        .cloned()
+                        .ok_or("start without content_block")?,
+                );
                 partial_json.push(String::new());
                 open = Some(index);
             }
             "content_block_delta" => {
-                let index = data.get("index").and_then(Value::as_u64).ok_or("delta without index")? as usize;
+                let index = data
+                    .get("index")
+                    .and_then(Value::as_u64)
+                    .ok_or("delta without index")? as usize;
                 if open != Some(index) {
                     return Err(format!("delta for block {index}, open is {open:?}"));
                 }
                 let m = message.as_mut().ok_or("no message")?;
-                let block = m.pointer_mut(&format!("/content/{index}")).ok_or("no block")?;
-                let kind = block.get("type").and_then(Value::as_str).unwrap_or("").to_owned();
+                let block = m
+                    .pointer_mut(&format!("/content/{index}"))
+                    .ok_or("no block")?;
+                let kind = block
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned();
                 let delta = data.get("delta").ok_or("delta without delta")?;
                 let append = |block: &mut Value, key: &str, piece: &str| {
-                    let s = block.get(key).and_then(Value::as_str).unwrap_or("").to_owned() + piece;
+                    let s = block
+                        .get(key)
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_owned()
+                        + piece;
                     block[key] = json!(s);
                 };
                 match (delta.get("type").and_then(Value::as_str), kind.as_str()) {
-                    (Some("text_delta"), "text") => append(block, "text", delta["text"].as_str().unwrap_or("")),
+                    (Some("text_delta"), "text") => {
+                        append(block, "text", delta["text"].as_str().unwrap_or(""))
+                    }
                     (Some("thinking_delta"), "thinking") => {
                         append(block, "thinking", delta["thinking"].as_str().unwrap_or(""))
                     }
-                    (Some("signature_delta"), "thinking") => {
-                        append(block, "signature", delta["signature"].as_str().unwrap_or(""))
-                    }
+                    (Some("signature_delta"), "thinking") => append(
+                        block,
+                        "signature",
+                        delta["signature"].as_str().unwrap_or(""),
+                    ),
                     (Some("input_json_delta"), "tool_use") => {
                         partial_json[index].push_str(delta["partial_json"].as_str().unwrap_or(""))
                     }
@@ -78,29 +125,46 @@ pub fn accumulate<'a>(events: impl IntoIterator<Item = (&'a str, &'a Value)>) ->
                 }
             }
             "content_block_stop" => {
-                let index = data.get("index").and_then(Value::as_u64).ok_or("stop without index")? as usize;
+                let index = data
+                    .get("index")
+                    .and_then(Value::as_u64)
+                    .ok_or("stop without index")? as usize;
                 if open != Some(index) {
                     return Err(format!("stop for block {index}, open is {open:?}"));
                 }
                 let m = message.as_mut().ok_or("no message")?;
-                let block = m.pointer_mut(&format!("/content/{index}")).ok_or("no block")?;
+                let block = m
+                    .pointer_mut(&format!("/content/{index}"))
+                    .ok_or("no block")?;
                 match block.get("type").and_then(Value::as_str) {
                     Some("tool_use") => {
                         let raw = &partial_json[index];
                         let input: Value = if raw.trim().is_empty() {
                             json!({})
                         } else {
-                            serde_json::from_str(raw).map_err(|e| format!("tool input of block {index} is not JSON: {e}"))?
+                            serde_json::from_str(raw).map_err(|e| {
+                                format!("tool input of block {index} is not JSON: {e}")
+                            })?
                         };
                         block["input"] = input;
                     }
                     Some("thinking") => {
-                        if block.get("signature").and_then(Value::as_str).is_none_or(str::is_empty) {
-                            return Err(format!("thinking block {index} closed without a signature"));
+                        if block
+                            .get("signature")
+                            .and_then(Value::as_str)
+                            .is_none_or(str::is_empty)
+                        {
+                            return Err(format!(
+                                "thinking block {index} closed without a signature"
+                            ));
                         }
                     }
                     Some("text") => {
-                        if block.get("text").and_then(Value::as_str).is_none_or(|t| t.trim().is_empty()) {
+                        if block
+                            .get("text")
+                            .and_then(Value::as_str)
+                            .is_none_or(|t| t.trim().is_empty())
+                        {
                             return Err(format!("text block {index} is empty or whitespace"));
                         }
                     }
@@ -112,7 +176,10 @@ pub fn accumulate<'a>(events: impl IntoIterator<Item = (&'a str, &'a Value)>) ->
                 if let Some(i) = open {
                     return Err(format!("message_delta while block {i} is open"));
                 }
-                let usage = data.get("usage").filter(|u| u.is_object()).ok_or("message_delta without usage")?;
+                let usage = data
+                    .get("usage")
+                    .filter(|u| u.is_object())
+                    .ok_or("message_delta without usage")?;
                 if usage.get("output_tokens").and_then(Value::as_u64).is_none() {
                     return Err("message_delta usage without output_tokens".into());
                 }

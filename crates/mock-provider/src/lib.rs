@@ -117,6 +117,31 @@ impl Reply {
     }
 }
 
+/// An OpenAI-style SSE body: one `data:` event per chunk, then `data: [DONE]` when `done`.
+pub fn openai_sse(chunks: &[serde_json::Value], done: bool) -> String {
+    let mut s = String::new();
+    for c in chunks {
+        s.push_str(&format!("data: {c}\n\n"));
+    }
+    if done {
+        s.push_str("data: [DONE]\n\n");
+    }
+    s
+}
+
+/// One streamed Chat Completions chunk with the given delta.
+pub fn openai_chunk(delta: serde_json::Value, finish_reason: Option<&str>) -> serde_json::Value {
+    serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_760_000_000u64, "model": "mock",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+}
+
+/// A non-streaming Chat Completions answer with the given message.
+pub fn openai_completion(message: serde_json::Value, finish_reason: &str) -> serde_json::Value {
+    serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1_760_000_000u64, "model": "mock",
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}})
+}
+
 /// A complete Anthropic `Message` JSON with one text block.
 pub fn anthropic_message(model: &str, text: &str) -> serde_json::Value {
     serde_json::json!({
