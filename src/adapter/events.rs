@@ -148,25 +148,21 @@ pub fn accumulate<'a>(
                         };
                         block["input"] = input;
                     }
-                    Some("thinking") => {
+                    Some("thinking")
                         if block
                             .get("signature")
                             .and_then(Value::as_str)
-                            .is_none_or(str::is_empty)
-                        {
-                            return Err(format!(
-                                "thinking block {index} closed without a signature"
-                            ));
-                        }
+                            .is_none_or(str::is_empty) =>
+                    {
+                        return Err(format!("thinking block {index} closed without a signature"));
                     }
-                    Some("text") => {
+                    Some("text")
                         if block
                             .get("text")
                             .and_then(Value::as_str)
-                            .is_none_or(|t| t.trim().is_empty())
-                        {
-                            return Err(format!("text block {index} is empty or whitespace"));
-                        }
+                            .is_none_or(|t| t.trim().is_empty()) =>
+                    {
+                        return Err(format!("text block {index} is empty or whitespace"));
                     }
                     _ => {}
                 }

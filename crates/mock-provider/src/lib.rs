@@ -6,6 +6,8 @@
 //! [`Reply`] (or the default one), and recorded for the test to inspect. Delays use tokio's clock,
 //! so tests with a paused clock run them instantly.
 
+pub mod brain;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,6 +50,14 @@ pub enum Reply {
     DropBeforeHeaders,
     /// No response at all; the connection stays open until the client closes it.
     Hang,
+    /// A model-like answer ([`brain`]) in the request's dialect, streamed or not as asked.
+    Model,
+    /// Like `Model`, but a stream is cut after this many events (a non-stream answer is cut mid-body).
+    ModelCut(usize),
+    /// A 200 stream whose first event is an error (an error body for a non-stream request).
+    ModelStreamError,
+    /// A 200 whose body (or first stream event) is not valid JSON.
+    ModelMalformed,
 }
 
 impl Reply {
@@ -73,14 +83,76 @@ impl Reply {
             Reply::Full { headers, .. } | Reply::Stream { headers, .. } => {
                 headers.push((name.into(), value.into()))
             }
-            Reply::DropBeforeHeaders | Reply::Hang => {}
+            _ => {}
         }
         self
     }
 
+    /// A fault described in JSON, for the control endpoint `POST /_mock/push`:
+    /// `{"kind": "status", "status": 529, "retry_after": "1", "message": "…"}`, `drop_before_headers`,
+    /// `drop_mid_stream` (`after`: events), `hang`, `error_in_stream`, `malformed_json`,
+    /// `truncated_sse`, `delay` (`ms`, then a model answer), `model`.
+    pub fn from_spec(spec: &serde_json::Value) -> Option<Self> {
+        let kind = spec.get("kind")?.as_str()?;
+        Some(match kind {
+            "status" => {
+                let status = spec
+                    .get("status")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(529) as u16;
+                let message = spec
+                    .get("message")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("injected fault");
+                let error_type = match status {
+                    429 => "rate_limit_error",
+                    529 | 503 => "overloaded_error",
+                    401 => "authentication_error",
+                    400 => "invalid_request_error",
+                    _ => "api_error",
+                };
+                let mut r = Reply::error(status, error_type, message);
+                if let Some(ra) = spec.get("retry_after") {
+                    let v = ra
+                        .as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| ra.to_string());
+                    r = r.with_header("retry-after", &v);
+                }
+                r
+            }
+            "drop_before_headers" => Reply::DropBeforeHeaders,
+            "drop_mid_stream" => Reply::ModelCut(
+                spec.get("after")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(3) as usize,
+            ),
+            "truncated_sse" => Reply::ModelCut(usize::MAX),
+            "hang" => Reply::Hang,
+            "error_in_stream" => Reply::ModelStreamError,
+            "malformed_json" => Reply::ModelMalformed,
+            "delay" => Reply::Model.with_delay(Duration::from_millis(
+                spec.get("ms")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(1000),
+            )),
+            "model" => Reply::Model,
+            _ => return None,
+        })
+    }
+
     pub fn with_delay(mut self, d: Duration) -> Self {
-        if let Reply::Full { delay, .. } = &mut self {
-            *delay = d;
+        match &mut self {
+            Reply::Full { delay, .. } => *delay = d,
+            Reply::Model => {
+                return Reply::Stream {
+                    status: 0,
+                    headers: vec![],
+                    chunks: vec![(d, vec![])],
+                    end: End::Complete,
+                };
+            }
+            _ => {}
         }
         self
     }
@@ -233,6 +305,10 @@ struct Shared {
     default: Mutex<Reply>,
     requests: Mutex<Vec<Recorded>>,
     client_closed: AtomicUsize,
+    /// Added before the first byte of every model answer.
+    latency: Mutex<Duration>,
+    /// Pause between the events of a model stream.
+    event_gap: Mutex<Duration>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -267,6 +343,8 @@ impl MockProvider {
             default: Mutex::new(default),
             requests: Mutex::new(Vec::new()),
             client_closed: AtomicUsize::new(0),
+            latency: Mutex::new(Duration::ZERO),
+            event_gap: Mutex::new(Duration::ZERO),
         });
         let s = Arc::clone(&shared);
         let task = tokio::spawn(async move {
@@ -302,6 +380,12 @@ impl MockProvider {
 
     pub fn request_count(&self) -> usize {
         lock(&self.shared.requests).len()
+    }
+
+    /// Latency before the first byte of every model answer, and the pause between stream events.
+    pub fn set_latency(&self, first_byte: Duration, between_events: Duration) {
+        *lock(&self.shared.latency) = first_byte;
+        *lock(&self.shared.event_gap) = between_events;
     }
 
     /// How many times a client closed the connection while a reply was pending or streaming.
@@ -400,15 +484,182 @@ async fn wait_for_close(socket: &mut TcpStream, shared: &Shared) {
     }
 }
 
+/// The control endpoints: `POST /_mock/push` (a fault spec, or a list of them), `GET /_mock/requests`,
+/// `POST /_mock/reset`.
+fn control(request: &Recorded, shared: &Shared) -> Reply {
+    let path = request.path.split('?').next().unwrap_or("");
+    match (request.method.as_str(), path) {
+        ("POST", "/_mock/push") => {
+            let spec = request.json();
+            let specs = match spec {
+                serde_json::Value::Array(items) => items,
+                one => vec![one],
+            };
+            let mut pushed = 0;
+            for s in &specs {
+                let count = s
+                    .get("count")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(1);
+                let Some(reply) = Reply::from_spec(s) else {
+                    return Reply::json(
+                        400,
+                        &serde_json::json!({"error": format!("unknown fault spec {s}")}),
+                    );
+                };
+                for _ in 0..count {
+                    lock(&shared.script).push_back(reply.clone());
+                    pushed += 1;
+                }
+            }
+            Reply::json(200, &serde_json::json!({"queued": pushed}))
+        }
+        ("GET", "/_mock/requests") => {
+            let list: Vec<serde_json::Value> = lock(&shared.requests)
+                .iter()
+                .map(|r| {
+                    let headers: serde_json::Map<String, serde_json::Value> =
+                        r.headers.iter().map(|(n, v)| (n.clone(), serde_json::Value::String(v.clone()))).collect();
+                    serde_json::json!({"method": r.method, "path": r.path, "headers": headers, "body": r.json()})
+                })
+                .collect();
+            Reply::json(200, &serde_json::Value::Array(list))
+        }
+        ("POST", "/_mock/reset") => {
+            lock(&shared.script).clear();
+            lock(&shared.requests).clear();
+            Reply::json(200, &serde_json::json!({"reset": true}))
+        }
+        _ => Reply::json(
+            404,
+            &serde_json::json!({"error": "unknown control endpoint"}),
+        ),
+    }
+}
+
+/// Turns model-like replies into concrete bytes for this request.
+fn resolve(reply: Reply, request: &Recorded, shared: &Shared) -> Reply {
+    let latency = *lock(&shared.latency);
+    let gap = *lock(&shared.event_gap);
+    // A `Model` with a delay is stored as a placeholder stream with one empty chunk.
+    let (reply, extra_delay) = match reply {
+        Reply::Stream {
+            status: 0, chunks, ..
+        } => (Reply::Model, chunks.first().map_or(Duration::ZERO, |c| c.0)),
+        other => (other, Duration::ZERO),
+    };
+    let delay = latency + extra_delay;
+    let body = request.json();
+    let dialect = brain::dialect_of(&request.path);
+    let stream = body.get("stream").and_then(serde_json::Value::as_bool) == Some(true);
+    if request.path.contains("/count_tokens") && matches!(reply, Reply::Model) {
+        let n = (request.body.len() / 4).max(1);
+        return Reply::json(200, &serde_json::json!({"input_tokens": n})).with_delay(delay);
+    }
+    let sse_reply = |events: Vec<String>, end: End| {
+        let mut chunks: Vec<(Duration, Vec<u8>)> =
+            events.into_iter().map(|e| (gap, e.into_bytes())).collect();
+        if let Some(first) = chunks.first_mut() {
+            first.0 = delay;
+        }
+        Reply::sse_chunks(chunks, end)
+    };
+    match reply {
+        Reply::Model if stream => sse_reply(brain::events(&body, dialect), End::Complete),
+        Reply::Model => Reply::json(200, &brain::message(&body, dialect)).with_delay(delay),
+        Reply::ModelCut(after) if stream => {
+            let mut events = brain::events(&body, dialect);
+            if after == usize::MAX {
+                // Truncated SSE: half of the third event, then the connection closes.
+                events.truncate(3);
+                if let Some(last) = events.last_mut() {
+                    let half = last.len() / 2;
+                    last.truncate(half);
+                }
+            } else {
+                events.truncate(after);
+            }
+            sse_reply(events, End::Cut)
+        }
+        Reply::ModelCut(_) => {
+            let full = brain::message(&body, dialect).to_string();
+            Reply::Stream {
+                status: 200,
+                headers: vec![("content-type".into(), "application/json".into())],
+                chunks: vec![(delay, full.as_bytes()[..full.len() / 2].to_vec())],
+                end: End::Cut,
+            }
+        }
+        Reply::ModelStreamError if stream => {
+            sse_reply(vec![brain::stream_error(dialect)], End::Complete)
+        }
+        Reply::ModelStreamError => match dialect {
+            brain::Dialect::Anthropic => Reply::json(
+                200,
+                &serde_json::json!({"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}),
+            ),
+            brain::Dialect::Openai => Reply::json(
+                200,
+                &serde_json::json!({"error":{"message":"The server is overloaded","type":"server_error"}}),
+            ),
+        },
+        Reply::ModelMalformed if stream => match dialect {
+            brain::Dialect::Anthropic => sse_reply(
+                vec!["event: message_start\ndata: {not json\n\n".into()],
+                End::Complete,
+            ),
+            brain::Dialect::Openai => sse_reply(vec!["data: {not json\n\n".into()], End::Complete),
+        },
+        Reply::ModelMalformed => Reply::Full {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: b"{not json".to_vec(),
+            delay,
+        },
+        other => other,
+    }
+}
+
+async fn write_full(socket: &mut TcpStream, reply: &Reply) -> std::io::Result<()> {
+    if let Reply::Full {
+        status,
+        headers,
+        body,
+        ..
+    } = reply
+    {
+        let mut out = head(
+            *status,
+            headers,
+            &format!("content-length: {}\r\n", body.len()),
+        );
+        out.extend_from_slice(body);
+        socket.write_all(&out).await?;
+    }
+    Ok(())
+}
+
 async fn serve_connection(mut socket: TcpStream, shared: Arc<Shared>) {
     let mut buf = Vec::new();
     while let Some(request) = read_request(&mut socket, &mut buf).await {
-        lock(&shared.requests).push(request);
-        let reply = lock(&shared.script)
+        if request.path.starts_with("/_mock/") {
+            let reply = control(&request, &shared);
+            if write_full(&mut socket, &reply).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let scripted = lock(&shared.script)
             .pop_front()
             .unwrap_or_else(|| lock(&shared.default).clone());
+        let reply = resolve(scripted, &request, &shared);
+        lock(&shared.requests).push(request);
         match reply {
             Reply::DropBeforeHeaders => return,
+            // Resolved above; nothing model-like reaches this point.
+            Reply::Model | Reply::ModelCut(_) | Reply::ModelStreamError | Reply::ModelMalformed => {
+                return;
+            }
             Reply::Hang => {
                 wait_for_close(&mut socket, &shared).await;
                 return;

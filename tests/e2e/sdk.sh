@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The official `anthropic` Python SDK against the balancer: for an anthropic-type and an
+# openai-type route, `messages.stream(...).get_final_message()` must equal `messages.create(...)`.
+# Installs the pinned SDK into a cache folder when missing. Prints "sdk-e2e: N passed, M failed".
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$(pwd)
+BIN_DIR=${BIN_DIR:-$ROOT/target/debug}
+CACHE=${CB_E2E_CACHE:-$ROOT/.cache/e2e}
+SDK_VERSION=2.14.0
+. tests/e2e/common.sh
+
+mkdir -p "$CACHE"
+VENV="$CACHE/venv-anthropic-$SDK_VERSION"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import anthropic" 2>/dev/null; then
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "anthropic==$SDK_VERSION"
+fi
+
+WORK=$(mktemp -d)
+trap 'e2e_cleanup; rm -rf "$WORK"' EXIT
+start_mock "$WORK/mock.log"
+cat >"$WORK/config.yaml" <<YAML
+providers:
+  - name: "MockAnthropic"
+    type: anthropic
+    base_url: "$MOCK_URL"
+    auth_type: api_key
+    auth_value: "provider-key"
+  - name: "MockOpenAI"
+    type: openai
+    base_url: "$MOCK_URL/v1"
+    auth_type: api_key
+    auth_value: "provider-key"
+model_routes:
+  "*claude*":
+    - provider: "MockAnthropic"
+      model: passthrough
+  "*gpt*":
+    - provider: "MockOpenAI"
+      model: "mock-model"
+settings:
+  log_level: WARNING
+YAML
+start_balancer "$WORK/config.yaml" "$WORK/balancer.log"
+BALANCER_URL="$BALANCER_URL" "$VENV/bin/python" tests/e2e/sdk_check.py || { echo "--- balancer log"; tail -n 50 "$WORK/balancer.log"; exit 1; }
