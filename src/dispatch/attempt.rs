@@ -150,6 +150,56 @@ fn sse_headers(response: &mut Response) {
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
 }
 
+/// Commits a complete JSON answer.
+fn commit_json(
+    clock: &Clock,
+    status: u16,
+    upstream_headers: &HeaderMap,
+    body: Body,
+    name: &str,
+) -> Outcome {
+    let ttfb = clock.started.elapsed();
+    let mut response = response_with(status, upstream_headers, body, name);
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Outcome::Committed { response, ttfb }
+}
+
+/// Commits a stream: `first` goes out at once, the rest through the relay.
+#[allow(clippy::too_many_arguments)]
+fn commit_stream(
+    state: &Arc<AppState>,
+    clock: &Clock,
+    status: u16,
+    upstream_headers: &HeaderMap,
+    name: &str,
+    first: Bytes,
+    upstream: Upstream,
+    splitter: Splitter,
+    transform: Transform,
+) -> Outcome {
+    let ttfb = clock.started.elapsed();
+    let relay = Relay {
+        first: Some(first),
+        upstream,
+        splitter,
+        read_timeout: clock.t.read,
+        state: Arc::clone(state),
+        provider: name.to_owned(),
+        transform,
+    };
+    let mut response = response_with(
+        status,
+        upstream_headers,
+        Body::from_stream(relay::relay(relay)),
+        name,
+    );
+    sse_headers(&mut response);
+    Outcome::Committed { response, ttfb }
+}
+
 /// Reads upstream events until `decide` accepts or rejects them. Returns the events read so far
 /// and the splitter holding any partial event.
 async fn first_events(
@@ -251,13 +301,7 @@ async fn anthropic(
         if is_error_body(&body) {
             return Outcome::Fault(error_payload_fault(&String::from_utf8_lossy(&body)));
         }
-        let ttfb = clock.started.elapsed();
-        let mut response = response_with(status, &upstream_headers, Body::from(body), name);
-        response.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        return Outcome::Committed { response, ttfb };
+        return commit_json(&clock, status, &upstream_headers, Body::from(body), name);
     }
 
     // Streaming: commit on the first complete event that is not a ping.
@@ -282,24 +326,17 @@ async fn anthropic(
         Ok(x) => x,
         Err(f) => return Outcome::Fault(f),
     };
-    let ttfb = clock.started.elapsed();
-    let relay = Relay {
-        first: Some(prefix.freeze()),
-        upstream,
-        splitter,
-        read_timeout: clock.t.read,
-        state: Arc::clone(state),
-        provider: name.to_owned(),
-        transform: Transform::Passthrough,
-    };
-    let mut response = response_with(
+    commit_stream(
+        state,
+        &clock,
         status,
         &upstream_headers,
-        Body::from_stream(relay::relay(relay)),
         name,
-    );
-    sse_headers(&mut response);
-    Outcome::Committed { response, ttfb }
+        prefix.freeze(),
+        upstream,
+        splitter,
+        Transform::Passthrough,
+    )
 }
 
 /// The `data:` payloads of complete events, comments and `event:` lines ignored.
@@ -420,18 +457,13 @@ async fn openai(
         let Some(message) = openai::response::to_message(&answer, &ctx) else {
             return Outcome::Fault(Fault::new(FaultClass::Other, "answer has no choices"));
         };
-        let ttfb = clock.started.elapsed();
-        let mut response = response_with(
+        return commit_json(
+            &clock,
             200,
             &upstream_headers,
             Body::from(message.to_string()),
             name,
         );
-        response.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        return Outcome::Committed { response, ttfb };
     }
 
     // Streaming: commit on the first chunk that parses and is not an error.
@@ -466,7 +498,6 @@ async fn openai(
         Ok(x) => x,
         Err(f) => return Outcome::Fault(f),
     };
-    let ttfb = clock.started.elapsed();
     let mut converter = StreamState::new(ctx);
     converter.start();
     for data in data_payloads(&prefix) {
@@ -475,22 +506,11 @@ async fn openai(
         }
     }
     let first = Bytes::from(converter.take());
-    let relay = Relay {
-        first: Some(first),
-        upstream,
-        splitter,
-        read_timeout: clock.t.read,
-        state: Arc::clone(state),
-        provider: name.to_owned(),
-        transform: Transform::Openai(Box::new(converter)),
-    };
-    let mut response = response_with(
-        200,
-        &upstream_headers,
-        Body::from_stream(relay::relay(relay)),
-        name,
-    );
-    response.headers_mut().remove("request-id");
-    sse_headers(&mut response);
-    Outcome::Committed { response, ttfb }
+    let transform = Transform::Openai(Box::new(converter));
+    // The provider's request-id names a Chat Completions request, not an Anthropic message.
+    let mut headers = upstream_headers;
+    headers.remove("request-id");
+    commit_stream(
+        state, &clock, 200, &headers, name, first, upstream, splitter, transform,
+    )
 }

@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use crate::dispatch::{self, Inbound};
 use crate::error::ApiError;
 use crate::state::AppState;
+use body::Envelope;
 
 /// Reads the whole request body, refusing more than `limit` bytes with a 413.
 pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
@@ -44,20 +45,29 @@ fn session_id(headers: &HeaderMap, from_metadata: Option<&str>) -> Option<String
         .or_else(|| from_metadata.map(str::to_owned))
 }
 
+/// Reads and validates a request body; the error is the finished response.
+async fn read_envelope(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Bytes, Envelope), Response> {
+    let limit = state.runtime().config.settings.max_request_bytes;
+    let raw = read_body(body, headers, limit)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    let envelope = body::parse(&raw).map_err(IntoResponse::into_response)?;
+    Ok((raw, envelope))
+}
+
 pub async fn messages(
     State(state): State<Arc<AppState>>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let limit = state.runtime().config.settings.max_request_bytes;
-    let raw = match read_body(body, &headers, limit).await {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let envelope = match body::parse(&raw) {
-        Ok(e) => e,
-        Err(e) => return e.into_response(),
+    let (raw, envelope) = match read_envelope(&state, &headers, body).await {
+        Ok(x) => x,
+        Err(r) => return r,
     };
     let session = session_id(&headers, envelope.metadata_session.as_deref());
     let inbound = Inbound::new(
@@ -76,14 +86,9 @@ pub async fn count_tokens(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let limit = state.runtime().config.settings.max_request_bytes;
-    let raw = match read_body(body, &headers, limit).await {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    let envelope = match body::parse(&raw) {
-        Ok(e) => e,
-        Err(e) => return e.into_response(),
+    let (raw, envelope) = match read_envelope(&state, &headers, body).await {
+        Ok(x) => x,
+        Err(r) => return r,
     };
     count_tokens::count_tokens(&state, &envelope, raw, &headers, uri.query()).await
 }
