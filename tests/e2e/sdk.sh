@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
 BIN_DIR=${BIN_DIR:-$ROOT/target/debug}
-CACHE=${CB_E2E_CACHE:-$ROOT/.cache/e2e}
+CACHE=${CB_E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/claude-balancer-e2e}
 SDK_VERSION=2.14.0
 . tests/e2e/common.sh
 
