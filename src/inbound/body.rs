@@ -5,12 +5,12 @@
 //! original bytes, so everything else (key order, whitespace, unknown fields) reaches the
 //! provider exactly as the client sent it.
 
-use std::borrow::Cow;
 use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
-use serde::de::IgnoredAny;
+
+use super::canonical::{Head, Kind};
 
 use crate::error::ApiError;
 
@@ -23,53 +23,53 @@ pub struct Envelope {
     pub provider: Option<String>,
     /// The session id inside `metadata.user_id`, if any.
     pub metadata_session: Option<String>,
+    /// Hash of the canonical body without `stream` and `max_tokens` (deduplication and cache key).
+    pub signature: u128,
+    /// Hash of `max_tokens`, for `include_max_tokens_in_signature`.
+    pub max_tokens_hash: Option<u128>,
 }
 
-#[derive(Deserialize)]
-struct Head<'a> {
-    #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
-    #[serde(default)]
-    messages: Option<Vec<IgnoredAny>>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(borrow, default)]
-    provider: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    metadata: Option<Metadata<'a>>,
-}
-
-#[derive(Deserialize)]
-struct Metadata<'a> {
-    #[serde(borrow, default)]
-    user_id: Option<Cow<'a, str>>,
-}
-
-/// Validates a `/v1/messages` or `count_tokens` body and extracts its envelope.
+/// Validates a `/v1/messages` or `count_tokens` body and extracts its envelope and signature.
 pub fn parse(body: &[u8]) -> Result<Envelope, ApiError> {
-    let head: Head<'_> = serde_json::from_slice(body).map_err(|e| {
+    let head: Head = serde_json::from_slice(body).map_err(|e| {
         if e.is_data() {
             ApiError::invalid_request(format!("invalid request body: {e}"))
         } else {
             ApiError::invalid_request(format!("request body is not valid JSON: {e}"))
         }
     })?;
-    let model = match head.model {
-        Some(m) if !m.trim().is_empty() => m.into_owned(),
-        Some(_) => return Err(ApiError::invalid_request("model: must not be empty")),
-        None => return Err(ApiError::invalid_request("model: Field required")),
+    let model = match (head.model, head.model_present) {
+        (Some(m), _) if !m.trim().is_empty() => m,
+        (Some(_), _) => return Err(ApiError::invalid_request("model: must not be empty")),
+        (None, true) => {
+            return Err(ApiError::invalid_request(
+                "model: Input should be a valid string",
+            ));
+        }
+        (None, false) => return Err(ApiError::invalid_request("model: Field required")),
     };
-    if head.messages.is_none() {
-        return Err(ApiError::invalid_request("messages: Field required"));
+    match head.messages_kind {
+        Some(Kind::Array) => {}
+        Some(_) => {
+            return Err(ApiError::invalid_request(
+                "messages: Input should be a valid list",
+            ));
+        }
+        None => return Err(ApiError::invalid_request("messages: Field required")),
     }
+    let metadata_session = head
+        .metadata
+        .as_ref()
+        .and_then(|m| m.get("user_id"))
+        .and_then(|u| u.as_str())
+        .and_then(session_from_user_id);
     Ok(Envelope {
         model,
         stream: head.stream.unwrap_or(false),
-        provider: head.provider.map(Cow::into_owned).filter(|p| !p.is_empty()),
-        metadata_session: head
-            .metadata
-            .and_then(|m| m.user_id)
-            .and_then(|u| session_from_user_id(&u)),
+        provider: head.provider.filter(|p| !p.is_empty()),
+        metadata_session,
+        signature: head.signature,
+        max_tokens_hash: head.max_tokens,
     })
 }
 
@@ -260,6 +260,36 @@ mod tests {
             assert_eq!(e.status, 400, "{}", String::from_utf8_lossy(body));
             assert_eq!(e.error_type, "invalid_request_error");
         }
+    }
+
+    #[test]
+    fn the_signature_ignores_order_whitespace_stream_and_max_tokens_only() {
+        let sig = |b: &str| parse(b.as_bytes()).unwrap().signature;
+        let base = sig(
+            r#"{"model":"m","max_tokens":10,"stream":true,"messages":[{"role":"user","content":"hi"}],"metadata":{"a":1,"b":[1,2]}}"#,
+        );
+        let same = [
+            r#"{ "messages" : [ {"content":"hi","role":"user"} ], "model":"m", "metadata":{"b":[1, 2],"a":1.0} }"#,
+            r#"{"model":"m","max_tokens":99999,"stream":false,"messages":[{"role":"user","content":"hi"}],"metadata":{"a":1,"b":[1,2]}}"#,
+        ];
+        for b in same {
+            assert_eq!(sig(b), base, "{b}");
+        }
+        let different = [
+            r#"{"model":"m2","messages":[{"role":"user","content":"hi"}],"metadata":{"a":1,"b":[1,2]}}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi!"}],"metadata":{"a":1,"b":[1,2]}}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"metadata":{"a":1,"b":[2,1]}}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"metadata":{"a":1,"b":[1,2]},"temperature":0}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"metadata":{"a":"1","b":[1,2]}}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"metadata":{"a":1,"b":[1,2]},"provider":"P"}"#,
+        ];
+        for b in different {
+            assert_ne!(sig(b), base, "{b}");
+        }
+        let with = parse(br#"{"model":"m","messages":[],"max_tokens":5}"#).unwrap();
+        let other = parse(br#"{"model":"m","messages":[],"max_tokens":6}"#).unwrap();
+        assert_eq!(with.signature, other.signature);
+        assert_ne!(with.max_tokens_hash, other.max_tokens_hash);
     }
 
     #[test]

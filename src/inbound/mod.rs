@@ -1,6 +1,7 @@
 //! The client side: reading and validating `POST /v1/messages` and `count_tokens` requests.
 
 pub mod body;
+pub mod canonical;
 pub mod count_tokens;
 
 use std::sync::Arc;
