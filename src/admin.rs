@@ -106,6 +106,7 @@ pub async fn providers(State(state): State<Arc<AppState>>) -> Response {
         "config_loaded_at": rfc3339(runtime.loaded_at),
         "providers": list,
         "model_routes": routes,
+        "deduplication": state.dedup.stats(),
     }))
     .into_response()
 }
@@ -140,6 +141,12 @@ pub async fn reload(State(state): State<Arc<AppState>>) -> Response {
             (StatusCode::BAD_REQUEST, Json(body)).into_response()
         }
     }
+}
+
+/// `POST /cache/clear`: empties the response cache.
+pub async fn clear_cache(State(state): State<Arc<AppState>>) -> Response {
+    let removed = state.dedup.clear_cache();
+    Json(json!({"status": "cleared", "entries_removed": removed})).into_response()
 }
 
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {

@@ -5,8 +5,11 @@
 //! 1. [`server`]: the HTTP router and its Anthropic-shaped fallbacks.
 //! 2. [`inbound`]: reading and validating requests (`/v1/messages`, `count_tokens`).
 //! 3. [`routing`]: model name to ordered candidates (routes, strategies, health, affinity).
-//! 4. [`dispatch`]: the one failover loop, the commit point, the stream relay.
-//! 5. [`upstream`]: HTTP clients, header rules, SSE framing.
+//! 4. [`dedup`]: the response cache and the coalescing of identical requests in flight.
+//! 5. [`dispatch`]: the one failover loop, the commit point, the stream relay.
+//! 6. [`upstream`]: HTTP clients, header rules, SSE framing.
+//!
+//! [`adapter`] holds the pure conversion code the dispatcher uses.
 //!
 //! Cross-cutting: [`config`] (file to validated [`config::Config`]), [`state`] (the runtime swapped on
 //! reload, books that outlive it), [`admin`], [`error`], [`secret`], [`tokens`].
@@ -14,6 +17,7 @@
 pub mod adapter;
 pub mod admin;
 pub mod config;
+pub mod dedup;
 pub mod dispatch;
 pub mod error;
 pub mod inbound;

@@ -22,6 +22,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/messages/count_tokens", post(inbound::count_tokens))
         .route("/providers", get(admin::providers))
         .route("/providers/reload", post(admin::reload))
+        .route("/cache/clear", post(admin::clear_cache))
         .route("/health", get(admin::health))
         .route("/", get(admin::root))
         // Claude Code's connection-warming probe and telemetry: cheap answers instead of 404 noise.

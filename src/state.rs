@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
 use crate::config::{Config, ConfigErrors, Loaded, load_file};
+use crate::dedup::Dedup;
 use crate::inbound::count_tokens::CountTokensBook;
 use crate::routing::RouteTable;
 use crate::routing::affinity::AffinityBook;
@@ -57,6 +58,7 @@ pub struct AppState {
     pub runtime: ArcSwap<Runtime>,
     pub health: Arc<HealthBook>,
     pub count_tokens: CountTokensBook,
+    pub dedup: Dedup,
     pub affinity: AffinityBook,
     pub clients: ClientPool,
     /// The file `POST /providers/reload` re-reads; `None` for a configuration given in memory.
@@ -83,6 +85,7 @@ impl AppState {
             runtime: ArcSwap::from_pointee(runtime),
             health: HealthBook::new(),
             count_tokens: CountTokensBook::default(),
+            dedup: Dedup::default(),
             affinity: AffinityBook::default(),
             clients,
             config_path,

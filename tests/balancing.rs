@@ -63,9 +63,15 @@ async fn round_robin_rotates_under_continuous_load() {
     let t = three([1, 1, 1], "  selection_strategy: round_robin\n").await;
     let seq = sequence(&t.bal, 6).await;
     assert_eq!(seq, ["A", "B", "C", "A", "B", "C"]);
-    // Concurrent load rotates too: 30 at once are spread evenly.
-    let body = request(false);
-    let futs = (0..30).map(|_| served_by(&t.bal, &body, &[]));
+    // Concurrent load rotates too: 30 different requests at once are spread evenly.
+    let bodies: Vec<Value> = (0..30)
+        .map(|i| {
+            let mut b = request(false);
+            b["messages"][0]["content"] = json!(format!("request {i}"));
+            b
+        })
+        .collect();
+    let futs = bodies.iter().map(|b| served_by(&t.bal, b, &[]));
     let all = futures_util::future::join_all(futs).await;
     let mut counts: HashMap<String, usize> = HashMap::new();
     for s in all {
@@ -221,9 +227,11 @@ async fn only_one_probe_at_a_time() {
     t.mocks[0].push(Reply::message("m", "A").with_delay(5 * SECS));
     let body = request(false);
     let probe = served_by(&t.bal, &body, &[]);
+    let mut other_body = request(false);
+    other_body["messages"][0]["content"] = json!("a different request");
     let other = async {
         tokio::time::sleep(SECS).await;
-        served_by(&t.bal, &request(false), &[]).await
+        served_by(&t.bal, &other_body, &[]).await
     };
     let (p, o) = tokio::join!(probe, other);
     assert_eq!((p.as_str(), o.as_str()), ("A", "B"));

@@ -223,3 +223,91 @@ pub fn accumulate_sse(text: &str) -> Result<Value, String> {
     }
     accumulate(events.iter().map(|(n, v)| (n.as_str(), v)))
 }
+
+/// The event stream of a complete message: what a client would have received had it streamed.
+/// Each block arrives whole in one delta.
+pub fn message_to_sse(message: &Value) -> String {
+    let mut out = String::new();
+    let mut event = |name: &str, data: Value| {
+        out.push_str("event: ");
+        out.push_str(name);
+        out.push_str("\ndata: ");
+        out.push_str(&data.to_string());
+        out.push_str("\n\n");
+    };
+    let usage = message.get("usage").cloned().unwrap_or_else(|| json!({}));
+    let mut start = message.clone();
+    start["content"] = json!([]);
+    start["stop_reason"] = Value::Null;
+    start["stop_sequence"] = Value::Null;
+    if let Some(obj) = start.as_object_mut() {
+        obj.remove("stop_details");
+    }
+    start["usage"]["output_tokens"] = json!(1);
+    event(
+        "message_start",
+        json!({"type": "message_start", "message": start}),
+    );
+    let blocks = message
+        .get("content")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for (i, block) in blocks.iter().enumerate() {
+        let kind = block.get("type").and_then(Value::as_str).unwrap_or("");
+        let (empty, deltas) = match kind {
+            "text" => (
+                json!({"type": "text", "text": ""}),
+                vec![
+                    json!({"type": "text_delta", "text": block.get("text").cloned().unwrap_or(json!(""))}),
+                ],
+            ),
+            "thinking" => (
+                json!({"type": "thinking", "thinking": "", "signature": ""}),
+                vec![
+                    json!({"type": "thinking_delta", "thinking": block.get("thinking").cloned().unwrap_or(json!(""))}),
+                    json!({"type": "signature_delta", "signature": block.get("signature").cloned().unwrap_or(json!(""))}),
+                ],
+            ),
+            "tool_use" => {
+                let mut empty = block.clone();
+                empty["input"] = json!({});
+                let input = block
+                    .get("input")
+                    .map(Value::to_string)
+                    .unwrap_or_else(|| "{}".to_owned());
+                (
+                    empty,
+                    vec![json!({"type": "input_json_delta", "partial_json": input})],
+                )
+            }
+            // Blocks that arrive whole in their start event (redacted thinking, server tool results).
+            _ => (block.clone(), vec![]),
+        };
+        event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": i, "content_block": empty}),
+        );
+        for d in deltas {
+            event(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": i, "delta": d}),
+            );
+        }
+        event(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": i}),
+        );
+    }
+    let mut delta = json!({"stop_reason": message.get("stop_reason").cloned().unwrap_or(json!("end_turn")),
+        "stop_sequence": message.get("stop_sequence").cloned().unwrap_or(Value::Null)});
+    if let Some(d) = message.get("stop_details") {
+        delta["stop_details"] = d.clone();
+    }
+    event(
+        "message_delta",
+        json!({"type": "message_delta", "delta": delta, "usage": usage}),
+    );
+    event("message_stop", json!({"type": "message_stop"}));
+    out
+}

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Uri};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
-use crate::dispatch::{self, Inbound};
+use crate::dispatch::Inbound;
 use crate::error::ApiError;
 use crate::state::AppState;
 use body::Envelope;
@@ -78,7 +78,7 @@ pub async fn messages(
         uri.query().map(str::to_owned),
         session,
     );
-    dispatch::messages(&state, inbound).await
+    crate::dedup::serve(&state, inbound).await
 }
 
 pub async fn count_tokens(

@@ -1,0 +1,675 @@
+//! Coalescing of identical in-flight requests, and the response cache.
+//!
+//! A request's *key* is its body signature (canonical JSON without `stream` and, unless configured,
+//! `max_tokens`) plus the client's identity (its `x-api-key` / `Authorization`) and the headers and
+//! query that reach the provider. Different clients never share an answer.
+//!
+//! The first request with a key becomes a *flight*: a task runs the failover loop and pumps the
+//! response into a shared buffer; every client, the first included, is a *subscriber* that reads from
+//! it in its own form (the stream replayed from the start then live, or the complete message). The
+//! upstream call outlives any one client and is cancelled when the last subscriber leaves. Complete,
+//! successful answers go into the cache, which serves them as a stream or as JSON.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::time::{Instant, timeout_at};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::adapter::events::{accumulate_sse, message_to_sse};
+use crate::adapter::ids::message_id;
+use crate::dispatch::{self, Inbound};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// A flight's replay buffer beyond which no new duplicate may join (it makes its own attempt).
+pub const MAX_REPLAY_BYTES: usize = 16 * 1024 * 1024;
+/// The cache never holds more than this many bytes of answers.
+pub const MAX_CACHE_BYTES: usize = 256 * 1024 * 1024;
+
+pub type Key = u128;
+
+/// The key of a request: body signature, client identity, and what else reaches the provider.
+pub fn key(inbound: &Inbound, include_max_tokens: bool) -> Key {
+    let mut h = Xxh3::new();
+    h.update(&inbound.envelope.signature.to_le_bytes());
+    if include_max_tokens {
+        if let Some(m) = inbound.envelope.max_tokens_hash {
+            h.update(&m.to_le_bytes());
+        }
+    }
+    for name in [
+        "x-api-key",
+        "authorization",
+        "anthropic-beta",
+        "anthropic-version",
+    ] {
+        h.update(name.as_bytes());
+        h.update(&[0]);
+        for v in inbound.headers.get_all(name) {
+            h.update(v.as_bytes());
+            h.update(&[1]);
+        }
+    }
+    h.update(inbound.query.as_deref().unwrap_or("").as_bytes());
+    h.digest128()
+}
+
+#[derive(Debug, Clone)]
+struct Head {
+    status: StatusCode,
+    headers: HeaderMap,
+    sse: bool,
+}
+
+#[derive(Debug, Default)]
+struct FlightState {
+    head: Option<Head>,
+    chunks: VecDeque<Bytes>,
+    /// Absolute index of `chunks[0]`.
+    base: usize,
+    bytes: usize,
+    overflowed: bool,
+    done: bool,
+    /// Read positions of the subscribers (absolute chunk indices), by slot.
+    cursors: Vec<Option<usize>>,
+    subscribers: usize,
+}
+
+#[derive(Debug)]
+struct Flight {
+    state: Mutex<FlightState>,
+    /// Bumped on every change of `state`.
+    changed: watch::Sender<u64>,
+    /// Set when the last subscriber left before the end: the pump stops.
+    cancel: watch::Sender<bool>,
+}
+
+impl Flight {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(FlightState::default()),
+            changed: watch::channel(0).0,
+            cancel: watch::channel(false).0,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FlightState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    fn subscribe(self: &Arc<Self>) -> Subscriber {
+        let mut st = self.lock();
+        st.subscribers += 1;
+        let slot = match st.cursors.iter().position(Option::is_none) {
+            Some(i) => {
+                st.cursors[i] = Some(0);
+                i
+            }
+            None => {
+                st.cursors.push(Some(0));
+                st.cursors.len() - 1
+            }
+        };
+        drop(st);
+        Subscriber {
+            flight: Arc::clone(self),
+            slot,
+            changes: self.changed.subscribe(),
+        }
+    }
+
+    fn append(&self, chunk: Bytes) {
+        let mut st = self.lock();
+        st.bytes += chunk.len();
+        st.chunks.push_back(chunk);
+        if st.bytes > MAX_REPLAY_BYTES {
+            st.overflowed = true;
+            // Only what some subscriber has yet to read is kept.
+            let min = st
+                .cursors
+                .iter()
+                .flatten()
+                .copied()
+                .min()
+                .unwrap_or(st.base + st.chunks.len());
+            while st.base < min {
+                match st.chunks.pop_front() {
+                    Some(c) => {
+                        st.bytes -= c.len();
+                        st.base += 1;
+                    }
+                    None => break,
+                }
+            }
+        }
+        drop(st);
+        self.bump();
+    }
+}
+
+/// One client reading a flight.
+struct Subscriber {
+    flight: Arc<Flight>,
+    slot: usize,
+    changes: watch::Receiver<u64>,
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let mut st = self.flight.lock();
+        st.subscribers -= 1;
+        if let Some(c) = st.cursors.get_mut(self.slot) {
+            *c = None;
+        }
+        if st.subscribers == 0 && !st.done {
+            self.flight.cancel.send_replace(true);
+        }
+    }
+}
+
+enum Next {
+    Chunk(Bytes),
+    End,
+}
+
+impl Subscriber {
+    /// Waits for a change of the flight; false when the flight is gone.
+    async fn wait(&mut self, deadline: Option<Instant>) -> Result<(), ()> {
+        match deadline {
+            Some(d) => match timeout_at(d, self.changes.changed()).await {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(()),
+            },
+            None => self.changes.changed().await.map_err(|_| ()),
+        }
+    }
+
+    async fn head(&mut self, deadline: Option<Instant>) -> Option<Head> {
+        loop {
+            self.changes.borrow_and_update();
+            {
+                let st = self.flight.lock();
+                if let Some(h) = &st.head {
+                    return Some(h.clone());
+                }
+                if st.done {
+                    return None;
+                }
+            }
+            self.wait(deadline).await.ok()?;
+        }
+    }
+
+    async fn next(&mut self, deadline: Option<Instant>) -> Option<Next> {
+        loop {
+            self.changes.borrow_and_update();
+            {
+                let mut st = self.flight.lock();
+                let cursor = st
+                    .cursors
+                    .get(self.slot)
+                    .copied()
+                    .flatten()
+                    .unwrap_or(0)
+                    .max(st.base);
+                if cursor < st.base + st.chunks.len() {
+                    let chunk = st.chunks[cursor - st.base].clone();
+                    if let Some(c) = st.cursors.get_mut(self.slot) {
+                        *c = Some(cursor + 1);
+                    }
+                    return Some(Next::Chunk(chunk));
+                }
+                if st.done {
+                    return Some(Next::End);
+                }
+            }
+            self.wait(deadline).await.ok()?;
+        }
+    }
+
+    /// The whole body (waits for the end).
+    async fn collect(&mut self, deadline: Option<Instant>) -> Option<Bytes> {
+        let mut out = BytesMut::new();
+        loop {
+            match self.next(deadline).await? {
+                Next::Chunk(c) => out.extend_from_slice(&c),
+                Next::End => return Some(out.freeze()),
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct CacheEntry {
+    /// The answer as a complete `Message` JSON.
+    message: Value,
+    headers: HeaderMap,
+    expires: Instant,
+    size: usize,
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    map: HashMap<Key, CacheEntry>,
+    order: VecDeque<Key>,
+    bytes: usize,
+}
+
+impl Cache {
+    fn get(&mut self, key: &Key, now: Instant) -> Option<CacheEntry> {
+        match self.map.get(key) {
+            Some(e) if e.expires > now => Some(e.clone()),
+            Some(_) => {
+                self.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn remove(&mut self, key: &Key) {
+        if let Some(e) = self.map.remove(key) {
+            self.bytes -= e.size;
+            self.order.retain(|k| k != key);
+        }
+    }
+
+    fn insert(&mut self, key: Key, entry: CacheEntry, max_entries: usize) {
+        if entry.size > MAX_CACHE_BYTES || max_entries == 0 {
+            return;
+        }
+        self.remove(&key);
+        while self.map.len() >= max_entries || self.bytes + entry.size > MAX_CACHE_BYTES {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(e) = self.map.remove(&oldest) {
+                self.bytes -= e.size;
+            }
+        }
+        self.bytes += entry.size;
+        self.order.push_back(key);
+        self.map.insert(key, entry);
+    }
+}
+
+/// Counters for `GET /providers`.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Stats {
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub coalesced: u64,
+    pub cache_entries: usize,
+    pub cache_bytes: usize,
+    pub in_flight: usize,
+    pub in_flight_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct Dedup {
+    flights: Mutex<HashMap<Key, Arc<Flight>>>,
+    cache: Mutex<Cache>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    coalesced: AtomicU64,
+}
+
+impl Dedup {
+    fn flights(&self) -> MutexGuard<'_, HashMap<Key, Arc<Flight>>> {
+        self.flights.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cache(&self) -> MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn clear_cache(&self) -> usize {
+        let mut c = self.cache();
+        let n = c.map.len();
+        *c = Cache::default();
+        n
+    }
+
+    pub fn stats(&self) -> Stats {
+        let (cache_entries, cache_bytes) = {
+            let c = self.cache();
+            (c.map.len(), c.bytes)
+        };
+        let flights = self.flights();
+        Stats {
+            cache_hits: self.hits.load(Ordering::Relaxed),
+            cache_misses: self.misses.load(Ordering::Relaxed),
+            coalesced: self.coalesced.load(Ordering::Relaxed),
+            cache_entries,
+            cache_bytes,
+            in_flight: flights.len(),
+            in_flight_bytes: flights.values().map(|f| f.lock().bytes).sum(),
+        }
+    }
+}
+
+fn cache_header(resp: &mut Response, value: &'static str) {
+    resp.headers_mut()
+        .insert("x-balancer-cache", HeaderValue::from_static(value));
+}
+
+/// Serves a `/v1/messages` request through the cache and the coalescer.
+pub async fn serve(state: &Arc<AppState>, inbound: Inbound) -> Response {
+    let runtime = state.runtime();
+    let settings = &runtime.config.settings;
+    let dedup_on = settings.deduplication.enabled;
+    let max_entries = usize::try_from(settings.max_cache_size).unwrap_or(usize::MAX);
+    let cache_on = max_entries > 0;
+    if !dedup_on && !cache_on {
+        return dispatch::messages(state, inbound).await;
+    }
+    let key = key(
+        &inbound,
+        settings.deduplication.include_max_tokens_in_signature,
+    );
+    let wants_stream = inbound.envelope.stream;
+    let book = &state.dedup;
+
+    if cache_on {
+        if let Some(entry) = book.cache().get(&key, Instant::now()) {
+            book.hits.fetch_add(1, Ordering::Relaxed);
+            return from_message(entry.message, &entry.headers, wants_stream, "hit", true);
+        }
+    }
+
+    // Join a flight in progress, or start one.
+    let dedup_timeout = settings.timeouts.deduplication;
+    if dedup_on {
+        let joined = {
+            let flights = book.flights();
+            flights
+                .get(&key)
+                .filter(|f| !f.lock().overflowed && !*f.cancel.borrow())
+                .map(|f| f.subscribe())
+        };
+        if let Some(sub) = joined {
+            book.coalesced.fetch_add(1, Ordering::Relaxed);
+            match respond(
+                sub,
+                wants_stream,
+                Some(Instant::now() + dedup_timeout),
+                "coalesced",
+            )
+            .await
+            {
+                Some(resp) => return resp,
+                None => {
+                    tracing::info!(
+                        "a coalesced request waited past deduplication_timeout; making its own attempt"
+                    );
+                    let mut resp = dispatch::messages(state, inbound).await;
+                    cache_header(&mut resp, "miss");
+                    return resp;
+                }
+            }
+        }
+    }
+    book.misses.fetch_add(1, Ordering::Relaxed);
+    let flight = Flight::new();
+    let sub = flight.subscribe();
+    if dedup_on {
+        book.flights().insert(key, Arc::clone(&flight));
+    }
+    tokio::spawn(pump(
+        Arc::clone(state),
+        inbound,
+        key,
+        flight,
+        dedup_on,
+        if cache_on {
+            Some((max_entries, settings.cache_ttl))
+        } else {
+            None
+        },
+    ));
+    match respond(sub, wants_stream, None, "miss").await {
+        Some(resp) => resp,
+        None => ApiError::internal("the request ended without an answer").into_response(),
+    }
+}
+
+/// Runs the failover loop for a flight and pumps its answer into the buffer.
+async fn pump(
+    state: Arc<AppState>,
+    inbound: Inbound,
+    key: Key,
+    flight: Arc<Flight>,
+    registered: bool,
+    cache: Option<(usize, Duration)>,
+) {
+    let mut cancel = flight.cancel.subscribe();
+    let response = tokio::select! {
+        r = dispatch::messages(&state, inbound) => Some(r),
+        _ = cancel.wait_for(|c| *c) => None,
+    };
+    if let Some(response) = response {
+        let (parts, body) = response.into_parts();
+        let sse = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let ok = parts.status.is_success();
+        flight.lock().head = Some(Head {
+            status: parts.status,
+            headers: parts.headers.clone(),
+            sse,
+        });
+        flight.bump();
+        let mut stream = body.into_data_stream();
+        loop {
+            tokio::select! {
+                chunk = stream.next() => match chunk {
+                    Some(Ok(bytes)) => flight.append(bytes),
+                    _ => break,
+                },
+                _ = cancel.wait_for(|c| *c) => {
+                    tracing::debug!("every client left; the upstream call is cancelled");
+                    break;
+                }
+            }
+        }
+        if let (Some((max_entries, ttl)), true) = (cache, ok) {
+            store(&state, &flight, key, sse, &parts.headers, max_entries, ttl);
+        }
+    }
+    flight.lock().done = true;
+    flight.bump();
+    if registered {
+        let mut flights = state.dedup.flights();
+        if flights.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+            flights.remove(&key);
+        }
+    }
+}
+
+/// Puts a complete, successful answer into the cache.
+fn store(
+    state: &AppState,
+    flight: &Flight,
+    key: Key,
+    sse: bool,
+    headers: &HeaderMap,
+    max_entries: usize,
+    ttl: Duration,
+) {
+    let st = flight.lock();
+    if st.overflowed || *flight.cancel.borrow() {
+        return;
+    }
+    let mut body = BytesMut::with_capacity(st.bytes);
+    for c in &st.chunks {
+        body.extend_from_slice(c);
+    }
+    drop(st);
+    let message = if sse {
+        match accumulate_sse(&String::from_utf8_lossy(&body)) {
+            Ok(m) => m,
+            Err(_) => return, // an error event or a cut stream: never cached
+        }
+    } else {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(m) if m.get("type").and_then(Value::as_str) == Some("message") => m,
+            _ => return,
+        }
+    };
+    let mut kept = HeaderMap::new();
+    if let Some(p) = headers.get("x-provider-used") {
+        kept.insert("x-provider-used", p.clone());
+    }
+    let entry = CacheEntry {
+        message,
+        headers: kept,
+        expires: Instant::now() + ttl,
+        size: body.len(),
+    };
+    state.dedup.cache().insert(key, entry, max_entries);
+}
+
+/// A response carrying a complete message, as JSON or as a synthesized stream.
+fn from_message(
+    mut message: Value,
+    headers: &HeaderMap,
+    stream: bool,
+    cache: &'static str,
+    fresh_id: bool,
+) -> Response {
+    if fresh_id {
+        message["id"] = Value::String(message_id());
+    }
+    let mut resp = if stream {
+        let mut r = Response::new(Body::from(message_to_sse(&message)));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        r.headers_mut().insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache"),
+        );
+        r
+    } else {
+        let mut r = Response::new(Body::from(message.to_string()));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
+    };
+    for (k, v) in headers {
+        resp.headers_mut().insert(k.clone(), v.clone());
+    }
+    cache_header(&mut resp, cache);
+    resp
+}
+
+/// Builds a subscriber's response in its own form. `None` when it waited past `deadline`.
+async fn respond(
+    mut sub: Subscriber,
+    stream: bool,
+    deadline: Option<Instant>,
+    cache: &'static str,
+) -> Option<Response> {
+    let head = sub.head(deadline).await?;
+    let mut headers = head.headers.clone();
+    headers.remove(http::header::CONTENT_LENGTH);
+    if !head.status.is_success() {
+        // Errors reach everyone the same way, whatever they asked for.
+        let body = sub.collect(deadline).await?;
+        let mut resp = Response::new(Body::from(body));
+        *resp.status_mut() = head.status;
+        *resp.headers_mut() = headers;
+        cache_header(&mut resp, cache);
+        return Some(resp);
+    }
+    match (head.sse, stream) {
+        (true, true) => {
+            let body = futures_util::stream::unfold(sub, |mut sub| async move {
+                match sub.next(None).await {
+                    Some(Next::Chunk(c)) => Some((Ok::<_, Infallible>(c), sub)),
+                    _ => None,
+                }
+            });
+            let mut resp = Response::new(Body::from_stream(body));
+            *resp.headers_mut() = headers;
+            cache_header(&mut resp, cache);
+            Some(resp)
+        }
+        (true, false) => {
+            let body = sub.collect(deadline).await?;
+            match accumulate_sse(&String::from_utf8_lossy(&body)) {
+                Ok(message) => Some(from_message(
+                    message,
+                    &provider_only(&headers),
+                    false,
+                    cache,
+                    false,
+                )),
+                Err(e) => {
+                    let overloaded = e.contains("overloaded_error");
+                    let err = if overloaded {
+                        ApiError::new(
+                            StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                            "overloaded_error",
+                            e,
+                        )
+                    } else {
+                        ApiError::new(StatusCode::BAD_GATEWAY, "api_error", e)
+                    };
+                    let mut resp = err.into_response();
+                    cache_header(&mut resp, cache);
+                    Some(resp)
+                }
+            }
+        }
+        (false, _) => {
+            let body = sub.collect(deadline).await?;
+            match (stream, serde_json::from_slice::<Value>(&body)) {
+                (true, Ok(message)) => Some(from_message(
+                    message,
+                    &provider_only(&headers),
+                    true,
+                    cache,
+                    false,
+                )),
+                _ => {
+                    let mut resp = Response::new(Body::from(body));
+                    *resp.headers_mut() = headers;
+                    cache_header(&mut resp, cache);
+                    Some(resp)
+                }
+            }
+        }
+    }
+}
+
+fn provider_only(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (k, v) in headers {
+        let n = k.as_str();
+        if n == "x-provider-used" || n == "request-id" || n.starts_with("anthropic-ratelimit-") {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
