@@ -93,6 +93,8 @@ struct Flight {
     changed: watch::Sender<u64>,
     /// Set when the last subscriber left before the end: the pump stops.
     cancel: watch::Sender<bool>,
+    /// Signalled when a subscriber consumed a chunk of an overflowed buffer (backpressure).
+    consumed: tokio::sync::Notify,
 }
 
 impl Flight {
@@ -101,6 +103,7 @@ impl Flight {
             state: Mutex::new(FlightState::default()),
             changed: watch::channel(0).0,
             cancel: watch::channel(false).0,
+            consumed: tokio::sync::Notify::new(),
         })
     }
 
@@ -139,26 +142,53 @@ impl Flight {
         st.chunks.push_back(chunk);
         if st.bytes > MAX_REPLAY_BYTES {
             st.overflowed = true;
-            // Only what some subscriber has yet to read is kept.
-            let min = st
-                .cursors
-                .iter()
-                .flatten()
-                .copied()
-                .min()
-                .unwrap_or(st.base + st.chunks.len());
-            while st.base < min {
-                match st.chunks.pop_front() {
-                    Some(c) => {
-                        st.bytes -= c.len();
-                        st.base += 1;
-                    }
-                    None => break,
-                }
-            }
         }
+        Self::trim(&mut st);
         drop(st);
         self.bump();
+    }
+
+    /// Once overflowed, only what some subscriber has yet to read is kept.
+    fn trim(st: &mut FlightState) {
+        if !st.overflowed {
+            return;
+        }
+        let min = st
+            .cursors
+            .iter()
+            .flatten()
+            .copied()
+            .min()
+            .unwrap_or(st.base + st.chunks.len());
+        while st.base < min {
+            match st.chunks.pop_front() {
+                Some(c) => {
+                    st.bytes -= c.len();
+                    st.base += 1;
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Backpressure: while the buffer is over its bound, wait for the slowest subscriber.
+    async fn wait_for_room(&self, cancel: &mut watch::Receiver<bool>) {
+        loop {
+            let consumed = self.consumed.notified();
+            tokio::pin!(consumed);
+            consumed.as_mut().enable();
+            {
+                let mut st = self.lock();
+                Self::trim(&mut st);
+                if st.bytes <= MAX_REPLAY_BYTES || *cancel.borrow() {
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = consumed => {}
+                _ = cancel.wait_for(|c| *c) => return,
+            }
+        }
     }
 }
 
@@ -231,6 +261,11 @@ impl Subscriber {
                     let chunk = st.chunks[cursor - st.base].clone();
                     if let Some(c) = st.cursors.get_mut(self.slot) {
                         *c = Some(cursor + 1);
+                    }
+                    let overflowed = st.overflowed;
+                    drop(st);
+                    if overflowed {
+                        self.flight.consumed.notify_waiters();
                     }
                     return Some(Next::Chunk(chunk));
                 }
@@ -478,15 +513,19 @@ async fn pump(
         flight.bump();
         let mut stream = body.into_data_stream();
         loop {
-            tokio::select! {
-                chunk = stream.next() => match chunk {
-                    Some(Ok(bytes)) => flight.append(bytes),
-                    _ => break,
-                },
+            let next = tokio::select! {
+                chunk = stream.next() => chunk,
                 _ = cancel.wait_for(|c| *c) => {
                     tracing::debug!("every client left; the upstream call is cancelled");
                     break;
                 }
+            };
+            match next {
+                Some(Ok(bytes)) => {
+                    flight.append(bytes);
+                    flight.wait_for_room(&mut cancel).await;
+                }
+                _ => break,
             }
         }
         if let (Some((max_entries, ttl)), true) = (cache, ok) {

@@ -57,26 +57,26 @@ impl Balancer {
         std::fs::write(self.config_file.path(), yaml).unwrap();
     }
 
-    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.client
-            .post(format!("{}{path}", self.url))
-            .json(body)
-            .send()
-            .await
-            .unwrap()
+    /// Sends a POST; the future borrows nothing, so many can run at once.
+    pub fn post(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> impl std::future::Future<Output = reqwest::Response> + 'static {
+        self.post_with(path, body, &[])
     }
 
-    pub async fn post_with(
+    pub fn post_with(
         &self,
         path: &str,
         body: &Value,
         headers: &[(&str, &str)],
-    ) -> reqwest::Response {
+    ) -> impl std::future::Future<Output = reqwest::Response> + 'static {
         let mut req = self.client.post(format!("{}{path}", self.url)).json(body);
         for (n, v) in headers {
             req = req.header(*n, *v);
         }
-        req.send().await.unwrap()
+        async move { req.send().await.unwrap() }
     }
 
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
