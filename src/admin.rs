@@ -112,7 +112,9 @@ pub async fn providers(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn reload(State(state): State<Arc<AppState>>) -> Response {
-    match state.reload().await {
+    let result = state.reload().await;
+    state.metrics.reload(result.is_ok());
+    match result {
         Ok(s) => {
             tracing::info!(providers = s.providers, routes = s.routes, added = ?s.added, removed = ?s.removed, "configuration reloaded");
             for w in &s.warnings {
@@ -147,6 +149,38 @@ pub async fn reload(State(state): State<Arc<AppState>>) -> Response {
 pub async fn clear_cache(State(state): State<Arc<AppState>>) -> Response {
     let removed = state.dedup.clear_cache();
     Json(json!({"status": "cleared", "entries_removed": removed})).into_response()
+}
+
+/// `GET /metrics`: the Prometheus text format.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let runtime = state.runtime();
+    let now = Instant::now();
+    let text = state.metrics.encode(|states| {
+        for (name, p) in &runtime.providers {
+            let current = display_state(p, state.health.report(name, now).state);
+            for s in [
+                "healthy",
+                "cooling_down",
+                "probing",
+                "disabled",
+                "no_credentials",
+            ] {
+                let labels = crate::observability::metrics::StateLabels {
+                    provider: name.clone(),
+                    state: s.into(),
+                };
+                states.get_or_create(&labels).set(i64::from(s == current));
+            }
+        }
+    });
+    let mut resp = text.into_response();
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    resp
 }
 
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {

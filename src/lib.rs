@@ -12,7 +12,7 @@
 //! [`adapter`] holds the pure conversion code the dispatcher uses.
 //!
 //! Cross-cutting: [`config`] (file to validated [`config::Config`]), [`state`] (the runtime swapped on
-//! reload, books that outlive it), [`admin`], [`error`], [`secret`], [`tokens`].
+//! reload, books that outlive it), [`observability`] (logs, metrics), [`admin`], [`error`], [`secret`], [`tokens`].
 
 pub mod adapter;
 pub mod admin;
@@ -21,6 +21,7 @@ pub mod dedup;
 pub mod dispatch;
 pub mod error;
 pub mod inbound;
+pub mod observability;
 pub mod routing;
 pub mod secret;
 pub mod server;

@@ -61,7 +61,13 @@ fn main() -> ExitCode {
         println!("{}: OK", cli.config.display());
         return ExitCode::SUCCESS;
     }
-    init_tracing(&loaded.config);
+    let _log_guard = match claude_balancer::observability::logging::init(&loaded.config.settings) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     for w in &loaded.warnings {
         tracing::warn!("config: {w}");
     }
@@ -82,34 +88,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_tracing(config: &Config) {
-    let level = match config
-        .settings
-        .log_level
-        .trim()
-        .to_ascii_uppercase()
-        .as_str()
-    {
-        "TRACE" => "trace",
-        "DEBUG" => "debug",
-        "WARN" | "WARNING" => "warn",
-        "ERROR" | "CRITICAL" => "error",
-        _ => "info",
-    };
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("CLAUDE_BALANCER_LOG").unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new(format!(
-                "claude_balancer={level},claude_balancer_cli={level},warn"
-            ))
-        });
-    let color = config.settings.log_color && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(color)
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 async fn run(cli: Cli, config: Config) -> Result<(), String> {

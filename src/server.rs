@@ -24,6 +24,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/providers/reload", post(admin::reload))
         .route("/cache/clear", post(admin::clear_cache))
         .route("/health", get(admin::health))
+        .route("/metrics", get(admin::metrics))
         .route("/", get(admin::root))
         // Claude Code's connection-warming probe and telemetry: cheap answers instead of 404 noise.
         .route(

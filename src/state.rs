@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use crate::config::{Config, ConfigErrors, Loaded, load_file};
 use crate::dedup::Dedup;
 use crate::inbound::count_tokens::CountTokensBook;
+use crate::observability::metrics::Metrics;
 use crate::routing::RouteTable;
 use crate::routing::affinity::AffinityBook;
 use crate::routing::health::HealthBook;
@@ -59,6 +60,7 @@ pub struct AppState {
     pub health: Arc<HealthBook>,
     pub count_tokens: CountTokensBook,
     pub dedup: Dedup,
+    pub metrics: Metrics,
     pub affinity: AffinityBook,
     pub clients: ClientPool,
     /// The file `POST /providers/reload` re-reads; `None` for a configuration given in memory.
@@ -86,6 +88,7 @@ impl AppState {
             health: HealthBook::new(),
             count_tokens: CountTokensBook::default(),
             dedup: Dedup::default(),
+            metrics: Metrics::default(),
             affinity: AffinityBook::default(),
             clients,
             config_path,

@@ -43,6 +43,8 @@ pub struct Inbound {
     /// The body as a JSON value with a local token estimate, parsed on first use (only conversion
     /// needs it; passthrough never does).
     pub parsed: std::sync::OnceLock<Option<(serde_json::Value, u64)>>,
+    /// The log record the dispatcher fills (route, attempts).
+    pub record: Option<crate::observability::Record>,
 }
 
 impl Inbound {
@@ -60,6 +62,7 @@ impl Inbound {
             query,
             session,
             parsed: std::sync::OnceLock::new(),
+            record: None,
         }
     }
 
@@ -89,12 +92,26 @@ pub enum FaultClass {
     Other,
 }
 
+impl FaultClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultClass::Overloaded => "overloaded",
+            FaultClass::Credentials => "credentials",
+            FaultClass::Timeout => "timeout",
+            FaultClass::Transport => "transport",
+            FaultClass::Other => "other",
+        }
+    }
+}
+
 /// Why an attempt failed over.
 #[derive(Debug, Clone)]
 pub struct Fault {
     pub class: FaultClass,
     pub reason: String,
     pub retry_after: Option<Duration>,
+    /// The provider's status, for an unhealthy status.
+    pub status: Option<u16>,
 }
 
 impl Fault {
@@ -103,6 +120,7 @@ impl Fault {
             class,
             reason: reason.into(),
             retry_after: None,
+            status: None,
         }
     }
 }
@@ -189,6 +207,7 @@ pub(crate) fn status_fault(status: u16, body: &[u8], retry: Option<Duration>) ->
         class,
         reason,
         retry_after: retry,
+        status: Some(status),
     }
 }
 
@@ -322,10 +341,43 @@ pub async fn messages(state: &Arc<AppState>, inbound: Inbound) -> Response {
 
     let mut failures: Vec<(String, Fault)> = Vec::new();
     let mut unsupported: Vec<String> = Vec::new();
+    if let Some(r) = &inbound.record {
+        r.lock().route = Some(plan.route.to_string());
+    }
     for candidate in &plan.candidates {
         let name = candidate.provider.config.name.clone();
         let ticket = state.health.begin(&name, Instant::now());
+        let attempt_started = Instant::now();
         let outcome = attempt::attempt(state, &runtime, candidate, &inbound).await;
+        if let Some(r) = &inbound.record {
+            let took = attempt_started.elapsed();
+            let (label, class, status, reason) = match &outcome {
+                Outcome::Committed { response, .. } => {
+                    ("committed", None, Some(response.status().as_u16()), None)
+                }
+                Outcome::ClientFault(response) => {
+                    ("client_fault", None, Some(response.status().as_u16()), None)
+                }
+                Outcome::Fault(f) => (
+                    "fault",
+                    Some(f.class.as_str()),
+                    f.status,
+                    Some(f.reason.clone()),
+                ),
+                Outcome::Unsupported(reason) => ("unsupported", None, None, Some(reason.clone())),
+            };
+            let mut r = r.lock();
+            r.upstream_wait += took;
+            r.attempts.push(crate::observability::AttemptLog {
+                provider: name.clone(),
+                upstream_model: candidate.upstream_model.clone(),
+                outcome: label,
+                class,
+                status,
+                ms: (took.as_secs_f64() * 1_000_000.0).round() / 1000.0,
+                reason,
+            });
+        }
         match outcome {
             Outcome::Committed { response, ttfb } => {
                 log_change(

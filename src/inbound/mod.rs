@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::dispatch::Inbound;
 use crate::error::ApiError;
+use crate::observability::{self, Record};
 use crate::state::AppState;
 use body::Envelope;
 
@@ -66,19 +67,28 @@ pub async fn messages(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    state.metrics.started();
+    let id = observability::request_id(&headers);
+    let client = observability::client_secrets(&headers);
     let (raw, envelope) = match read_envelope(&state, &headers, body).await {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => {
+            let record = Record::new(id, None, String::new(), false);
+            return observability::observe(&state, record, client, r);
+        }
     };
     let session = session_id(&headers, envelope.metadata_session.as_deref());
-    let inbound = Inbound::new(
+    let record = Record::new(id, session.clone(), envelope.model.clone(), envelope.stream);
+    let mut inbound = Inbound::new(
         envelope,
         raw,
         headers,
         uri.query().map(str::to_owned),
         session,
     );
-    crate::dedup::serve(&state, inbound).await
+    inbound.record = Some(record.clone());
+    let response = crate::dedup::serve(&state, inbound).await;
+    observability::observe(&state, record, client, response)
 }
 
 pub async fn count_tokens(

@@ -1,0 +1,264 @@
+//! Prometheus metrics (`GET /metrics`, text format), in an explicit registry.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use super::RequestRecord;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub provider: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    pub provider: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub provider: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub provider: String,
+    pub state: String,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    ]
+    .into_iter()
+}
+
+fn overhead_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    ]
+    .into_iter()
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub attempts: Family<AttemptLabels, Counter>,
+    pub failovers: Family<ReasonLabels, Counter>,
+    pub ttfb: Histogram,
+    pub duration: Histogram,
+    pub overhead: Histogram,
+    pub in_flight: Gauge,
+    pub provider_state: Family<StateLabels, Gauge>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub cache: Family<ResultLabels, Counter>,
+    pub reloads: Family<ResultLabels, Counter>,
+    in_flight_now: AtomicI64,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("claude_balancer");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let attempts = Family::<AttemptLabels, Counter>::default();
+        let failovers = Family::<ReasonLabels, Counter>::default();
+        let ttfb = Histogram::new(latency_buckets());
+        let duration = Histogram::new(latency_buckets());
+        let overhead = Histogram::new(overhead_buckets());
+        let in_flight = Gauge::default();
+        let provider_state = Family::<StateLabels, Gauge>::default();
+        let tokens = Family::<TokenLabels, Counter>::default();
+        let cache = Family::<ResultLabels, Counter>::default();
+        let reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by route, serving provider and final status",
+            requests.clone(),
+        );
+        registry.register(
+            "attempts",
+            "Attempts by provider and outcome",
+            attempts.clone(),
+        );
+        registry.register(
+            "failovers",
+            "Attempts that failed over, by reason",
+            failovers.clone(),
+        );
+        registry.register(
+            "time_to_first_byte_seconds",
+            "Time until the response headers were sent",
+            ttfb.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time until the response body ended",
+            duration.clone(),
+        );
+        registry.register(
+            "overhead_seconds",
+            "Time spent inside the balancer itself (not waiting on providers)",
+            overhead.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Requests being served",
+            in_flight.clone(),
+        );
+        registry.register(
+            "provider_state",
+            "1 for each provider's current state",
+            provider_state.clone(),
+        );
+        registry.register("tokens", "Tokens by provider and kind", tokens.clone());
+        registry.register(
+            "cache_results",
+            "Requests by cache outcome: miss, hit, coalesced",
+            cache.clone(),
+        );
+        registry.register(
+            "reloads",
+            "Configuration reloads by result",
+            reloads.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            attempts,
+            failovers,
+            ttfb,
+            duration,
+            overhead,
+            in_flight,
+            provider_state,
+            tokens,
+            cache,
+            reloads,
+            in_flight_now: AtomicI64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn started(&self) {
+        self.in_flight.inc();
+        self.in_flight_now.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn in_flight_now(&self) -> i64 {
+        self.in_flight_now.load(Ordering::Relaxed)
+    }
+
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "error" }.into(),
+            })
+            .inc();
+    }
+
+    /// Records a finished request.
+    pub fn finish(
+        &self,
+        r: &RequestRecord,
+        total: Duration,
+        ttfb: Option<Duration>,
+        overhead: Duration,
+    ) {
+        self.in_flight.dec();
+        self.in_flight_now.fetch_sub(1, Ordering::Relaxed);
+        let provider = r.provider.clone().unwrap_or_default();
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: r.route.clone().unwrap_or_default(),
+                provider: provider.clone(),
+                status: r.status.to_string(),
+            })
+            .inc();
+        for a in &r.attempts {
+            let outcome = match (a.outcome, a.class) {
+                ("fault", Some(c)) => format!("fault_{c}"),
+                (o, _) => o.to_owned(),
+            };
+            self.attempts
+                .get_or_create(&AttemptLabels {
+                    provider: a.provider.clone(),
+                    outcome,
+                })
+                .inc();
+            if a.outcome == "fault" {
+                self.failovers
+                    .get_or_create(&ReasonLabels {
+                        reason: a.class.unwrap_or("other").into(),
+                    })
+                    .inc();
+            }
+        }
+        self.duration.observe(total.as_secs_f64());
+        if let Some(t) = ttfb {
+            self.ttfb.observe(t.as_secs_f64());
+        }
+        self.overhead.observe(overhead.as_secs_f64());
+        let u = &r.usage;
+        for (kind, n) in [
+            ("input", u.input_tokens),
+            ("output", u.output_tokens),
+            ("cache_read", u.cache_read_input_tokens),
+            ("cache_creation", u.cache_creation_input_tokens),
+        ] {
+            if n > 0 {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        provider: provider.clone(),
+                        kind: kind.into(),
+                    })
+                    .inc_by(n);
+            }
+        }
+        if r.cache != "off" {
+            self.cache
+                .get_or_create(&ResultLabels {
+                    result: r.cache.into(),
+                })
+                .inc();
+        }
+    }
+
+    /// The text exposition, after `update` has set the per-provider state gauges.
+    pub fn encode(&self, update: impl FnOnce(&Family<StateLabels, Gauge>)) -> String {
+        update(&self.provider_state);
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

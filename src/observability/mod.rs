@@ -1,0 +1,343 @@
+//! Logs and metrics: one record per request, filled as it flows, written as one summary log line
+//! and into the Prometheus metrics when its response body ends.
+
+pub mod logging;
+pub mod metrics;
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::HeaderValue;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::state::AppState;
+
+/// One attempt, as logged.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptLog {
+    pub provider: String,
+    pub upstream_model: String,
+    /// `committed`, `client_fault`, `fault`, `unsupported`.
+    pub outcome: &'static str,
+    /// The fault class for a fault (`overloaded`, `credentials`, `timeout`, `transport`, `other`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    pub ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_input_tokens: u64,
+    pub cache_creation_input_tokens: u64,
+}
+
+impl Usage {
+    /// Overwrites the fields present in an Anthropic `usage` object.
+    fn merge(&mut self, u: &Value) {
+        let set = |field: &mut u64, key: &str| {
+            if let Some(n) = u.get(key).and_then(Value::as_u64) {
+                *field = n;
+            }
+        };
+        set(&mut self.input_tokens, "input_tokens");
+        set(&mut self.output_tokens, "output_tokens");
+        set(&mut self.cache_read_input_tokens, "cache_read_input_tokens");
+        set(
+            &mut self.cache_creation_input_tokens,
+            "cache_creation_input_tokens",
+        );
+    }
+}
+
+/// Everything the summary line says about one request.
+#[derive(Debug)]
+pub struct RequestRecord {
+    pub id: String,
+    pub session: Option<String>,
+    pub model: String,
+    pub stream: bool,
+    pub started: Instant,
+    pub route: Option<String>,
+    pub attempts: Vec<AttemptLog>,
+    /// Time spent waiting on providers before the response was committed.
+    pub upstream_wait: Duration,
+    /// When the response headers were ready (the balancer's time to first byte).
+    pub headers_at: Option<Instant>,
+    pub cache: &'static str,
+    pub status: u16,
+    pub usage: Usage,
+    /// The provider that served the request.
+    pub provider: Option<String>,
+    finished: bool,
+}
+
+/// A request record shared by the stages that fill it.
+#[derive(Debug, Clone)]
+pub struct Record(Arc<Mutex<RequestRecord>>);
+
+impl Record {
+    pub fn new(id: String, session: Option<String>, model: String, stream: bool) -> Self {
+        Self(Arc::new(Mutex::new(RequestRecord {
+            id,
+            session,
+            model,
+            stream,
+            started: Instant::now(),
+            route: None,
+            attempts: Vec::new(),
+            upstream_wait: Duration::ZERO,
+            headers_at: None,
+            cache: "off",
+            status: 0,
+            usage: Usage::default(),
+            provider: None,
+            finished: false,
+        })))
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, RequestRecord> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The balancer's own time so far: elapsed minus time spent waiting on providers.
+    pub fn overhead(&self) -> Duration {
+        let r = self.lock();
+        let until = r.headers_at.unwrap_or_else(Instant::now);
+        until
+            .saturating_duration_since(r.started)
+            .saturating_sub(r.upstream_wait)
+    }
+}
+
+/// A request id: the client's `x-request-id` when it sent a sane one, else a new one.
+pub fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("req_{}", &crate::adapter::ids::message_id()[4..]))
+}
+
+/// Replaces every secret in `text` with `****`.
+pub fn redact(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_owned();
+    for s in secrets.iter().filter(|s| s.len() >= 6) {
+        if out.contains(s.as_str()) {
+            out = out.replace(s.as_str(), "****");
+        }
+    }
+    out
+}
+
+/// The secrets a log line must never contain: configured keys and the client's credentials.
+fn secrets(state: &AppState, client: &[String]) -> Vec<String> {
+    let runtime = state.runtime();
+    let mut out: Vec<String> = client.to_vec();
+    for p in &runtime.config.providers {
+        match &p.auth {
+            crate::config::Auth::ApiKey(k) | crate::config::Auth::Bearer(k) => {
+                out.push(k.expose().to_owned())
+            }
+            _ => {}
+        }
+        if let Some(proxy) = &p.proxy {
+            out.push(proxy.expose().to_owned());
+        }
+    }
+    let auth = &runtime.config.settings.auth;
+    out.extend(
+        auth.api_keys
+            .iter()
+            .chain(&auth.admin_keys)
+            .map(|k| k.expose().to_owned()),
+    );
+    out
+}
+
+/// The client's credential values (for redaction).
+pub fn client_secrets(headers: &http::HeaderMap) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(k) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        out.push(k.to_owned());
+    }
+    if let Some(a) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+        out.push(a.trim_start_matches("Bearer ").trim().to_owned());
+    }
+    out
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+/// Writes the summary line and the metrics of a finished request (once).
+fn finish(state: &AppState, record: &Record, client: &[String]) {
+    let mut r = record.lock();
+    if r.finished {
+        return;
+    }
+    r.finished = true;
+    let now = Instant::now();
+    let total = now.saturating_duration_since(r.started);
+    let ttfb = r.headers_at.map(|t| t.saturating_duration_since(r.started));
+    let overhead = r
+        .headers_at
+        .unwrap_or(now)
+        .saturating_duration_since(r.started)
+        .saturating_sub(r.upstream_wait);
+    state.metrics.finish(&r, total, ttfb, overhead);
+    let secrets = secrets(state, client);
+    let attempts: Vec<AttemptLog> = r
+        .attempts
+        .iter()
+        .map(|a| AttemptLog {
+            reason: a.reason.as_deref().map(|t| redact(t, &secrets)),
+            ..a.clone()
+        })
+        .collect();
+    let attempts = serde_json::to_string(&attempts).unwrap_or_default();
+    tracing::info!(
+        target: "claude_balancer::request",
+        request_id = %r.id,
+        session_id = r.session.as_deref().unwrap_or(""),
+        model = %r.model,
+        route = r.route.as_deref().unwrap_or(""),
+        provider = r.provider.as_deref().unwrap_or(""),
+        attempts = %attempts,
+        stream = r.stream,
+        status = r.status,
+        ttfb_ms = ttfb.map(ms).unwrap_or(-1.0),
+        total_ms = ms(total),
+        overhead_ms = ms(overhead),
+        input_tokens = r.usage.input_tokens,
+        output_tokens = r.usage.output_tokens,
+        cache_read_input_tokens = r.usage.cache_read_input_tokens,
+        cache_creation_input_tokens = r.usage.cache_creation_input_tokens,
+        cache = r.cache,
+        "request"
+    );
+}
+
+/// Ends the record when the body is done or dropped.
+struct Finisher {
+    state: Arc<AppState>,
+    record: Record,
+    client: Vec<String>,
+}
+
+impl Drop for Finisher {
+    fn drop(&mut self) {
+        finish(&self.state, &self.record, &self.client);
+    }
+}
+
+/// Reads usage from Anthropic events or a message passing by.
+fn sniff_usage(record: &Record, chunk: &[u8], sse: bool) {
+    if memchr::memmem::find(chunk, b"\"usage\"").is_none() {
+        return;
+    }
+    let text = String::from_utf8_lossy(chunk);
+    let mut r = record.lock();
+    if sse {
+        for (_, data) in crate::upstream::sse::parse_all(&text) {
+            if !data.contains("\"usage\"") {
+                continue;
+            }
+            if let Ok(v) = serde_json::from_str::<Value>(&data) {
+                if let Some(u) = v.pointer("/message/usage").or_else(|| v.get("usage")) {
+                    r.usage.merge(u);
+                }
+            }
+        }
+    } else if let Ok(v) = serde_json::from_str::<Value>(&text) {
+        if let Some(u) = v.get("usage") {
+            r.usage.merge(u);
+        }
+    }
+}
+
+/// Stamps the response (`x-request-id`, `x-balancer-overhead-ms`) and wraps its body so that the
+/// record is finished, with the usage seen, when the body ends or the client goes away.
+pub fn observe(
+    state: &Arc<AppState>,
+    record: Record,
+    client: Vec<String>,
+    mut response: Response,
+) -> Response {
+    let status = response.status().as_u16();
+    let cache = response
+        .headers()
+        .get("x-balancer-cache")
+        .and_then(|v| v.to_str().ok())
+        .map(|c| match c {
+            "hit" => "hit",
+            "coalesced" => "coalesced",
+            _ => "miss",
+        });
+    let provider = response
+        .headers()
+        .get("x-provider-used")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    {
+        let mut r = record.lock();
+        r.status = status;
+        r.headers_at.get_or_insert_with(Instant::now);
+        if let Some(c) = cache {
+            r.cache = c;
+        }
+        if provider.is_some() {
+            r.provider = provider;
+        }
+    }
+    let overhead = record.overhead();
+    let id = record.lock().id.clone();
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        headers.insert("x-request-id", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", overhead.as_secs_f64() * 1000.0)) {
+        headers.insert("x-balancer-overhead-ms", v);
+    }
+    let sse = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let (parts, body) = response.into_parts();
+    let finisher = Finisher {
+        state: Arc::clone(state),
+        record,
+        client,
+    };
+    let stream = body.into_data_stream();
+    let wrapped = futures_util::stream::unfold(
+        (stream, Some(finisher)),
+        move |(mut stream, finisher)| async move {
+            let f = finisher?;
+            match stream.next().await {
+                Some(Ok(chunk)) => {
+                    sniff_usage(&f.record, &chunk, sse);
+                    Some((Ok::<Bytes, Infallible>(chunk), (stream, Some(f))))
+                }
+                // End (or a body error, which only our own streams could raise): the record is finished
+                // when `f` drops here.
+                _ => None,
+            }
+        },
+    );
+    Response::from_parts(parts, Body::from_stream(wrapped))
+}
