@@ -22,6 +22,7 @@ pub mod dispatch;
 pub mod error;
 pub mod inbound;
 pub mod observability;
+pub mod reload;
 pub mod routing;
 pub mod secret;
 pub mod server;

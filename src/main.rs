@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use claude_balancer::config::{self, Config};
@@ -112,6 +113,27 @@ async fn run(cli: Cli, config: Config) -> Result<(), String> {
         let names: Vec<&str> = r.entries.iter().map(|e| e.provider.as_str()).collect();
         tracing::info!(route = %r.pattern, providers = ?names, "route");
     }
+    let loopback = addr.ip().is_loopback();
+    if !loopback && !runtime.config.settings.auth.enabled {
+        tracing::warn!(address = %addr, "listening beyond loopback without inbound keys: anyone who can reach this address can use your providers (set settings.auth)");
+    }
+    #[cfg(unix)]
+    claude_balancer::reload::on_sighup(Arc::clone(&state));
+    let _watcher = if runtime.config.settings.reload {
+        match claude_balancer::reload::watch(Arc::clone(&state), cli.config.clone()) {
+            Ok(w) => {
+                tracing::info!(file = %cli.config.display(), "watching the configuration file for changes");
+                Some(w)
+            }
+            Err(e) => {
+                tracing::warn!("{e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    drop(runtime);
     server::serve(listener, state, shutdown_signal())
         .await
         .map_err(|e| format!("server error: {e}"))?;

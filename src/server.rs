@@ -3,12 +3,16 @@
 use std::any::Any;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, head, post};
-use axum::serve::ListenerExt;
 use http::StatusCode;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 
@@ -37,6 +41,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .fallback(|| async { ApiError::not_found("no such endpoint").into_response() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed().into_response() })
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            inbound::auth::guard,
+        ))
         .layer(CatchPanicLayer::custom(panic_response))
         .with_state(state)
 }
@@ -45,18 +53,68 @@ fn panic_response(_: Box<dyn Any + Send + 'static>) -> Response {
     ApiError::internal("internal error in the balancer").into_response()
 }
 
-/// Serves until `shutdown` resolves. TCP_NODELAY is set on every client connection.
+/// A client must send its request headers within this time.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// After the grace period, streams still open get a moment to flush their final error event.
+const FLUSH_AFTER_GRACE: Duration = Duration::from_secs(2);
+
+/// Serves until `shutdown` resolves, then stops accepting, lets requests in flight finish within
+/// `settings.shutdown_grace_seconds`, and ends the streams still open with an `event: error`.
+/// TCP_NODELAY is set on every client connection; slow request headers are cut off.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
+    let app = router(Arc::clone(&state));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (tcp, _) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait a little instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!("cannot set TCP_NODELAY: {e}");
+                }
+                let service = TowerToHyperService::new(app.clone());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            () = &mut shutdown => break,
         }
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    }
+    drop(listener);
+    let grace = state.runtime().config.settings.shutdown_grace;
+    tracing::info!(
+        grace_seconds = grace.as_secs_f64(),
+        "no longer accepting; waiting for requests in flight"
+    );
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
+    tokio::select! {
+        () = &mut drained => {}
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!("grace period over: ending the streams still open");
+            state.close_streams();
+            let _ = tokio::time::timeout(FLUSH_AFTER_GRACE, &mut drained).await;
+        }
+    }
+    Ok(())
 }

@@ -66,6 +66,8 @@ pub struct AppState {
     /// The file `POST /providers/reload` re-reads; `None` for a configuration given in memory.
     pub config_path: Option<PathBuf>,
     reload_lock: tokio::sync::Mutex<()>,
+    /// Set when the shutdown grace period is over: open streams end with an error event.
+    closing: tokio::sync::watch::Sender<bool>,
     pub started_at: Instant,
 }
 
@@ -93,8 +95,19 @@ impl AppState {
             clients,
             config_path,
             reload_lock: tokio::sync::Mutex::new(()),
+            closing: tokio::sync::watch::channel(false).0,
             started_at: Instant::now(),
         }))
+    }
+
+    /// Ends every open stream (after the shutdown grace period).
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves when [`AppState::close_streams`] has been called.
+    pub fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closing.subscribe()
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {

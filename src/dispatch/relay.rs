@@ -121,6 +121,7 @@ struct Running {
     last_output: Instant,
     /// When the provider's silence becomes a failure; moved on by every byte it sends.
     idle_deadline: Instant,
+    closing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Running {
@@ -152,39 +153,58 @@ impl Running {
         if self.finished {
             return None;
         }
+        enum Wake {
+            Chunk(Option<Result<Bytes, reqwest::Error>>),
+            Closing,
+            Timer,
+        }
         loop {
             let ping_at = self.last_output + PING_INTERVAL;
             let wake = ping_at.min(self.idle_deadline);
-            tokio::select! {
-                chunk = self.relay.upstream.next() => match chunk {
-                    Some(Ok(data)) => {
-                        self.idle_deadline = Instant::now() + self.relay.read_timeout;
-                        let events = self.relay.splitter.push(&data);
-                        if events.bytes.is_empty() {
-                            continue;
-                        }
-                        let (out, done) = self.relay.transform.events(events.bytes, &events.kinds);
-                        self.finished = done;
-                        if out.is_empty() {
-                            continue;
-                        }
-                        self.last_output = Instant::now();
-                        return Some(out);
+            let woke = tokio::select! {
+                chunk = self.relay.upstream.next() => Wake::Chunk(chunk),
+                _ = self.closing.wait_for(|c| *c) => Wake::Closing,
+                () = sleep_until(wake) => Wake::Timer,
+            };
+            match woke {
+                Wake::Chunk(Some(Ok(data))) => {
+                    self.idle_deadline = Instant::now() + self.relay.read_timeout;
+                    let events = self.relay.splitter.push(&data);
+                    if events.bytes.is_empty() {
+                        continue;
                     }
-                    Some(Err(e)) => {
-                        let reason = format!("connection lost mid-stream: {}", crate::dispatch::error_chain(&e));
-                        return Some(self.fail(reason));
+                    let (out, done) = self.relay.transform.events(events.bytes, &events.kinds);
+                    self.finished = done;
+                    if out.is_empty() {
+                        continue;
                     }
-                    None => {
-                        self.finished = true;
-                        let (out, failure) = self.relay.transform.end(&self.relay.splitter);
-                        if let Some(reason) = failure {
-                            self.record_failure(&reason);
-                        }
-                        return (!out.is_empty()).then_some(out);
+                    self.last_output = Instant::now();
+                    return Some(out);
+                }
+                Wake::Chunk(Some(Err(e))) => {
+                    let reason = format!(
+                        "connection lost mid-stream: {}",
+                        crate::dispatch::error_chain(&e)
+                    );
+                    return Some(self.fail(reason));
+                }
+                Wake::Chunk(None) => {
+                    self.finished = true;
+                    let (out, failure) = self.relay.transform.end(&self.relay.splitter);
+                    if let Some(reason) = failure {
+                        self.record_failure(&reason);
                     }
-                },
-                _ = sleep_until(wake) => {
+                    return (!out.is_empty()).then_some(out);
+                }
+                Wake::Closing => {
+                    self.finished = true;
+                    return Some(
+                        self.relay
+                            .transform
+                            .fail(&self.relay.provider, "the balancer is shutting down"),
+                    );
+                }
+                Wake::Timer => {
                     if Instant::now() >= self.idle_deadline {
                         let secs = self.relay.read_timeout.as_secs();
                         return Some(self.fail(format!("no data for {secs} s (read_timeout)")));
@@ -201,11 +221,13 @@ impl Running {
 pub fn relay(relay: Relay) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     let now = Instant::now();
     let idle_deadline = now + relay.read_timeout;
+    let closing = relay.state.closing();
     let running = Running {
         relay,
         finished: false,
         last_output: now,
         idle_deadline,
+        closing,
     };
     stream::unfold(running, |mut r| async move {
         r.next_item().await.map(|b| (Ok(b), r))

@@ -1,5 +1,6 @@
 //! The client side: reading and validating `POST /v1/messages` and `count_tokens` requests.
 
+pub mod auth;
 pub mod body;
 pub mod canonical;
 pub mod count_tokens;
@@ -18,6 +19,9 @@ use crate::error::ApiError;
 use crate::observability::{self, Record};
 use crate::state::AppState;
 use body::Envelope;
+
+/// A client must send its whole request body within this time.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Reads the whole request body, refusing more than `limit` bytes with a 413.
 pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
@@ -70,6 +74,21 @@ pub async fn messages(
     state.metrics.started();
     let id = observability::request_id(&headers);
     let client = observability::client_secrets(&headers);
+    let max = state.runtime().config.settings.max_concurrent_requests;
+    if max > 0 && state.metrics.in_flight_now() > i64::try_from(max).unwrap_or(i64::MAX) {
+        let busy = ApiError::new(
+            http::StatusCode::from_u16(529).unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE),
+            "overloaded_error",
+            format!("the balancer is serving its maximum of {max} concurrent requests"),
+        )
+        .with_retry_after(1);
+        return observability::observe(
+            &state,
+            Record::new(id, None, String::new(), false),
+            client,
+            busy.into_response(),
+        );
+    }
     let (raw, envelope) = match read_envelope(&state, &headers, body).await {
         Ok(x) => x,
         Err(r) => {

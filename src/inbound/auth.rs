@@ -1,0 +1,94 @@
+//! Inbound keys (`settings.auth`): who may call the balancer, and who may use its admin endpoints.
+//!
+//! Keys arrive as `x-api-key` or `Authorization: Bearer`. They are compared in constant time
+//! against every configured key. With `auth.enabled`, every path except `exempt_paths` needs a
+//! client key; admin paths need a key from `admin_keys` when that list is set (otherwise a client
+//! key when auth is enabled).
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, StatusCode};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::secret::Secret;
+use crate::state::AppState;
+
+/// Paths that show or change the balancer's own state.
+pub const ADMIN_PATHS: &[&str] = &[
+    "/providers",
+    "/providers/reload",
+    "/metrics",
+    "/dashboard",
+    "/dashboard/data",
+    "/cache/clear",
+];
+
+pub fn is_admin(path: &str) -> bool {
+    ADMIN_PATHS.contains(&path)
+}
+
+/// The key the client presented, if any.
+fn presented(headers: &HeaderMap) -> Option<&[u8]> {
+    if let Some(k) = headers.get("x-api-key") {
+        return Some(k.as_bytes());
+    }
+    let auth = headers.get(http::header::AUTHORIZATION)?.as_bytes();
+    let token = auth
+        .strip_prefix(b"Bearer ")
+        .or_else(|| auth.strip_prefix(b"bearer "))?;
+    Some(token.trim_ascii())
+}
+
+/// Whether `key` equals one of `keys`, without an early exit that would time the comparison.
+pub fn matches_any(key: &[u8], keys: &[Secret]) -> bool {
+    let mut found = subtle::Choice::from(0u8);
+    for k in keys {
+        found |= key.ct_eq(k.expose().as_bytes());
+    }
+    found.into()
+}
+
+fn refuse(message: &str) -> Response {
+    ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", message).into_response()
+}
+
+pub async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let runtime = state.runtime();
+    let auth = &runtime.config.settings.auth;
+    let path = request.uri().path();
+    if auth.exempt_paths.iter().any(|p| p == path) {
+        return next.run(request).await;
+    }
+    let key = presented(request.headers());
+    if is_admin(path) && !auth.admin_keys.is_empty() {
+        if !key.is_some_and(|k| matches_any(k, &auth.admin_keys)) {
+            return refuse("an admin key is required for this endpoint");
+        }
+    } else if auth.enabled
+        && !key.is_some_and(|k| matches_any(k, &auth.api_keys) || matches_any(k, &auth.admin_keys))
+    {
+        return refuse("invalid or missing API key for this balancer");
+    }
+    next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_match_exactly() {
+        let keys = vec![Secret::new("key-one"), Secret::new("key-two")];
+        assert!(matches_any(b"key-two", &keys));
+        assert!(!matches_any(b"key-tw", &keys));
+        assert!(!matches_any(b"key-twoo", &keys));
+        assert!(!matches_any(b"", &keys));
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Bearer  key-one ".parse().unwrap());
+        assert_eq!(presented(&h), Some(&b"key-one"[..]));
+    }
+}
