@@ -29,6 +29,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/cache/clear", post(admin::clear_cache))
         .route("/health", get(admin::health))
         .route("/metrics", get(admin::metrics))
+        .route("/dashboard", get(admin::dashboard))
+        .route("/dashboard/data", get(admin::dashboard_data))
         .route("/", get(admin::root))
         // Claude Code's connection-warming probe and telemetry: cheap answers instead of 404 noise.
         .route(

@@ -13,6 +13,7 @@ use crate::config::{Config, ConfigErrors, Loaded, load_file};
 use crate::dedup::Dedup;
 use crate::inbound::count_tokens::CountTokensBook;
 use crate::observability::metrics::Metrics;
+use crate::observability::recent::Recent;
 use crate::routing::RouteTable;
 use crate::routing::affinity::AffinityBook;
 use crate::routing::health::HealthBook;
@@ -61,6 +62,7 @@ pub struct AppState {
     pub count_tokens: CountTokensBook,
     pub dedup: Dedup,
     pub metrics: Metrics,
+    pub recent: Recent,
     pub affinity: AffinityBook,
     pub clients: ClientPool,
     /// The file `POST /providers/reload` re-reads; `None` for a configuration given in memory.
@@ -91,6 +93,7 @@ impl AppState {
             count_tokens: CountTokensBook::default(),
             dedup: Dedup::default(),
             metrics: Metrics::default(),
+            recent: Recent::default(),
             affinity: AffinityBook::default(),
             clients,
             config_path,

@@ -63,7 +63,17 @@ pub async fn guard(State(state): State<Arc<AppState>>, request: Request, next: N
     if auth.exempt_paths.iter().any(|p| p == path) {
         return next.run(request).await;
     }
-    let key = presented(request.headers());
+    // The dashboard page is opened in a browser: it may carry its key as `?key=`.
+    let query_key = if path.starts_with("/dashboard") {
+        request
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("key=")))
+            .map(str::as_bytes)
+    } else {
+        None
+    };
+    let key = presented(request.headers()).or(query_key);
     if is_admin(path) && !auth.admin_keys.is_empty() {
         if !key.is_some_and(|k| matches_any(k, &auth.admin_keys)) {
             return refuse("an admin key is required for this endpoint");

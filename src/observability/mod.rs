@@ -3,6 +3,7 @@
 
 pub mod logging;
 pub mod metrics;
+pub mod recent;
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -200,6 +201,7 @@ fn finish(state: &AppState, record: &Record, client: &[String]) {
         .saturating_duration_since(r.started)
         .saturating_sub(r.upstream_wait);
     state.metrics.finish(&r, total, ttfb, overhead);
+    state.recent.record(&r, ttfb, total);
     let secrets = secrets(state, client);
     let attempts: Vec<AttemptLog> = r
         .attempts

@@ -151,6 +151,61 @@ pub async fn clear_cache(State(state): State<Arc<AppState>>) -> Response {
     Json(json!({"status": "cleared", "entries_removed": removed})).into_response()
 }
 
+/// `GET /dashboard`: one self-contained page (no external scripts or fonts) that polls
+/// `/dashboard/data` every two seconds.
+pub async fn dashboard() -> Response {
+    let mut resp = include_str!("dashboard.html").into_response();
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp
+}
+
+/// `GET /dashboard/data`: providers, totals and the last minutes of traffic.
+pub async fn dashboard_data(State(state): State<Arc<AppState>>) -> Response {
+    let runtime = state.runtime();
+    let now = Instant::now();
+    let mut providers = Vec::new();
+    let mut healthy = 0;
+    let mut requests = 0u64;
+    for pc in &runtime.config.providers {
+        let Some(p) = runtime.providers.get(&pc.name) else {
+            continue;
+        };
+        let h = state.health.report(&pc.name, now);
+        let shown = display_state(p, h.state);
+        if p.config.usable() && h.state != HealthState::CoolingDown {
+            healthy += 1;
+        }
+        requests += h.requests;
+        providers.push(json!({
+            "name": pc.name,
+            "type": pc.kind.as_str(),
+            "state": shown,
+            "cooldown_remaining_seconds": secs(h.cooldown_remaining),
+            "requests": h.requests,
+            "failures": h.failures,
+            "avg_ttfb_ms": h.ttfb_ewma_ms.map(|v| (v * 10.0).round() / 10.0),
+            "last_error": h.last_error.as_ref().map(|(e, _)| e),
+        }));
+    }
+    let s = &runtime.config.settings;
+    Json(json!({
+        "app": {"name": s.app_name, "version": s.app_version, "uptime_seconds": state.started_at.elapsed().as_secs()},
+        "totals": {
+            "requests": state.recent.total(),
+            "attempts": requests,
+            "in_flight": state.metrics.in_flight_now(),
+            "healthy_providers": healthy,
+        },
+        "providers": providers,
+        "recent": state.recent.snapshot(),
+        "deduplication": state.dedup.stats(),
+    }))
+    .into_response()
+}
+
 /// `GET /metrics`: the Prometheus text format.
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let runtime = state.runtime();
