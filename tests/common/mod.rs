@@ -21,7 +21,8 @@ pub struct Balancer {
     pub state: Arc<AppState>,
     pub config_file: tempfile::NamedTempFile,
     pub client: reqwest::Client,
-    _shutdown: oneshot::Sender<()>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Balancer {
@@ -36,7 +37,7 @@ impl Balancer {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let s = Arc::clone(&state);
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             let _ = server::serve(listener, s, async {
                 let _ = rx.await;
             })
@@ -49,8 +50,17 @@ impl Balancer {
             state,
             config_file,
             client,
-            _shutdown: tx,
+            shutdown: Some(tx),
+            server: Some(server),
         }
+    }
+
+    /// Starts a graceful shutdown; the handle resolves when the server has stopped.
+    pub fn shutdown(&mut self) -> tokio::task::JoinHandle<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.server.take().expect("shut down twice")
     }
 
     pub fn write_config(&self, yaml: &str) {
