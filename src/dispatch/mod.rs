@@ -348,7 +348,17 @@ pub async fn messages(state: &Arc<AppState>, inbound: Inbound) -> Response {
         let name = candidate.provider.config.name.clone();
         let ticket = state.health.begin(&name, Instant::now());
         let attempt_started = Instant::now();
-        let outcome = attempt::attempt(state, &runtime, candidate, &inbound).await;
+        let mut outcome = attempt::attempt(state, &runtime, candidate, &inbound).await;
+        if let Outcome::Fault(f) = &mut outcome {
+            // Some providers echo the key they refused: it must not reach a log or the client.
+            if let crate::config::Auth::ApiKey(k) | crate::config::Auth::Bearer(k) =
+                &candidate.provider.config.auth
+            {
+                f.reason = crate::observability::redact(&f.reason, &[k.expose().to_owned()]);
+            }
+            let client = crate::observability::client_secrets(&inbound.headers);
+            f.reason = crate::observability::redact(&f.reason, &client);
+        }
         if let Some(r) = &inbound.record {
             let took = attempt_started.elapsed();
             let (label, class, status, reason) = match &outcome {

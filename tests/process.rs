@@ -1,0 +1,354 @@
+//! The real binary as a process: its JSON log file, signals (SIGTERM, SIGHUP) and watching the
+//! configuration file. Fake providers run in the test on 127.0.0.1.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use mock_provider::{End, MockProvider, Reply};
+use serde_json::{Value, json};
+
+const PROVIDER_KEY: &str = "sk-provider-secret-AAAA1111";
+const CLIENT_KEY: &str = "sk-client-secret-BBBB2222";
+const ADMIN_KEY: &str = "sk-admin-secret-CCCC3333";
+
+struct Process {
+    child: Child,
+    url: String,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn yaml(providers: &[(&str, &str)], route_to: &str, settings: &str, log_dir: &Path) -> String {
+    let mut y = String::from("providers:\n");
+    for (name, url) in providers {
+        y.push_str(&format!(
+            "  - {{name: \"{name}\", type: anthropic, base_url: \"{url}\", auth_type: api_key, auth_value: \"{PROVIDER_KEY}\"}}\n"
+        ));
+    }
+    y.push_str(&format!(
+        "model_routes:\n  \"*\":\n    - {{provider: \"{route_to}\", model: passthrough}}\n"
+    ));
+    y.push_str(&format!(
+        "settings:\n  log_file_path: \"{}/logs.jsonl\"\n  log_level: INFO\n{settings}",
+        log_dir.display()
+    ));
+    y
+}
+
+async fn start(config_text: impl Fn(&Path) -> String) -> Process {
+    claude_balancer::upstream::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, config_text(&dir.path().join("logs"))).unwrap();
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_claude-balancer"))
+        .args(["--config"])
+        .arg(&config)
+        .args(["--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        if client.get(format!("{url}/health")).send().await.is_ok() {
+            return Process {
+                child,
+                url,
+                dir,
+                config,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the balancer did not start");
+}
+
+fn signal(p: &Process, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &p.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn wait_exit(p: &mut Process) -> i32 {
+    for _ in 0..400 {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            return status.code().unwrap_or(-1);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the balancer did not exit");
+}
+
+fn log_lines(p: &Process) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(p.dir.path().join("logs")).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for line in text.lines() {
+            let v: Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            out.push((line.to_owned(), v));
+        }
+    }
+    out
+}
+
+fn request() -> Value {
+    json!({"model": "claude-sonnet-4-6", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+async fn served_by(url: &str) -> Option<String> {
+    let resp = reqwest::Client::new()
+        .post(format!("{url}/v1/messages"))
+        .json(&request())
+        .send()
+        .await
+        .ok()?;
+    resp.headers()
+        .get("x-provider-used")
+        .map(|v| v.to_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn logs_are_json_lines_with_a_summary_per_request_and_no_secret() {
+    let a = MockProvider::start(Reply::error(
+        401,
+        "authentication_error",
+        &format!("invalid x-api-key {PROVIDER_KEY}"),
+    ))
+    .await
+    .unwrap();
+    let b = MockProvider::start(Reply::message("m", "ok"))
+        .await
+        .unwrap();
+    let (ua, ub) = (a.url(), b.url());
+    let mut p = start(|logs| {
+        let mut y = yaml(
+            &[("A", &ua), ("B", &ub)],
+            "A",
+            &format!("  auth:\n    enabled: true\n    api_keys: [\"{CLIENT_KEY}\"]\n    admin_keys: [\"{ADMIN_KEY}\"]\n    exempt_paths: [\"/health\"]\n"),
+            logs,
+        );
+        y = y.replace("    - {provider: \"A\", model: passthrough}\n", "    - {provider: \"A\", model: passthrough}\n    - {provider: \"B\", model: passthrough, priority: 2}\n");
+        y
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(format!("{}/v1/messages", p.url))
+        .header("x-api-key", CLIENT_KEY)
+        .header("x-claude-code-session-id", "session-xyz")
+        .header("x-request-id", "req-from-client-1")
+        .json(&request())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.unwrap();
+    assert!(!body.contains(PROVIDER_KEY));
+    let admin = client
+        .get(format!("{}/providers", p.url))
+        .header("authorization", format!("Bearer {ADMIN_KEY}"))
+        .send()
+        .await
+        .unwrap();
+    let admin_text = admin.text().await.unwrap();
+    assert!(
+        !admin_text.contains(PROVIDER_KEY)
+            && !admin_text.contains(ADMIN_KEY)
+            && !admin_text.contains(CLIENT_KEY)
+    );
+    let refused = client
+        .post(format!("{}/v1/messages", p.url))
+        .header("x-api-key", "sk-wrong-key-ZZZZ")
+        .json(&request())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    signal(&p, "-TERM");
+    assert_eq!(wait_exit(&mut p).await, 0);
+
+    let lines = log_lines(&p);
+    for (raw, _) in &lines {
+        for secret in [PROVIDER_KEY, CLIENT_KEY, ADMIN_KEY, "sk-wrong-key-ZZZZ"] {
+            assert!(!raw.contains(secret), "a secret reached the log: {raw}");
+        }
+    }
+    let summary = lines
+        .iter()
+        .map(|(_, v)| v)
+        .find(|v| v["message"] == "request" && v["request_id"] == "req-from-client-1")
+        .unwrap_or_else(|| panic!("no summary line: {lines:?}"));
+    assert!(
+        summary["timestamp"].as_str().unwrap().ends_with('Z'),
+        "RFC 3339 UTC: {summary}"
+    );
+    assert_eq!(summary["session_id"], "session-xyz");
+    assert_eq!(summary["model"], "claude-sonnet-4-6");
+    assert_eq!(summary["route"], "*");
+    assert_eq!(summary["provider"], "B");
+    assert_eq!(summary["status"], 200);
+    assert_eq!(summary["stream"], false);
+    assert_eq!(summary["cache"], "miss");
+    for field in [
+        "ttfb_ms",
+        "total_ms",
+        "overhead_ms",
+        "input_tokens",
+        "output_tokens",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
+    ] {
+        assert!(summary[field].is_number(), "{field}: {summary}");
+    }
+    assert_eq!(summary["input_tokens"], 12);
+    let attempts: Value = serde_json::from_str(summary["attempts"].as_str().unwrap()).unwrap();
+    assert_eq!(attempts[0]["provider"], "A");
+    assert_eq!(attempts[0]["outcome"], "fault");
+    assert_eq!(attempts[0]["status"], 401);
+    assert!(attempts[0]["reason"].as_str().unwrap().contains("****"));
+    assert_eq!(attempts[1]["outcome"], "committed");
+    let messages: Vec<String> = lines
+        .iter()
+        .map(|(_, v)| v["message"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("claude-balancer listening")),
+        "{messages:?}"
+    );
+    assert!(
+        messages.iter().any(|m| m == "provider state changed"),
+        "{messages:?}"
+    );
+    assert!(messages.iter().any(|m| m == "shut down"), "{messages:?}");
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_stream_in_flight_finish() {
+    let events = mock_provider::split_events(&mock_provider::anthropic_stream(
+        "m",
+        "a slow answer in many words",
+    ));
+    let chunks = events
+        .into_iter()
+        .map(|e| (Duration::from_millis(150), e.into_bytes()))
+        .collect();
+    let a = MockProvider::start(Reply::sse_chunks(chunks, End::Complete))
+        .await
+        .unwrap();
+    let ua = a.url();
+    let mut p = start(|logs| yaml(&[("A", &ua)], "A", "", logs)).await;
+    let mut body = request();
+    body["stream"] = json!(true);
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/messages", p.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = resp.bytes_stream();
+    let mut text = String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap();
+    signal(&p, "-TERM");
+    while let Some(chunk) = stream.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    assert!(
+        text.trim_end()
+            .ends_with("data: {\"type\":\"message_stop\"}"),
+        "{text}"
+    );
+    assert_eq!(wait_exit(&mut p).await, 0);
+}
+
+#[tokio::test]
+async fn a_watched_file_is_reloaded_and_a_broken_edit_changes_nothing() {
+    let a = MockProvider::start(Reply::message("m", "A")).await.unwrap();
+    let b = MockProvider::start(Reply::message("m", "B")).await.unwrap();
+    let (ua, ub) = (a.url(), b.url());
+    let p = start(|logs| yaml(&[("A", &ua), ("B", &ub)], "A", "  reload: true\n", logs)).await;
+    assert_eq!(served_by(&p.url).await.as_deref(), Some("A"));
+    // Editors write a new file and rename it over the old one.
+    let logs = p.dir.path().join("logs");
+    let tmp = p.dir.path().join("config.yaml.tmp");
+    std::fs::write(
+        &tmp,
+        yaml(&[("A", &ua), ("B", &ub)], "B", "  reload: true\n", &logs),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &p.config).unwrap();
+    let mut moved = false;
+    for _ in 0..100 {
+        if served_by(&p.url).await.as_deref() == Some("B") {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(moved, "the route did not move after the file changed");
+    std::fs::write(&p.config, "providers: [ this is not yaml").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(served_by(&p.url).await.as_deref(), Some("B"));
+    let refused = log_lines(&p).iter().any(|(_, v)| {
+        v["message"] == "configuration reload refused; the running configuration is unchanged"
+    });
+    assert!(refused, "the broken edit was not logged");
+}
+
+#[tokio::test]
+async fn sighup_reloads() {
+    let a = MockProvider::start(Reply::message("m", "A")).await.unwrap();
+    let b = MockProvider::start(Reply::message("m", "B")).await.unwrap();
+    let (ua, ub) = (a.url(), b.url());
+    let p = start(|logs| yaml(&[("A", &ua), ("B", &ub)], "A", "", logs)).await;
+    assert_eq!(served_by(&p.url).await.as_deref(), Some("A"));
+    std::fs::write(
+        &p.config,
+        yaml(
+            &[("A", &ua), ("B", &ub)],
+            "B",
+            "",
+            &p.dir.path().join("logs"),
+        ),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        served_by(&p.url).await.as_deref(),
+        Some("A"),
+        "no reload without a signal or reload: true"
+    );
+    signal(&p, "-HUP");
+    let mut moved = false;
+    for _ in 0..100 {
+        if served_by(&p.url).await.as_deref() == Some("B") {
+            moved = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(moved);
+}
