@@ -59,7 +59,7 @@ async fn start(config_text: impl Fn(&Path) -> String) -> Process {
     let config = dir.path().join("config.yaml");
     std::fs::write(&config, config_text(&dir.path().join("logs"))).unwrap();
     let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_claude-balancer"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_claude-balancer"))
         .args(["--config"])
         .arg(&config)
         .args(["--port", &port.to_string()])
@@ -80,6 +80,8 @@ async fn start(config_text: impl Fn(&Path) -> String) -> Process {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("the balancer did not start");
 }
 
