@@ -301,6 +301,9 @@ async fn anthropic(
         if is_error_body(&body) {
             return Outcome::Fault(error_payload_fault(&String::from_utf8_lossy(&body)));
         }
+        if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+            return Outcome::Fault(Fault::new(FaultClass::Other, "answer is not JSON"));
+        }
         return commit_json(&clock, status, &upstream_headers, Body::from(body), name);
     }
 
@@ -318,7 +321,22 @@ async fn anthropic(
                     .unwrap_or_default();
                 Some(Err(error_payload_fault(&payload)))
             }
-            Some(_) => Some(body_fault(settings, all).map_or(Ok(()), Err)),
+            Some(_) => {
+                // The events before commit must be readable: a broken first event fails over.
+                if let Some(bad) = sse::parse_all(&String::from_utf8_lossy(all))
+                    .into_iter()
+                    .find(|(_, d)| serde_json::from_str::<serde::de::IgnoredAny>(d).is_err())
+                {
+                    return Some(Err(Fault::new(
+                        FaultClass::Other,
+                        format!(
+                            "event {:?} before commit is not JSON",
+                            bad.0.unwrap_or_default()
+                        ),
+                    )));
+                }
+                Some(body_fault(settings, all).map_or(Ok(()), Err))
+            }
         }
     })
     .await;

@@ -370,6 +370,11 @@ impl MockProvider {
         lock(&self.shared.script).push_back(reply);
     }
 
+    /// Drops every reply still queued.
+    pub fn clear_script(&self) {
+        lock(&self.shared.script).clear();
+    }
+
     pub fn set_default(&self, reply: Reply) {
         *lock(&self.shared.default) = reply;
     }
