@@ -1,0 +1,208 @@
+//! Large property tests over the parsers and converters: no panic, no hang, and the stream
+//! converter never emits an event sequence a client would mis-read.
+//!
+//! CI runs the default case count; for a long run:
+//! `PROPTEST_CASES=200000 cargo test --release --test fuzz`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
+
+use claude_balancer::adapter::events::accumulate_sse;
+use claude_balancer::adapter::openai::request::convert;
+use claude_balancer::adapter::openai::stream::{Step, StreamState};
+use claude_balancer::adapter::openai::{Options, ReplyContext};
+use claude_balancer::config::Dialect;
+use claude_balancer::upstream::sse::{Splitter, parse_all};
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One upstream chunk, from a grammar that covers the dialects and their mistakes.
+fn chunk() -> impl Strategy<Value = String> {
+    let text = prop_oneof![
+        Just(String::new()),
+        Just(" ".to_owned()),
+        Just("\n\n".to_owned()),
+        "[a-z <>/{}\":,]{0,12}"
+    ];
+    let index = prop_oneof![Just(None), (0u64..3).prop_map(Some)];
+    let id = prop_oneof![
+        Just(None),
+        Just(Some("")),
+        Just(Some("call_a")),
+        Just(Some("call_b")),
+        Just(Some("functions.X:0"))
+    ];
+    let name = prop_oneof![Just(None), Just(Some("Bash")), Just(Some("Read"))];
+    let args = prop_oneof![
+        Just(None),
+        Just(Some("")),
+        Just(Some("{")),
+        Just(Some("\"a\":1")),
+        Just(Some("}")),
+        Just(Some("{\"a\":1}"))
+    ];
+    let finish = prop_oneof![
+        Just(None),
+        Just(Some("stop")),
+        Just(Some("tool_calls")),
+        Just(Some("length")),
+        Just(Some("content_filter")),
+        Just(Some("error"))
+    ];
+    let tool = (index, id, name, args).prop_map(|(i, id, n, a)| {
+        let mut t = json!({"function": {}});
+        if let Some(i) = i {
+            t["index"] = json!(i);
+        }
+        if let Some(id) = id {
+            t["id"] = json!(id);
+        }
+        if let Some(n) = n {
+            t["function"]["name"] = json!(n);
+        }
+        if let Some(a) = a {
+            t["function"]["arguments"] = json!(a);
+        }
+        t
+    });
+    let delta = (
+        prop::option::of(text.clone()),
+        prop::option::of(text.clone()),
+        prop::option::of(text),
+        prop::collection::vec(tool, 0..3),
+    )
+        .prop_map(|(content, reasoning, reasoning_content, tools)| {
+            let mut d = json!({});
+            if let Some(c) = content {
+                d["content"] = json!(c);
+            }
+            if let Some(r) = reasoning {
+                d["reasoning"] = json!(r);
+            }
+            if let Some(r) = reasoning_content {
+                d["reasoning_content"] = json!(r);
+            }
+            if !tools.is_empty() {
+                d["tool_calls"] = json!(tools);
+            }
+            d
+        });
+    prop_oneof![
+        8 => (delta, finish).prop_map(|(d, f)| json!({"choices": [{"index": 0, "delta": d, "finish_reason": f}]}).to_string()),
+        1 => Just(json!({"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 3}}).to_string()),
+        1 => Just(json!({"error": {"message": "boom", "type": "server_error"}}).to_string()),
+        1 => Just("not json {".to_owned()),
+        1 => Just("[DONE]".to_owned()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases(2000)))]
+
+    /// Whatever the upstream sends, the client sees a valid Anthropic stream, or one that ends with
+    /// exactly one error event after valid events.
+    #[test]
+    fn the_stream_converter_never_emits_an_invalid_sequence(chunks in prop::collection::vec(chunk(), 0..25), thinking: bool) {
+        let ctx = ReplyContext { model: "claude-x".into(), thinking, stop_sequences: vec![], input_estimate: 10 };
+        let mut s = StreamState::new(ctx);
+        s.start();
+        let mut ended = false;
+        for c in &chunks {
+            if s.push_data(c) != Step::Continue {
+                ended = true;
+                break;
+            }
+        }
+        if !ended {
+            s.finish();
+        }
+        let out = String::from_utf8(s.take()).unwrap();
+        let events = parse_all(&out);
+        let errors = events.iter().filter(|(n, _)| n.as_deref() == Some("error")).count();
+        let ended_ok = out.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n") && errors == 0;
+        let ended_err = errors == 1 && events.last().unwrap().0.as_deref() == Some("error") && !out.contains("message_stop");
+        prop_assert!(ended_ok != ended_err, "a stream must end with message_stop or one error event:\n{}", out);
+        match accumulate_sse(&out) {
+            Ok(m) => {
+                prop_assert!(ended_ok);
+                let has_tool = m["content"].as_array().unwrap().iter().any(|b| b["type"] == "tool_use");
+                prop_assert_eq!(has_tool, m["stop_reason"] == "tool_use");
+            }
+            // Unparseable tool arguments are let through as received (protocol.md C.12.6): the
+            // client reports them to the model. Everything else must be a clean error ending.
+            Err(e) if e.contains("tool input") => {}
+            Err(e) => prop_assert!(e.starts_with("error event") && ended_err, "{} in\n{}", e, out),
+        }
+    }
+
+    /// The SSE splitter keeps every byte, in order, whatever arrives.
+    #[test]
+    fn the_splitter_loses_nothing(pieces in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..20)) {
+        let mut s = Splitter::new();
+        let mut out = Vec::new();
+        for p in &pieces {
+            out.extend_from_slice(&s.push(p).bytes);
+        }
+        out.extend_from_slice(s.pending());
+        prop_assert_eq!(out, pieces.concat());
+    }
+
+    /// The request parser and the config loader never panic on garbage.
+    #[test]
+    fn parsers_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300), text in "\\PC{0,200}") {
+        let _ = claude_balancer::inbound::body::parse(&bytes);
+        let _ = claude_balancer::config::load_str(&text, &|_| None);
+        let _ = claude_balancer::config::load_str(&String::from_utf8_lossy(&bytes), &|_| None);
+    }
+}
+
+/// A random conversation in Anthropic form.
+fn conversation() -> impl Strategy<Value = Value> {
+    let block = prop_oneof![
+        "[a-z ]{0,8}".prop_map(|t| json!({"type": "text", "text": t})),
+        (0u8..4).prop_map(|i| json!({"type": "tool_use", "id": format!("t{i}"), "name": "Bash", "input": {"n": i}})),
+        (0u8..4).prop_map(|i| json!({"type": "tool_result", "tool_use_id": format!("t{i}"), "content": "ok"})),
+        Just(json!({"type": "thinking", "thinking": "hm", "signature": "gw1.x"})),
+        Just(json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA"}})),
+    ];
+    let message = (
+        prop_oneof![Just("user"), Just("assistant"), Just("system")],
+        prop::collection::vec(block, 0..4),
+    )
+        .prop_map(|(role, blocks)| json!({"role": role, "content": blocks}));
+    prop::collection::vec(message, 0..8)
+        .prop_map(|m| json!({"model": "m", "max_tokens": 100, "messages": m}))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases(2000)))]
+
+    /// Whatever the history, every assistant `tool_calls` is followed directly by one tool message
+    /// per call, and no tool message appears anywhere else.
+    #[test]
+    fn converted_history_keeps_the_tool_message_rule(body in conversation(), dialect in prop_oneof![Just(Dialect::Generic), Just(Dialect::Deepseek), Just(Dialect::Openai)]) {
+        let out = convert(&body, "up", false, &Options { dialect, max_tokens_cap: None, sanitize_schemas: false }).unwrap();
+        let msgs = out["messages"].as_array().unwrap();
+        let mut i = 0;
+        while i < msgs.len() {
+            let m = &msgs[i];
+            if m["role"] == "tool" {
+                prop_assert!(false, "a tool message without a call before it: {}", out);
+            }
+            if let Some(calls) = m["tool_calls"].as_array() {
+                for (k, c) in calls.iter().enumerate() {
+                    let t = msgs.get(i + 1 + k);
+                    prop_assert!(t.is_some_and(|t| t["role"] == "tool" && t["tool_call_id"] == c["id"]), "call {} unanswered in {}", c, out);
+                    prop_assert!(c["function"]["arguments"].is_string());
+                }
+                i += calls.len();
+            }
+            i += 1;
+        }
+    }
+}
