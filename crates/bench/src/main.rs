@@ -1,0 +1,599 @@
+//! The benchmark: the same load, in the same run and in alternating rounds, sent directly to a fake
+//! provider, through a bare byte-forwarding hyper proxy (the floor any gateway is compared with),
+//! and through claude-balancer. It prints one table and writes BENCHMARKS.md.
+//!
+//! ```text
+//! cargo build --release --workspace --bins && target/release/bench [--quick] [--out BENCHMARKS.md]
+//! ```
+//! Everything listens on 127.0.0.1; the load is bounded by request counts.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mock_provider::{End, MockProvider, Reply};
+use serde_json::json;
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .build(connector)
+}
+
+/// A Claude Code-shaped request: system blocks, tools with schemas, history (about 40 KB).
+fn request_body(stream: bool) -> Bytes {
+    let tools: Vec<_> = (0..18)
+        .map(|i| {
+            json!({"name": format!("Tool{i}"), "description": "A tool that does something useful for the agent. ".repeat(12),
+                "input_schema": {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "additionalProperties": false,
+                    "properties": {"path": {"type": "string", "description": "The absolute path"}, "limit": {"type": "number"}, "flag": {"type": "boolean"}},
+                    "required": ["path"]}})
+        })
+        .collect();
+    let mut messages = Vec::new();
+    for i in 0..10 {
+        messages.push(json!({"role": "user", "content": [{"type": "text", "text": format!("<system-reminder>context {i}</system-reminder>")},
+            {"type": "text", "text": "Please look at the code and fix the failing test. ".repeat(20)}]}));
+        messages.push(json!({"role": "assistant", "content": [{"type": "text", "text": "Looking at the repository now. ".repeat(25)}]}));
+    }
+    messages.push(json!({"role": "user", "content": "continue"}));
+    let body = json!({"model": "claude-sonnet-4-6", "max_tokens": 32000, "stream": stream,
+        "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197; cc_entrypoint=cli;"},
+                   {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude.", "cache_control": {"type": "ephemeral"}},
+                   {"type": "text", "text": "You are an interactive agent that helps users with software engineering tasks. ".repeat(40), "cache_control": {"type": "ephemeral"}}],
+        "tools": tools, "messages": messages, "metadata": {"user_id": "{\"device_id\":\"d\",\"account_uuid\":\"\",\"session_id\":\"s\"}"}});
+    Bytes::from(body.to_string())
+}
+
+/// 50 Anthropic events (a text answer in 44 deltas).
+fn anthropic_events() -> Vec<String> {
+    let words: String = (0..44).map(|i| format!("w{i} ")).collect();
+    mock_provider::split_events(&mock_provider::anthropic_stream(
+        "claude-sonnet-4-6",
+        words.trim_end(),
+    ))
+}
+
+/// 50 Chat Completions chunks.
+fn openai_events() -> Vec<String> {
+    let mut chunks: Vec<serde_json::Value> = (0..47)
+        .map(|i| mock_provider::openai_chunk(json!({"content": format!("w{i} ")}), None))
+        .collect();
+    chunks.insert(
+        0,
+        mock_provider::openai_chunk(json!({"role": "assistant", "content": ""}), None),
+    );
+    chunks.push(mock_provider::openai_chunk(json!({}), Some("stop")));
+    chunks.push(json!({"id": "x", "choices": [], "usage": {"prompt_tokens": 9000, "completion_tokens": 50}}));
+    mock_provider::split_events(&mock_provider::openai_sse(&chunks, true))
+}
+
+fn stream_reply(events: &[String], first: Duration, gap: Duration) -> Reply {
+    let chunks = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (if i == 0 { first } else { gap }, e.clone().into_bytes()))
+        .collect();
+    Reply::sse_chunks(chunks, End::Complete)
+}
+
+#[derive(Default, Clone)]
+struct Samples {
+    ttfb: Vec<Duration>,
+    total: Vec<Duration>,
+    errors: usize,
+    wall: Duration,
+}
+
+impl Samples {
+    fn pct(v: &[Duration], p: f64) -> f64 {
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        let mut s = v.to_vec();
+        s.sort();
+        s[((s.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0
+    }
+    fn merge(&mut self, o: Samples) {
+        self.ttfb.extend(o.ttfb);
+        self.total.extend(o.total);
+        self.errors += o.errors;
+        self.wall += o.wall;
+    }
+    fn throughput(&self) -> f64 {
+        self.total.len() as f64 / self.wall.as_secs_f64()
+    }
+}
+
+async fn load(c: &HttpClient, url: &str, body: Bytes, concurrency: usize, total: usize) -> Samples {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (c, url, body, next) = (c.clone(), url.to_owned(), body.clone(), Arc::clone(&next));
+        workers.push(tokio::spawn(async move {
+            let mut s = Samples::default();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                let req = Request::post(format!("{url}/v1/messages"))
+                    .header("content-type", "application/json")
+                    .header("anthropic-version", "2023-06-01")
+                    .header("x-api-key", "bench-key")
+                    .body(Full::new(body.clone()));
+                let Ok(req) = req else {
+                    s.errors += 1;
+                    continue;
+                };
+                let t0 = Instant::now();
+                let Ok(resp) = c.request(req).await else {
+                    s.errors += 1;
+                    continue;
+                };
+                let ok = resp.status().is_success();
+                let mut body = resp.into_body();
+                let mut first = None;
+                while let Some(frame) = body.frame().await {
+                    match frame {
+                        Ok(f) if f.is_data() => {
+                            first.get_or_insert_with(|| t0.elapsed());
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            s.errors += 1;
+                            break;
+                        }
+                    }
+                }
+                if !ok {
+                    s.errors += 1;
+                }
+                s.ttfb.push(first.unwrap_or_else(|| t0.elapsed()));
+                s.total.push(t0.elapsed());
+            }
+            s
+        }));
+    }
+    let mut all = Samples::default();
+    for w in workers {
+        if let Ok(s) = w.await {
+            all.merge(s);
+        }
+    }
+    all.wall = started.elapsed();
+    all
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / clock_ticks()
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0))
+        .unwrap_or(0)
+}
+
+async fn wait_up(c: &HttpClient, url: &str) {
+    for _ in 0..400 {
+        let req = Request::get(format!("{url}/health")).body(Full::new(Bytes::new()));
+        if let Ok(req) = req {
+            if c.request(req).await.is_ok() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn start_balancer(dir: &std::path::Path, name: &str, upstream: &str, kind: &str) -> (Proc, String) {
+    let port = free_port();
+    let base = if kind == "openai" {
+        format!("{upstream}/v1")
+    } else {
+        upstream.to_owned()
+    };
+    let config = dir.join(format!("{name}.yaml"));
+    let yaml = format!(
+        "providers:\n  - {{name: P, type: {kind}, base_url: \"{base}\", auth_type: api_key, auth_value: provider-key}}\nmodel_routes:\n  \"*\":\n    - {{provider: P, model: passthrough}}\nsettings:\n  log_level: INFO\n  log_file_path: \"{}/{name}-logs/logs.jsonl\"\n  deduplication:\n    enabled: false\n  sticky_provider_duration: 0\n",
+        dir.display()
+    );
+    let _ = std::fs::write(&config, yaml);
+    let exe = sibling("claude-balancer");
+    let child = Command::new(exe)
+        .arg("--config")
+        .arg(&config)
+        .args(["--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match child {
+        Ok(c) => (Proc(c), format!("http://127.0.0.1:{port}")),
+        Err(e) => {
+            eprintln!(
+                "cannot start claude-balancer (build it first: cargo build --release --workspace --bins): {e}"
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+fn sibling(name: &str) -> PathBuf {
+    let me = std::env::current_exe().unwrap_or_default();
+    me.with_file_name(name)
+}
+
+fn start_bare_proxy(upstream: &str) -> (Proc, String) {
+    let port = free_port();
+    let child = Command::new(std::env::current_exe().unwrap_or_default())
+        .args(["--bare-proxy", &port.to_string(), upstream])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match child {
+        Ok(c) => (Proc(c), format!("http://127.0.0.1:{port}")),
+        Err(e) => {
+            eprintln!("cannot start the bare proxy: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// The floor: forwards every request to `upstream` and streams the answer back, nothing else.
+async fn bare_proxy(port: u16, upstream: String) {
+    let Ok(listener) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await else {
+        return;
+    };
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let c: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .build(connector);
+    let upstream = Arc::new(upstream);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (c, upstream) = (c.clone(), Arc::clone(&upstream));
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (c, upstream) = (c.clone(), Arc::clone(&upstream));
+                async move {
+                    let (mut parts, body) = req.into_parts();
+                    let path = parts
+                        .uri
+                        .path_and_query()
+                        .map(|p| p.as_str())
+                        .unwrap_or("/");
+                    parts.uri = format!("{upstream}{path}").parse().unwrap_or_default();
+                    parts.headers.remove("host");
+                    let resp = c.request(Request::from_parts(parts, body)).await;
+                    Ok::<_, Infallible>(match resp {
+                        Ok(r) => r.map(|b| b.boxed()),
+                        Err(_) => Response::builder()
+                            .status(502)
+                            .body(
+                                Full::new(Bytes::new())
+                                    .map_err(|n: Infallible| match n {})
+                                    .boxed(),
+                            )
+                            .unwrap_or_default(),
+                    })
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpu
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_owned();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores, {model}, Linux {}", kernel.trim())
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--bare-proxy") {
+        let port = args.get(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        bare_proxy(port, args.get(2).cloned().unwrap_or_default()).await;
+        return;
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| "BENCHMARKS.md".into());
+    let scale = if quick { 1 } else { 4 };
+    let dir = std::env::temp_dir().join(format!("cb-bench-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let c = client();
+    let mut report = String::new();
+
+    // Upstreams: an Anthropic-style one (JSON or 50 events) and an OpenAI-style one (50 chunks).
+    let mock = match MockProvider::start(Reply::message("m", "ok")).await {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("cannot start the fake provider: {e}");
+            return;
+        }
+    };
+    let oai = match MockProvider::start(Reply::message("m", "ok")).await {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("cannot start the fake provider: {e}");
+            return;
+        }
+    };
+    let (bal_proc, bal) = start_balancer(&dir, "pass", &mock.url(), "anthropic");
+    let (oai_proc, oai_bal) = start_balancer(&dir, "conv", &oai.url(), "openai");
+    let (bare_proc, bare) = start_bare_proxy(&mock.url());
+    wait_up(&c, &bal).await;
+    wait_up(&c, &oai_bal).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle_rss = rss_mb(bal_proc.0.id());
+    let arms = [
+        ("direct", mock.url()),
+        ("bare proxy", bare.clone()),
+        ("claude-balancer", bal.clone()),
+    ];
+    let pids = |name: &str| match name {
+        "bare proxy" => Some(bare_proc.0.id()),
+        "claude-balancer" => Some(bal_proc.0.id()),
+        _ => None,
+    };
+
+    // Runs `per_round` requests per arm, three alternating rounds; returns samples and CPU per request.
+    async fn rounds(
+        c: &HttpClient,
+        arms: &[(&str, String)],
+        pids: &dyn Fn(&str) -> Option<u32>,
+        body: &Bytes,
+        conc: usize,
+        per_round: usize,
+    ) -> Vec<(String, Samples, Option<f64>)> {
+        let mut res: Vec<(String, Samples, f64)> = arms
+            .iter()
+            .map(|(n, _)| ((*n).to_owned(), Samples::default(), 0.0))
+            .collect();
+        // Warm-up.
+        for (_, url) in arms {
+            load(c, url, body.clone(), conc, conc * 4).await;
+        }
+        for _ in 0..3 {
+            for (i, (name, url)) in arms.iter().enumerate() {
+                let before = pids(name).map(cpu_seconds);
+                let s = load(c, url, body.clone(), conc, per_round).await;
+                if let (Some(b), Some(pid)) = (before, pids(name)) {
+                    res[i].2 += cpu_seconds(pid) - b;
+                }
+                res[i].1.merge(s);
+            }
+        }
+        res.into_iter()
+            .map(|(n, s, cpu)| {
+                let per = pids(&n).map(|_| cpu / s.total.len().max(1) as f64 * 1e6);
+                (n, s, per)
+            })
+            .collect()
+    }
+
+    let _ = writeln!(
+        report,
+        "Machine: {}. Fake provider, load driver and arms on 127.0.0.1; three alternating rounds per scenario.\n",
+        machine()
+    );
+
+    // 1. Non-streaming, 20 ms provider, concurrency 16.
+    mock.set_default(
+        Reply::message("claude-sonnet-4-6", "ok").with_delay(Duration::from_millis(20)),
+    );
+    let body = request_body(false);
+    let r = rounds(&c, &arms, &pids, &body, 16, 300 * scale).await;
+    let direct = (
+        Samples::pct(&r[0].1.total, 0.5),
+        Samples::pct(&r[0].1.total, 0.99),
+    );
+    let _ = writeln!(
+        report,
+        "### Non-streaming, 20 ms provider, concurrency 16, {} KB requests\n",
+        body.len() / 1024
+    );
+    let _ = writeln!(
+        report,
+        "| arm | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU µs/request | errors |\n|---|---|---|---|---|---|---|"
+    );
+    for (n, s, cpu) in &r {
+        let (p50, p99) = (Samples::pct(&s.total, 0.5), Samples::pct(&s.total, 0.99));
+        let _ = writeln!(
+            report,
+            "| {n} | {p50:.2} | {p99:.2} | {:.2} | {:.2} | {} | {} |",
+            p50 - direct.0,
+            p99 - direct.1,
+            cpu.map_or("-".into(), |c| format!("{c:.0}")),
+            s.errors
+        );
+    }
+
+    // 2. Streaming, 50 events, 20 ms to the first event.
+    mock.set_default(stream_reply(
+        &anthropic_events(),
+        Duration::from_millis(20),
+        Duration::ZERO,
+    ));
+    let body = request_body(true);
+    let r = rounds(&c, &arms, &pids, &body, 16, 150 * scale).await;
+    let _ = writeln!(
+        report,
+        "\n### Streaming, 50 events, 20 ms to the first event, concurrency 16\n"
+    );
+    let _ = writeln!(
+        report,
+        "| arm | first byte p50 ms | last byte p50 ms | last byte p99 ms | CPU µs/request | errors |\n|---|---|---|---|---|---|"
+    );
+    for (n, s, cpu) in &r {
+        let _ = writeln!(
+            report,
+            "| {n} | {:.2} | {:.2} | {:.2} | {} | {} |",
+            Samples::pct(&s.ttfb, 0.5),
+            Samples::pct(&s.total, 0.5),
+            Samples::pct(&s.total, 0.99),
+            cpu.map_or("-".into(), |c| format!("{c:.0}")),
+            s.errors
+        );
+    }
+
+    // 3. Throughput, provider without latency, concurrency 64.
+    mock.set_default(Reply::message("claude-sonnet-4-6", "ok"));
+    let body = request_body(false);
+    let r = rounds(&c, &arms, &pids, &body, 64, 1000 * scale).await;
+    let base = r[0].1.throughput();
+    let _ = writeln!(
+        report,
+        "\n### Throughput, provider without latency, concurrency 64\n"
+    );
+    let _ = writeln!(
+        report,
+        "| arm | requests/s | of direct | CPU µs/request | errors |\n|---|---|---|---|---|"
+    );
+    for (n, s, cpu) in &r {
+        let _ = writeln!(
+            report,
+            "| {n} | {:.0} | {:.1} % | {} | {} |",
+            s.throughput(),
+            s.throughput() / base * 100.0,
+            cpu.map_or("-".into(), |c| format!("{c:.0}")),
+            s.errors
+        );
+    }
+
+    // 4. OpenAI conversion: streaming, 50 chunks, through the converting balancer.
+    oai.set_default(stream_reply(
+        &openai_events(),
+        Duration::from_millis(20),
+        Duration::ZERO,
+    ));
+    let conv_arms = [("claude-balancer (openai conversion)", oai_bal.clone())];
+    let conv_pid = |_: &str| Some(oai_proc.0.id());
+    let r = rounds(
+        &c,
+        &conv_arms,
+        &conv_pid,
+        &request_body(true),
+        16,
+        150 * scale,
+    )
+    .await;
+    let _ = writeln!(
+        report,
+        "\n### Streaming with OpenAI conversion, 50 chunks, 20 ms to the first chunk, concurrency 16\n"
+    );
+    let _ = writeln!(
+        report,
+        "| arm | first byte p50 ms | last byte p50 ms | CPU µs/request | errors |\n|---|---|---|---|---|"
+    );
+    for (n, s, cpu) in &r {
+        let _ = writeln!(
+            report,
+            "| {n} | {:.2} | {:.2} | {} | {} |",
+            Samples::pct(&s.ttfb, 0.5),
+            Samples::pct(&s.total, 0.5),
+            cpu.map_or("-".into(), |c| format!("{c:.0}")),
+            s.errors
+        );
+    }
+
+    // 5. Memory: idle, and holding 1,000 concurrent streams (50 events, 100 ms apart).
+    mock.set_default(stream_reply(
+        &anthropic_events(),
+        Duration::from_millis(20),
+        Duration::from_millis(100),
+    ));
+    let body = request_body(true);
+    let bal_pid = bal_proc.0.id();
+    let holder = tokio::spawn({
+        let (c, bal, body) = (c.clone(), bal.clone(), body.clone());
+        async move { load(&c, &bal, body, 1000, 1000).await }
+    });
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let busy_rss = rss_mb(bal_pid);
+    let held = holder.await.unwrap_or_default();
+    let _ = writeln!(
+        report,
+        "\n### Memory of claude-balancer\n\n| state | resident MB |\n|---|---|\n| idle | {idle_rss:.1} |\n| 1,000 concurrent streams | {busy_rss:.1} (errors: {}) |",
+        held.errors
+    );
+
+    println!("{report}");
+    let doc = format!(
+        "# Benchmarks\n\nProduced by:\n\n```\ncargo build --release --workspace --bins && target/release/bench\n```\n\n{report}\nAdded latency is the arm's percentile minus the direct arm's. CPU is user + system time of the\nproxy process (from `/proc`) over the requests it served. The balancer runs with its defaults except\ndeduplication (off: the benchmark repeats one request, which would otherwise be coalesced) and\nwrites its JSON request log as in production.\n"
+    );
+    if let Err(e) = std::fs::write(&out, doc) {
+        eprintln!("cannot write {out}: {e}");
+    }
+    drop((bal_proc, oai_proc, bare_proc));
+    let _ = std::fs::remove_dir_all(&dir);
+}
