@@ -12,7 +12,9 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -224,10 +226,10 @@ fn free_port() -> u16 {
 async fn wait_up(c: &HttpClient, url: &str) {
     for _ in 0..400 {
         let req = Request::get(format!("{url}/health")).body(Full::new(Bytes::new()));
-        if let Ok(req) = req {
-            if c.request(req).await.is_ok() {
-                return;
-            }
+        if let Ok(req) = req
+            && c.request(req).await.is_ok()
+        {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
