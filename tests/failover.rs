@@ -9,18 +9,12 @@ use common::*;
 use serde_json::Value;
 
 async fn two(settings: &str) -> (MockProvider, MockProvider, Balancer) {
-    let a = MockProvider::start(Reply::message("m", "from A"))
-        .await
-        .unwrap();
-    let b = MockProvider::start(Reply::message("m", "from B"))
-        .await
-        .unwrap();
-    let bal = Balancer::start(&config_yaml(
-        &[("A", &a.url(), 1), ("B", &b.url(), 2)],
+    two_providers(
+        Reply::message("m", "from A"),
+        Reply::message("m", "from B"),
         settings,
-    ))
-    .await;
-    (a, b, bal)
+    )
+    .await
 }
 
 async fn text_of(resp: reqwest::Response) -> String {

@@ -13,18 +13,12 @@ use tokio::time::Instant;
 const SECS: Duration = Duration::from_secs(1);
 
 async fn two(settings: &str) -> (MockProvider, MockProvider, Balancer) {
-    let a = MockProvider::start(Reply::message_stream("m", "from A"))
-        .await
-        .unwrap();
-    let b = MockProvider::start(Reply::message_stream("m", "from B"))
-        .await
-        .unwrap();
-    let bal = Balancer::start(&config_yaml(
-        &[("A", &a.url(), 1), ("B", &b.url(), 2)],
+    two_providers(
+        Reply::message_stream("m", "from A"),
+        Reply::message_stream("m", "from B"),
         settings,
-    ))
-    .await;
-    (a, b, bal)
+    )
+    .await
 }
 
 #[tokio::test]

@@ -137,6 +137,22 @@ pub fn config_yaml(providers: &[(&str, &str, i64)], settings: &str) -> String {
     y
 }
 
+/// Two anthropic providers A (priority 1) and B (priority 2) in the route `*`.
+pub async fn two_providers(
+    a: Reply,
+    b: Reply,
+    settings: &str,
+) -> (MockProvider, MockProvider, Balancer) {
+    let pa = MockProvider::start(a).await.unwrap();
+    let pb = MockProvider::start(b).await.unwrap();
+    let bal = Balancer::start(&config_yaml(
+        &[("A", &pa.url(), 1), ("B", &pb.url(), 2)],
+        settings,
+    ))
+    .await;
+    (pa, pb, bal)
+}
+
 pub fn request(stream: bool) -> Value {
     json!({
         "model": "claude-sonnet-4-6",
