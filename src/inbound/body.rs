@@ -10,7 +10,9 @@ use std::ops::Range;
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
-use super::canonical::{Head, Kind};
+use serde::de::DeserializeSeed;
+
+use super::canonical::{Head, HeadSeed, Kind};
 
 use crate::error::ApiError;
 
@@ -31,13 +33,22 @@ pub struct Envelope {
 
 /// Validates a `/v1/messages` or `count_tokens` body and extracts its envelope and signature.
 pub fn parse(body: &[u8]) -> Result<Envelope, ApiError> {
-    let head: Head = serde_json::from_slice(body).map_err(|e| {
-        if e.is_data() {
-            ApiError::invalid_request(format!("invalid request body: {e}"))
-        } else {
-            ApiError::invalid_request(format!("request body is not valid JSON: {e}"))
-        }
-    })?;
+    parse_with(body, true)
+}
+
+/// [`parse`], computing the signature only when `sign` (coalescing or the cache need it).
+pub fn parse_with(body: &[u8], sign: bool) -> Result<Envelope, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let head: Head = HeadSeed { sign }
+        .deserialize(&mut de)
+        .and_then(|h| de.end().map(|()| h))
+        .map_err(|e| {
+            if e.is_data() {
+                ApiError::invalid_request(format!("invalid request body: {e}"))
+            } else {
+                ApiError::invalid_request(format!("request body is not valid JSON: {e}"))
+            }
+        })?;
     let model = match (head.model, head.model_present) {
         (Some(m), _) if !m.trim().is_empty() => m,
         (Some(_), _) => return Err(ApiError::invalid_request("model: must not be empty")),
@@ -240,6 +251,18 @@ mod tests {
         let body = br#"{"model":"claude-sonnet-4-6","messages":[],"stream":true,"provider":"GAC",
             "metadata":{"user_id":"{\"device_id\":\"d\",\"account_uuid\":\"\",\"session_id\":\"s-1\"}"}}"#;
         let env = parse(body).unwrap();
+        let unsigned = parse_with(body, false).unwrap();
+        assert_eq!((unsigned.signature, unsigned.max_tokens_hash), (0, None));
+        assert_eq!(
+            Envelope {
+                signature: env.signature,
+                max_tokens_hash: env.max_tokens_hash,
+                ..unsigned
+            },
+            env
+        );
+        assert_ne!(env.signature, 0);
+        assert!(parse(br#"{"model":"m","messages":[]} trailing"#).is_err());
         assert_eq!(env.model, "claude-sonnet-4-6");
         assert!(env.stream);
         assert_eq!(env.provider.as_deref(), Some("GAC"));
@@ -259,6 +282,7 @@ mod tests {
             let e = parse(body).unwrap_err();
             assert_eq!(e.status, 400, "{}", String::from_utf8_lossy(body));
             assert_eq!(e.error_type, "invalid_request_error");
+            assert_eq!(parse_with(body, false).unwrap_err().status, 400);
         }
     }
 

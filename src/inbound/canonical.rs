@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_128_with_seed};
 
 /// The JSON kind of a hashed value (enough to validate `messages`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,11 +24,7 @@ pub enum Kind {
 }
 
 fn leaf(tag: u8, bytes: &[u8]) -> u128 {
-    let mut h = Xxh3::new();
-    h.update(&[tag]);
-    h.update(&(bytes.len() as u64).to_le_bytes());
-    h.update(bytes);
-    h.digest128()
+    xxh3_128_with_seed(bytes, u64::from(tag))
 }
 
 pub fn hash_str(s: &str) -> u128 {
@@ -36,14 +32,14 @@ pub fn hash_str(s: &str) -> u128 {
 }
 
 fn hash_u64(n: u64) -> u128 {
-    leaf(b'n', n.to_string().as_bytes())
+    leaf(b'n', &n.to_le_bytes())
 }
 
 fn hash_i64(n: i64) -> u128 {
     if n >= 0 {
         hash_u64(n as u64)
     } else {
-        leaf(b'n', n.to_string().as_bytes())
+        leaf(b'i', &n.to_le_bytes())
     }
 }
 
@@ -52,21 +48,23 @@ fn hash_f64(f: f64) -> u128 {
         // 1.0 and 1 are the same number to every provider.
         return hash_i64(f as i64);
     }
-    leaf(b'f', format!("{f:?}").as_bytes())
+    leaf(b'f', &f.to_bits().to_le_bytes())
+}
+
+/// The hash of a list from its elements' hashes, in order.
+fn hash_list(items: &[u8]) -> u128 {
+    xxh3_128_with_seed(items, u64::from(b'['))
 }
 
 /// The hash of an object from its members, in any order.
 pub fn hash_object(mut members: Vec<(Cow<'_, str>, u128)>) -> u128 {
-    members.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut h = Xxh3::new();
-    h.update(b"{");
+    members.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut buf = Vec::with_capacity(members.len() * 24);
     for (k, v) in &members {
-        h.update(&(k.len() as u64).to_le_bytes());
-        h.update(k.as_bytes());
-        h.update(&v.to_le_bytes());
+        buf.extend_from_slice(&xxh3_64(k.as_bytes()).to_le_bytes());
+        buf.extend_from_slice(&v.to_le_bytes());
     }
-    h.update(b"}");
-    h.digest128()
+    xxh3_128_with_seed(&buf, u64::from(b'{'))
 }
 
 /// The same hash for an already parsed value.
@@ -82,13 +80,11 @@ pub fn hash_value(v: &Value) -> u128 {
         },
         Value::String(s) => hash_str(s),
         Value::Array(items) => {
-            let mut h = Xxh3::new();
-            h.update(b"[");
-            for i in items {
-                h.update(&hash_value(i).to_le_bytes());
-            }
-            h.update(b"]");
-            h.digest128()
+            let buf: Vec<u8> = items
+                .iter()
+                .flat_map(|i| hash_value(i).to_le_bytes())
+                .collect();
+            hash_list(&buf)
         }
         Value::Object(map) => hash_object(
             map.iter()
@@ -138,13 +134,11 @@ impl<'de> Visitor<'de> for CanonVisitor {
         Ok((leaf(b'z', b""), Kind::Null))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut h = Xxh3::new();
-        h.update(b"[");
+        let mut buf = Vec::with_capacity(seq.size_hint().unwrap_or(8) * 16);
         while let Some((v, _)) = seq.next_element_seed(Canon)? {
-            h.update(&v.to_le_bytes());
+            buf.extend_from_slice(&v.to_le_bytes());
         }
-        h.update(b"]");
-        Ok((h.digest128(), Kind::Array))
+        Ok((hash_list(&buf), Kind::Array))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut members: Vec<(Cow<'de, str>, u128)> = Vec::new();
@@ -175,11 +169,76 @@ pub struct Head {
 
 impl<'de> de::Deserialize<'de> for Head {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_map(HeadVisitor)
+        d.deserialize_map(HeadVisitor { sign: true })
     }
 }
 
-struct HeadVisitor;
+/// Reads the top level; `sign: false` skips the signature (nothing needs it) and only validates.
+pub struct HeadSeed {
+    pub sign: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for HeadSeed {
+    type Value = Head;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Head, D::Error> {
+        d.deserialize_map(HeadVisitor { sign: self.sign })
+    }
+}
+
+/// Skips a value, reporting only its kind.
+struct KindOnly;
+
+impl<'de> DeserializeSeed<'de> for KindOnly {
+    type Value = Kind;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Kind, D::Error> {
+        d.deserialize_any(KindVisitor)
+    }
+}
+
+struct KindVisitor;
+
+impl<'de> Visitor<'de> for KindVisitor {
+    type Value = Kind;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Kind, E> {
+        Ok(Kind::Bool)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Kind, E> {
+        Ok(Kind::Number)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Kind, E> {
+        Ok(Kind::Number)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Kind, E> {
+        Ok(Kind::Number)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Kind, E> {
+        Ok(Kind::String)
+    }
+    fn visit_unit<E>(self) -> Result<Kind, E> {
+        Ok(Kind::Null)
+    }
+    fn visit_none<E>(self) -> Result<Kind, E> {
+        Ok(Kind::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Kind, A::Error> {
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+        Ok(Kind::Array)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Kind, A::Error> {
+        while map
+            .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(Kind::Object)
+    }
+}
+
+struct HeadVisitor {
+    sign: bool,
+}
 
 impl<'de> Visitor<'de> for HeadVisitor {
     type Value = Head;
@@ -200,9 +259,11 @@ impl<'de> Visitor<'de> for HeadVisitor {
                     head.stream = v;
                     continue;
                 }
+                "max_tokens" if !self.sign => {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
                 "max_tokens" => {
                     head.max_tokens = Some(map.next_value_seed(Canon)?.0);
-                    continue;
                 }
                 "model" => {
                     let v: Value = map.next_value()?;
@@ -222,10 +283,16 @@ impl<'de> Visitor<'de> for HeadVisitor {
                     members.push((key, hash_value(&v)));
                     head.metadata = Some(v);
                 }
+                "messages" if !self.sign => {
+                    head.messages_kind = Some(map.next_value_seed(KindOnly)?)
+                }
                 "messages" => {
                     let (h, kind) = map.next_value_seed(Canon)?;
                     head.messages_kind = Some(kind);
                     members.push((key, h));
+                }
+                _ if !self.sign => {
+                    map.next_value::<de::IgnoredAny>()?;
                 }
                 _ => {
                     let (h, _) = map.next_value_seed(Canon)?;
@@ -233,7 +300,9 @@ impl<'de> Visitor<'de> for HeadVisitor {
                 }
             }
         }
-        head.signature = hash_object(members);
+        if self.sign {
+            head.signature = hash_object(members);
+        }
         Ok(head)
     }
 }

@@ -66,12 +66,16 @@ async fn read_envelope(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
+    sign: bool,
 ) -> Result<(Bytes, Envelope), Response> {
-    let limit = state.runtime().config.settings.max_request_bytes;
-    let raw = read_body(body, headers, limit)
+    let runtime = state.runtime();
+    let settings = &runtime.config.settings;
+    let raw = read_body(body, headers, settings.max_request_bytes)
         .await
         .map_err(IntoResponse::into_response)?;
-    let envelope = body::parse(&raw).map_err(IntoResponse::into_response)?;
+    // The signature is only worth computing when coalescing or the cache will use it.
+    let sign = sign && (settings.deduplication.enabled || settings.max_cache_size > 0);
+    let envelope = body::parse_with(&raw, sign).map_err(IntoResponse::into_response)?;
     Ok((raw, envelope))
 }
 
@@ -99,7 +103,7 @@ pub async fn messages(
             busy.into_response(),
         );
     }
-    let (raw, envelope) = match read_envelope(&state, &headers, body).await {
+    let (raw, envelope) = match read_envelope(&state, &headers, body, true).await {
         Ok(x) => x,
         Err(r) => {
             let record = Record::new(id, None, String::new(), false);
@@ -126,7 +130,7 @@ pub async fn count_tokens(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let (raw, envelope) = match read_envelope(&state, &headers, body).await {
+    let (raw, envelope) = match read_envelope(&state, &headers, body, false).await {
         Ok(x) => x,
         Err(r) => return r,
     };
