@@ -59,7 +59,7 @@ async fn start(config_text: impl Fn(&Path) -> String) -> Process {
     let config = dir.path().join("config.yaml");
     std::fs::write(&config, config_text(&dir.path().join("logs"))).unwrap();
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_claude-balancer"))
+    let child = Command::new(env!("CARGO_BIN_EXE_claude-balancer"))
         .args(["--config"])
         .arg(&config)
         .args(["--port", &port.to_string()])
@@ -67,21 +67,25 @@ async fn start(config_text: impl Fn(&Path) -> String) -> Process {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
+    // From here the process is owned by `Process`, whose drop kills it even if the test panics.
+    let process = Process {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        dir,
+        config,
+    };
     let client = reqwest::Client::new();
     for _ in 0..200 {
-        if client.get(format!("{url}/health")).send().await.is_ok() {
-            return Process {
-                child,
-                url,
-                dir,
-                config,
-            };
+        if client
+            .get(format!("{}/health", process.url))
+            .send()
+            .await
+            .is_ok()
+        {
+            return process;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let _ = child.kill();
-    let _ = child.wait();
     panic!("the balancer did not start");
 }
 
