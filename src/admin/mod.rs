@@ -12,9 +12,9 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::config::{Auth, ModelMapping};
-use crate::routing::health::HealthState;
+use crate::routing::health::{HealthReport, HealthState};
 use crate::secret::mask_url_credentials;
-use crate::state::AppState;
+use crate::state::{AppState, Runtime};
 use crate::upstream::Provider;
 
 fn rfc3339(t: SystemTime) -> String {
@@ -47,20 +47,47 @@ fn credentials(auth: &Auth) -> Value {
     }
 }
 
+/// One configured provider as the admin views show it.
+struct Row<'a> {
+    provider: &'a Provider,
+    health: HealthReport,
+    shown: &'static str,
+}
+
+impl Row<'_> {
+    /// Enabled and not cooling down: it may serve the next request.
+    fn usable(&self) -> bool {
+        self.provider.config.usable() && self.health.state != HealthState::CoolingDown
+    }
+}
+
+/// Every configured provider with its health, in file order.
+fn rows<'a>(state: &AppState, runtime: &'a Runtime) -> Vec<Row<'a>> {
+    let now = Instant::now();
+    runtime
+        .config
+        .providers
+        .iter()
+        .filter_map(|pc| runtime.providers.get(&pc.name))
+        .map(|p| {
+            let health = state.health.report(&p.config.name, now);
+            let shown = display_state(p, health.state);
+            Row {
+                provider: p,
+                health,
+                shown,
+            }
+        })
+        .collect()
+}
+
 pub async fn providers(State(state): State<Arc<AppState>>) -> Response {
     let runtime = state.runtime();
-    let now = Instant::now();
-    let mut healthy = 0;
-    let mut list = Vec::with_capacity(runtime.config.providers.len());
-    for pc in &runtime.config.providers {
-        let Some(p) = runtime.providers.get(&pc.name) else {
-            continue;
-        };
-        let h = state.health.report(&pc.name, now);
-        let shown = display_state(p, h.state);
-        if p.config.usable() && h.state != HealthState::CoolingDown {
-            healthy += 1;
-        }
+    let rows = rows(&state, &runtime);
+    let healthy = rows.iter().filter(|r| r.usable()).count();
+    let mut list = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let (pc, h, shown) = (&row.provider.config, &row.health, row.shown);
         list.push(json!({
             "name": pc.name,
             "type": pc.kind.as_str(),
@@ -68,7 +95,7 @@ pub async fn providers(State(state): State<Arc<AppState>>) -> Response {
             "enabled": pc.enabled,
             "disabled_reason": pc.disabled_reason,
             "state": shown,
-            "healthy": shown == "healthy" || shown == "no_credentials" || shown == "probing",
+            "healthy": row.usable(),
             "credentials": credentials(&pc.auth),
             "proxy": pc.proxy.as_ref().map(|u| mask_url_credentials(u.expose())),
             "consecutive_failures": h.consecutive_faults,
@@ -165,24 +192,16 @@ pub async fn dashboard() -> Response {
 /// `GET /dashboard/data`: providers, totals and the last minutes of traffic.
 pub async fn dashboard_data(State(state): State<Arc<AppState>>) -> Response {
     let runtime = state.runtime();
-    let now = Instant::now();
-    let mut providers = Vec::new();
-    let mut healthy = 0;
-    let mut requests = 0u64;
-    for pc in &runtime.config.providers {
-        let Some(p) = runtime.providers.get(&pc.name) else {
-            continue;
-        };
-        let h = state.health.report(&pc.name, now);
-        let shown = display_state(p, h.state);
-        if p.config.usable() && h.state != HealthState::CoolingDown {
-            healthy += 1;
-        }
-        requests += h.requests;
+    let rows = rows(&state, &runtime);
+    let healthy = rows.iter().filter(|r| r.usable()).count();
+    let requests: u64 = rows.iter().map(|r| r.health.requests).sum();
+    let mut providers = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let (pc, h) = (&row.provider.config, &row.health);
         providers.push(json!({
             "name": pc.name,
             "type": pc.kind.as_str(),
-            "state": shown,
+            "state": row.shown,
             "cooldown_remaining_seconds": secs(h.cooldown_remaining),
             "requests": h.requests,
             "failures": h.failures,
@@ -209,10 +228,10 @@ pub async fn dashboard_data(State(state): State<Arc<AppState>>) -> Response {
 /// `GET /metrics`: the Prometheus text format.
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let runtime = state.runtime();
-    let now = Instant::now();
+    let rows = rows(&state, &runtime);
     let text = state.metrics.encode(|states| {
-        for (name, p) in &runtime.providers {
-            let current = display_state(p, state.health.report(name, now).state);
+        for row in &rows {
+            let (name, current) = (&row.provider.config.name, row.shown);
             for s in [
                 "healthy",
                 "cooling_down",
@@ -240,16 +259,10 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let runtime = state.runtime();
-    let now = Instant::now();
-    let mut usable = 0;
-    let mut cooling = 0;
-    for p in runtime.providers.values().filter(|p| p.config.usable()) {
-        if state.health.report(&p.config.name, now).state == HealthState::CoolingDown {
-            cooling += 1;
-        } else {
-            usable += 1;
-        }
-    }
+    let rows = rows(&state, &runtime);
+    let usable = rows.iter().filter(|r| r.usable()).count();
+    let enabled = rows.iter().filter(|r| r.provider.config.usable()).count();
+    let cooling = enabled - usable;
     let ok = usable > 0;
     let body = json!({
         "status": if ok { "healthy" } else { "unhealthy" },
@@ -257,7 +270,7 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
             "total": runtime.providers.len(),
             "usable": usable,
             "cooling_down": cooling,
-            "disabled": runtime.providers.values().filter(|p| !p.config.usable()).count(),
+            "disabled": rows.len() - enabled,
         },
         "uptime_seconds": state.started_at.elapsed().as_secs(),
     });
