@@ -10,28 +10,36 @@ use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 
-use crate::state::AppState;
+use crate::config::ConfigErrors;
+use crate::state::{AppState, ReloadSummary};
 
 /// Quiet time after the last change before the file is read.
 pub const DEBOUNCE: Duration = Duration::from_millis(300);
 
-/// Reloads and logs the outcome; `why` says what triggered it.
-pub async fn reload_and_log(state: &AppState, why: &str) {
+/// Reloads, logs the outcome and counts it; `why` says what triggered it. Every reload path (the
+/// admin endpoint, the file watcher, `SIGHUP`) goes through here.
+pub async fn reload_and_log(state: &AppState, why: &str) -> Result<ReloadSummary, ConfigErrors> {
     let result = state.reload().await;
     state.metrics.reload(result.is_ok());
-    match result {
-        Ok(s) => tracing::info!(
-            trigger = why,
-            providers = s.providers,
-            routes = s.routes,
-            added = ?s.added,
-            removed = ?s.removed,
-            "configuration reloaded"
-        ),
+    match &result {
+        Ok(s) => {
+            tracing::info!(
+                trigger = why,
+                providers = s.providers,
+                routes = s.routes,
+                added = ?s.added,
+                removed = ?s.removed,
+                "configuration reloaded"
+            );
+            for w in &s.warnings {
+                tracing::warn!("config: {w}");
+            }
+        }
         Err(errors) => {
             tracing::error!(trigger = why, errors = %errors, "configuration reload refused; the running configuration is unchanged")
         }
     }
+    result
 }
 
 /// Watches the configuration file's folder. The returned watcher must be kept alive.
@@ -63,7 +71,7 @@ pub fn watch(state: Arc<AppState>, path: PathBuf) -> Result<notify::RecommendedW
         while rx.recv().await.is_some() {
             // Debounce: wait until the file has been quiet for a moment.
             while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
-            reload_and_log(&state, "file change").await;
+            let _ = reload_and_log(&state, "file change").await;
         }
     });
     Ok(watcher)
@@ -76,7 +84,7 @@ pub fn on_sighup(state: Arc<AppState>) {
         Ok(mut hup) => {
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
-                    reload_and_log(&state, "SIGHUP").await;
+                    let _ = reload_and_log(&state, "SIGHUP").await;
                 }
             });
         }

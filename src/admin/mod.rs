@@ -139,26 +139,17 @@ pub async fn providers(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn reload(State(state): State<Arc<AppState>>) -> Response {
-    let result = state.reload().await;
-    state.metrics.reload(result.is_ok());
-    match result {
-        Ok(s) => {
-            tracing::info!(providers = s.providers, routes = s.routes, added = ?s.added, removed = ?s.removed, "configuration reloaded");
-            for w in &s.warnings {
-                tracing::warn!("config: {w}");
-            }
-            Json(json!({
-                "status": "reloaded",
-                "providers": s.providers,
-                "model_routes": s.routes,
-                "added_providers": s.added,
-                "removed_providers": s.removed,
-                "warnings": s.warnings,
-            }))
-            .into_response()
-        }
+    match crate::reload::reload_and_log(&state, "POST /providers/reload").await {
+        Ok(s) => Json(json!({
+            "status": "reloaded",
+            "providers": s.providers,
+            "model_routes": s.routes,
+            "added_providers": s.added,
+            "removed_providers": s.removed,
+            "warnings": s.warnings,
+        }))
+        .into_response(),
         Err(errors) => {
-            tracing::error!(errors = %errors, "configuration reload refused; the running configuration is unchanged");
             let body = json!({
                 "type": "error",
                 "error": {

@@ -143,9 +143,8 @@ pub async fn count_tokens(
                     http::header::CONTENT_TYPE,
                     HeaderValue::from_static("application/json"),
                 );
-                if let Ok(v) = HeaderValue::from_bytes(name.as_bytes()) {
-                    resp.headers_mut().insert("x-provider-used", v);
-                }
+                resp.headers_mut()
+                    .insert("x-provider-used", crate::dispatch::provider_header(name));
                 return resp;
             }
             tracing::debug!(
