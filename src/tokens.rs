@@ -27,22 +27,50 @@ pub fn count_request(body: &Value) -> u64 {
 /// A cheap estimate (about four bytes a token) for `message_start` and missing usage, where
 /// running the tokenizer over every request would cost more than the rest of the conversion.
 pub fn estimate_request(body: &Value) -> u64 {
-    let (text, fixed) = countable(body);
-    ((text.len() / 4 + fixed) as u64).max(1)
+    let mut len = Length(0);
+    let fixed = walk(body, &mut len);
+    ((len.0 / 4 + fixed) as u64).max(1)
+}
+
+/// Where countable text goes: the text itself (for the tokenizer) or only its length.
+trait Sink {
+    fn add(&mut self, s: &str);
+}
+
+impl Sink for String {
+    fn add(&mut self, s: &str) {
+        self.push_str(s);
+        self.push('\n');
+    }
+}
+
+/// Counts the bytes [`countable`] would collect, without collecting them.
+struct Length(usize);
+
+impl Sink for Length {
+    fn add(&mut self, s: &str) {
+        self.0 += s.len() + 1;
+    }
 }
 
 /// The countable text of a request, and the tokens counted without text (framing, images).
 fn countable(body: &Value) -> (String, usize) {
     let mut text = String::new();
+    let fixed = walk(body, &mut text);
+    (text, fixed)
+}
+
+/// Feeds the countable text of a request to `text`; returns the tokens counted without text.
+fn walk(body: &Value, text: &mut impl Sink) -> usize {
     let mut fixed = 0usize;
     if let Some(system) = body.get("system") {
-        collect_content(system, &mut text, &mut fixed);
+        collect_content(system, text, &mut fixed);
     }
     if let Some(messages) = body.get("messages").and_then(Value::as_array) {
         for m in messages {
             fixed += PER_MESSAGE;
             if let Some(content) = m.get("content") {
-                collect_content(content, &mut text, &mut fixed);
+                collect_content(content, text, &mut fixed);
             }
         }
     }
@@ -51,26 +79,21 @@ fn countable(body: &Value) -> (String, usize) {
             fixed += PER_TOOL;
             for key in ["name", "description"] {
                 if let Some(s) = t.get(key).and_then(Value::as_str) {
-                    push(&mut text, s);
+                    text.add(s);
                 }
             }
             if let Some(schema) = t.get("input_schema") {
-                push(&mut text, &schema.to_string());
+                text.add(&schema.to_string());
             }
         }
     }
-    (text, fixed)
-}
-
-fn push(text: &mut String, s: &str) {
-    text.push_str(s);
-    text.push('\n');
+    fixed
 }
 
 /// Adds the countable text of a content value (a string or a list of blocks).
-fn collect_content(content: &Value, text: &mut String, fixed: &mut usize) {
+fn collect_content(content: &Value, text: &mut impl Sink, fixed: &mut usize) {
     match content {
-        Value::String(s) => push(text, s),
+        Value::String(s) => text.add(s),
         Value::Array(blocks) => {
             for b in blocks {
                 collect_block(b, text, fixed);
@@ -80,26 +103,26 @@ fn collect_content(content: &Value, text: &mut String, fixed: &mut usize) {
     }
 }
 
-fn collect_block(block: &Value, text: &mut String, fixed: &mut usize) {
+fn collect_block(block: &Value, text: &mut impl Sink, fixed: &mut usize) {
     let kind = block.get("type").and_then(Value::as_str).unwrap_or("");
     match kind {
         "text" => {
             if let Some(s) = block.get("text").and_then(Value::as_str) {
-                push(text, s);
+                text.add(s);
             }
         }
         "thinking" => {
             if let Some(s) = block.get("thinking").and_then(Value::as_str) {
-                push(text, s);
+                text.add(s);
             }
         }
         "image" => *fixed += PER_IMAGE,
         "tool_use" | "server_tool_use" => {
             if let Some(s) = block.get("name").and_then(Value::as_str) {
-                push(text, s);
+                text.add(s);
             }
             if let Some(input) = block.get("input") {
-                push(text, &input.to_string());
+                text.add(&input.to_string());
             }
         }
         "tool_result" => {
@@ -112,7 +135,7 @@ fn collect_block(block: &Value, text: &mut String, fixed: &mut usize) {
             match source.and_then(|s| s.get("type")).and_then(Value::as_str) {
                 Some("text") => {
                     if let Some(s) = source.and_then(|s| s.get("data")).and_then(Value::as_str) {
-                        push(text, s);
+                        text.add(s);
                     }
                 }
                 Some("content") => {
@@ -132,7 +155,7 @@ fn collect_block(block: &Value, text: &mut String, fixed: &mut usize) {
         }
         _ => {
             // Unknown blocks: count their JSON, which errs high.
-            push(text, &block.to_string());
+            text.add(&block.to_string());
         }
     }
 }
@@ -141,6 +164,19 @@ fn collect_block(block: &Value, text: &mut String, fixed: &mut usize) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_estimate_counts_the_same_text_as_the_tokenizer_sees() {
+        let body = json!({"system":"be brief","tools":[{"name":"Bash","description":"run","input_schema":{"type":"object"}}],
+            "messages":[{"role":"user","content":[{"type":"text","text":"héllo ".repeat(40)},{"type":"image","source":{}}]},
+                        {"role":"assistant","content":[{"type":"tool_use","id":"t","name":"Bash","input":{"cmd":"ls"}}]}]});
+        let (text, fixed) = countable(&body);
+        assert!(fixed > PER_IMAGE && text.len() > 240);
+        assert_eq!(
+            estimate_request(&body),
+            ((text.len() / 4 + fixed) as u64).max(1)
+        );
+    }
 
     #[test]
     fn counts_grow_with_content_and_are_never_zero() {

@@ -206,3 +206,58 @@ proptest! {
         }
     }
 }
+
+/// A random JSON value (strings with escapes and non-ASCII text, numbers of every form).
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        (-1e6f64..1e6).prop_map(|f| json!(f)),
+        "[a-z\"\\\\/\u{e9}\u{2713}\n\t ]{0,10}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(4, 40, 5, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+            prop::collection::btree_map("[a-z]{1,3}", inner, 0..5)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases(4000)))]
+
+    /// The request scanner accepts exactly what serde_json accepts, on valid JSON and on JSON with
+    /// one byte changed (no edit adds a raw control character inside a string: the scanner leaves
+    /// those to the provider), and a body's signature does not depend on whitespace.
+    #[test]
+    fn the_request_scanner_agrees_with_serde_json(
+        v in json_value(),
+        at in any::<prop::sample::Index>(),
+        edit in 0u8..3,
+        byte in prop::sample::select(b"{}[]\",:\\ 0-.eEtfnu".to_vec()),
+    ) {
+        use claude_balancer::inbound::canonical::scan;
+        let body = json!({"model": "m", "messages": [v]});
+        let compact = serde_json::to_vec(&body).unwrap();
+        let pretty = serde_json::to_vec_pretty(&body).unwrap();
+        let a = scan(&compact, true).unwrap();
+        prop_assert_eq!(a.signature, scan(&pretty, true).unwrap().signature);
+        let mut bad = compact.clone();
+        let i = at.index(bad.len());
+        match edit {
+            0 => { bad.remove(i); }
+            1 => bad.insert(i, byte),
+            _ => bad[i] = byte,
+        }
+        let ours = scan(&bad, false).is_ok();
+        let theirs = serde_json::from_slice::<Value>(&bad).is_ok_and(|v| v.is_object());
+        // serde_json also refuses numbers beyond f64's range, which are valid JSON.
+        let exempt = serde_json::from_slice::<Value>(&bad)
+            .is_err_and(|e| e.to_string().contains("number out of range"));
+        if !exempt {
+            prop_assert_eq!(ours, theirs, "{}", String::from_utf8_lossy(&bad));
+        }
+    }
+}

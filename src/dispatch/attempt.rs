@@ -258,12 +258,13 @@ async fn anthropic(
     let name = provider.config.name.as_str();
     let stream = inbound.envelope.stream;
     let clock = Clock::new(settings, stream);
-    let url = match &inbound.query {
-        Some(q) => format!("{}?{q}", provider.messages_url),
-        None => provider.messages_url.clone(),
-    };
     // History from an OpenAI-compatible route may hold thinking blocks this gateway signed.
-    let source = strip_gateway_thinking(&inbound.body).unwrap_or_else(|| inbound.body.clone());
+    let source = inbound
+        .envelope
+        .gateway_signed
+        .then(|| strip_gateway_thinking(&inbound.body))
+        .flatten()
+        .unwrap_or_else(|| inbound.body.clone());
     let body = body::rewrite(
         &source,
         &candidate.upstream_model,
@@ -272,7 +273,10 @@ async fn anthropic(
     );
     let headers = anthropic_request_headers(&inbound.headers, &provider.config.auth);
     let resp = match send(
-        provider.client.post(url).headers(headers).body(body),
+        provider
+            .post_messages(inbound.query.as_deref())
+            .headers(headers)
+            .body(body),
         &clock,
     )
     .await
@@ -301,7 +305,7 @@ async fn anthropic(
         if is_error_body(&body) {
             return Outcome::Fault(error_payload_fault(&String::from_utf8_lossy(&body)));
         }
-        if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+        if !crate::inbound::canonical::is_json(&body) {
             return Outcome::Fault(Fault::new(FaultClass::Other, "answer is not JSON"));
         }
         return commit_json(&clock, status, &upstream_headers, Body::from(body), name);
@@ -415,11 +419,7 @@ async fn openai(
     );
     let body = serde_json::to_vec(&converted).unwrap_or_default();
     let resp = match send(
-        provider
-            .client
-            .post(&provider.messages_url)
-            .headers(headers)
-            .body(body),
+        provider.post_messages(None).headers(headers).body(body),
         &clock,
     )
     .await

@@ -1,7 +1,7 @@
 //! Reading just enough of a request body (model, stream, session, the `provider` field) and
 //! rewriting only the top-level `model` and `provider` members of the original bytes.
 //!
-//! The body is parsed once to validate it; it is never re-serialised: the rewrite splices the
+//! The body is scanned once to check it (`canonical::scan`); it is never re-serialised: the rewrite splices the
 //! original bytes, so everything else (key order, whitespace, unknown fields) reaches the
 //! provider exactly as the client sent it.
 
@@ -10,9 +10,7 @@ use std::ops::Range;
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
-use serde::de::DeserializeSeed;
-
-use super::canonical::{Head, HeadSeed, Kind};
+use super::canonical::{self, Kind, ScanError};
 
 use crate::error::ApiError;
 
@@ -29,6 +27,8 @@ pub struct Envelope {
     pub signature: u128,
     /// Hash of `max_tokens`, for `include_max_tokens_in_signature`.
     pub max_tokens_hash: Option<u128>,
+    /// The body may hold thinking blocks signed by this gateway (see `canonical::Head`).
+    pub gateway_signed: bool,
 }
 
 /// Validates a `/v1/messages` or `count_tokens` body and extracts its envelope and signature.
@@ -38,17 +38,12 @@ pub fn parse(body: &[u8]) -> Result<Envelope, ApiError> {
 
 /// [`parse`], computing the signature only when `sign` (coalescing or the cache need it).
 pub fn parse_with(body: &[u8], sign: bool) -> Result<Envelope, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let head: Head = HeadSeed { sign }
-        .deserialize(&mut de)
-        .and_then(|h| de.end().map(|()| h))
-        .map_err(|e| {
-            if e.is_data() {
-                ApiError::invalid_request(format!("invalid request body: {e}"))
-            } else {
-                ApiError::invalid_request(format!("request body is not valid JSON: {e}"))
-            }
-        })?;
+    let head = canonical::scan(body, sign).map_err(|e| match e {
+        ScanError::Data(m) => ApiError::invalid_request(format!("invalid request body: {m}")),
+        ScanError::Syntax(m) => {
+            ApiError::invalid_request(format!("request body is not valid JSON: {m}"))
+        }
+    })?;
     let model = match (head.model, head.model_present) {
         (Some(m), _) if !m.trim().is_empty() => m,
         (Some(_), _) => return Err(ApiError::invalid_request("model: must not be empty")),
@@ -81,6 +76,7 @@ pub fn parse_with(body: &[u8], sign: bool) -> Result<Envelope, ApiError> {
         metadata_session,
         signature: head.signature,
         max_tokens_hash: head.max_tokens,
+        gateway_signed: head.gateway_signed,
     })
 }
 

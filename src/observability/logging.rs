@@ -1,12 +1,20 @@
 //! Logging set-up: a readable console (coloured only on a terminal, and only if `log_color`) and
 //! JSON lines in `log_file_path`, rotated by size (`logs.jsonl` → `logs.jsonl.1` …) with the last
 //! few files kept.
+//!
+//! Lines for the file go into one shared buffer that a flusher thread writes out every
+//! [`FLUSH_EVERY`] (and when it fills, and at exit), so a request costs no system call and no
+//! thread wake-up for its log line. The per-request summary line is written by hand
+//! ([`request_line`]), not through `tracing`'s field formatters, which cost more than the rest of
+//! the request.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::Duration;
 
-use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -17,6 +25,186 @@ use crate::config::Settings;
 pub const RETAINED_FILES: usize = 5;
 /// Size at which the JSON log file is rotated.
 pub const ROTATE_BYTES: u64 = 50 * 1024 * 1024;
+/// How often buffered file lines are written out.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// Buffered bytes that make a write at once.
+const BUFFER_BYTES: usize = 256 * 1024;
+
+/// The JSON log file behind a shared buffer.
+#[derive(Clone)]
+pub struct LogFile(Arc<Mutex<BufWriter<RotatingFile>>>);
+
+impl LogFile {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BufWriter<RotatingFile>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends whole lines (`bytes` ends with a newline).
+    pub fn append(&self, bytes: &[u8]) {
+        let _ = self.lock().write_all(bytes);
+    }
+
+    pub fn flush(&self) {
+        let _ = self.lock().flush();
+    }
+}
+
+/// A `tracing` writer into the shared buffer: collects one event, appends it when dropped.
+pub struct EventWriter {
+    file: LogFile,
+    line: Vec<u8>,
+}
+
+impl Write for EventWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.line.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for EventWriter {
+    fn drop(&mut self) {
+        self.file.append(&self.line);
+    }
+}
+
+impl<'a> MakeWriter<'a> for LogFile {
+    type Writer = EventWriter;
+    fn make_writer(&'a self) -> EventWriter {
+        EventWriter {
+            file: self.clone(),
+            line: Vec::with_capacity(256),
+        }
+    }
+}
+
+/// Keeps the flusher running; dropping it writes out what is buffered.
+pub struct LogGuard {
+    file: LogFile,
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.file.flush();
+    }
+}
+
+fn start_flusher(file: LogFile) -> LogGuard {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("log-flusher".into())
+        .spawn({
+            let file = file.clone();
+            move || {
+                // `recv_timeout` is the tick; a message or a hang-up ends the loop.
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(FLUSH_EVERY) {
+                    file.flush();
+                }
+            }
+        })
+        .ok();
+    LogGuard {
+        file,
+        stop: Some(stop),
+        thread,
+    }
+}
+
+/// Where request summary lines go, set by [`init`]. Without it (tests in one process), none is
+/// written.
+struct Sink {
+    file: Option<LogFile>,
+    color: bool,
+}
+
+static SINK: OnceLock<Sink> = OnceLock::new();
+
+/// The fields of one request's summary line.
+#[derive(Debug, serde::Serialize)]
+pub struct RequestLine<'a> {
+    pub request_id: &'a str,
+    pub session_id: &'a str,
+    pub model: &'a str,
+    pub route: &'a str,
+    pub provider: &'a str,
+    /// The attempts as a JSON array, carried as a string (one flat line for log tools).
+    pub attempts: &'a str,
+    pub stream: bool,
+    pub status: u16,
+    pub ttfb_ms: f64,
+    pub total_ms: f64,
+    pub overhead_ms: f64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_input_tokens: u64,
+    pub cache_creation_input_tokens: u64,
+    pub cache: &'a str,
+}
+
+/// Writes a request's summary: a JSON line to the file and a readable line to the console, when
+/// the `claude_balancer::request` target is enabled at INFO.
+pub fn request_line(line: &RequestLine<'_>) {
+    let Some(sink) = SINK.get() else {
+        return;
+    };
+    if !tracing::enabled!(target: "claude_balancer::request", tracing::Level::INFO) {
+        return;
+    }
+    let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+    if let Some(file) = &sink.file {
+        let mut out = Vec::with_capacity(512);
+        let _ = write!(
+            out,
+            "{{\"timestamp\":\"{now}\",\"level\":\"INFO\",\"message\":\"request\",\"target\":\"claude_balancer::request\","
+        );
+        let fields = out.len();
+        if serde_json::to_writer(&mut out, line).is_ok() && out.get(fields) == Some(&b'{') {
+            // `{...fields}`: drop the fields' own opening brace, keep their closing one.
+            out.remove(fields);
+            out.push(b'\n');
+            file.append(&out);
+        }
+    }
+    let (dim, bold, reset) = if sink.color {
+        ("\x1b[2m", "\x1b[1m", "\x1b[0m")
+    } else {
+        ("", "", "")
+    };
+    let status = match (sink.color, line.status) {
+        (false, s) => s.to_string(),
+        (true, s @ 200..=299) => format!("\x1b[32m{s}\x1b[0m"),
+        (true, s @ 400..=499) => format!("\x1b[33m{s}\x1b[0m"),
+        (true, s) => format!("\x1b[31m{s}\x1b[0m"),
+    };
+    let text = format!(
+        "{dim}{now}{reset}  INFO {bold}request{reset} {} {status} {} -> {} {}{}ms (ttfb {}ms, overhead {}ms) tokens {}/{} cache={} attempts={}\n",
+        line.request_id,
+        line.model,
+        if line.provider.is_empty() {
+            "-"
+        } else {
+            line.provider
+        },
+        if line.stream { "stream " } else { "" },
+        line.total_ms,
+        line.ttfb_ms,
+        line.overhead_ms,
+        line.input_tokens,
+        line.output_tokens,
+        line.cache,
+        line.attempts,
+    );
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
 
 /// A file that rotates itself when it grows past a size: `path` → `path.1` → … → `path.N`.
 pub struct RotatingFile {
@@ -95,7 +283,7 @@ fn level(settings: &Settings) -> &'static str {
 }
 
 /// Installs the global subscriber. The guard must live as long as the process logs.
-pub fn init(settings: &Settings) -> Result<Option<WorkerGuard>, String> {
+pub fn init(settings: &Settings) -> Result<Option<LogGuard>, String> {
     let level = level(settings);
     let filter = || {
         EnvFilter::try_from_env("CLAUDE_BALANCER_LOG")
@@ -106,8 +294,8 @@ pub fn init(settings: &Settings) -> Result<Option<WorkerGuard>, String> {
         .with_ansi(color)
         .with_writer(std::io::stderr)
         .with_filter(filter());
-    let (file_layer, guard) = if settings.log_file_path.trim().is_empty() {
-        (None, None)
+    let file = if settings.log_file_path.trim().is_empty() {
+        None
     } else {
         let path = Path::new(&settings.log_file_path);
         let dir = path
@@ -118,21 +306,27 @@ pub fn init(settings: &Settings) -> Result<Option<WorkerGuard>, String> {
             .map_err(|e| format!("cannot create the log folder {}: {e}", dir.display()))?;
         let appender = RotatingFile::open(path, ROTATE_BYTES, RETAINED_FILES)
             .map_err(|e| format!("cannot open the log file {}: {e}", path.display()))?;
-        let (writer, guard) = tracing_appender::non_blocking(appender);
-        let layer = tracing_subscriber::fmt::layer()
+        Some(LogFile(Arc::new(Mutex::new(BufWriter::with_capacity(
+            BUFFER_BYTES,
+            appender,
+        )))))
+    };
+    let file_layer = file.clone().map(|writer| {
+        tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(false)
             .with_writer(writer)
-            .with_filter(filter());
-        (Some(layer), Some(guard))
-    };
+            .with_filter(filter())
+    });
     tracing_subscriber::registry()
         .with(console)
         .with(file_layer)
         .try_init()
         .map_err(|e| format!("cannot install logging: {e}"))?;
+    let guard = file.clone().map(start_flusher);
+    let _ = SINK.set(Sink { file, color });
     Ok(guard)
 }
 

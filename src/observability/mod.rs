@@ -15,7 +15,6 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::HeaderValue;
 use serde::Serialize;
-use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::state::AppState;
@@ -45,21 +44,49 @@ pub struct Usage {
     pub cache_creation_input_tokens: u64,
 }
 
+/// The usage fields of an Anthropic `usage` object (read without building a JSON tree).
+#[derive(Debug, Default, serde::Deserialize)]
+struct UsageFields {
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+}
+
+/// A message or an event, as far as usage goes: `usage` at the top or inside `message`.
+#[derive(Debug, Default, serde::Deserialize)]
+struct WithUsage {
+    usage: Option<UsageFields>,
+    message: Option<Box<WithUsage>>,
+}
+
 impl Usage {
     /// Overwrites the fields present in an Anthropic `usage` object.
-    fn merge(&mut self, u: &Value) {
-        let set = |field: &mut u64, key: &str| {
-            if let Some(n) = u.get(key).and_then(Value::as_u64) {
+    fn merge(&mut self, u: UsageFields) {
+        let set = |field: &mut u64, v: Option<u64>| {
+            if let Some(n) = v {
                 *field = n;
             }
         };
-        set(&mut self.input_tokens, "input_tokens");
-        set(&mut self.output_tokens, "output_tokens");
-        set(&mut self.cache_read_input_tokens, "cache_read_input_tokens");
+        set(&mut self.input_tokens, u.input_tokens);
+        set(&mut self.output_tokens, u.output_tokens);
+        set(&mut self.cache_read_input_tokens, u.cache_read_input_tokens);
         set(
             &mut self.cache_creation_input_tokens,
-            "cache_creation_input_tokens",
+            u.cache_creation_input_tokens,
         );
+    }
+
+    /// Merges the usage of a message or event in JSON text, if it has any.
+    fn merge_json(&mut self, json: &[u8]) {
+        if let Ok(w) = serde_json::from_slice::<WithUsage>(json) {
+            for u in [w.message.and_then(|m| m.usage), w.usage]
+                .into_iter()
+                .flatten()
+            {
+                self.merge(u);
+            }
+        }
     }
 }
 
@@ -212,26 +239,24 @@ fn finish(state: &AppState, record: &Record, client: &[String]) {
         })
         .collect();
     let attempts = serde_json::to_string(&attempts).unwrap_or_default();
-    tracing::info!(
-        target: "claude_balancer::request",
-        request_id = %r.id,
-        session_id = r.session.as_deref().unwrap_or(""),
-        model = %r.model,
-        route = r.route.as_deref().unwrap_or(""),
-        provider = r.provider.as_deref().unwrap_or(""),
-        attempts = %attempts,
-        stream = r.stream,
-        status = r.status,
-        ttfb_ms = ttfb.map(ms).unwrap_or(-1.0),
-        total_ms = ms(total),
-        overhead_ms = ms(overhead),
-        input_tokens = r.usage.input_tokens,
-        output_tokens = r.usage.output_tokens,
-        cache_read_input_tokens = r.usage.cache_read_input_tokens,
-        cache_creation_input_tokens = r.usage.cache_creation_input_tokens,
-        cache = r.cache,
-        "request"
-    );
+    logging::request_line(&logging::RequestLine {
+        request_id: &r.id,
+        session_id: r.session.as_deref().unwrap_or(""),
+        model: &r.model,
+        route: r.route.as_deref().unwrap_or(""),
+        provider: r.provider.as_deref().unwrap_or(""),
+        attempts: &attempts,
+        stream: r.stream,
+        status: r.status,
+        ttfb_ms: ttfb.map(ms).unwrap_or(-1.0),
+        total_ms: ms(total),
+        overhead_ms: ms(overhead),
+        input_tokens: r.usage.input_tokens,
+        output_tokens: r.usage.output_tokens,
+        cache_read_input_tokens: r.usage.cache_read_input_tokens,
+        cache_creation_input_tokens: r.usage.cache_creation_input_tokens,
+        cache: r.cache,
+    });
 }
 
 /// Ends the record when the body is done or dropped.
@@ -252,23 +277,16 @@ fn sniff_usage(record: &Record, chunk: &[u8], sse: bool) {
     if memchr::memmem::find(chunk, b"\"usage\"").is_none() {
         return;
     }
-    let text = String::from_utf8_lossy(chunk);
     let mut r = record.lock();
     if sse {
+        let text = String::from_utf8_lossy(chunk);
         for (_, data) in crate::upstream::sse::parse_all(&text) {
-            if !data.contains("\"usage\"") {
-                continue;
-            }
-            if let Ok(v) = serde_json::from_str::<Value>(&data) {
-                if let Some(u) = v.pointer("/message/usage").or_else(|| v.get("usage")) {
-                    r.usage.merge(u);
-                }
+            if data.contains("\"usage\"") {
+                r.usage.merge_json(data.as_bytes());
             }
         }
-    } else if let Ok(v) = serde_json::from_str::<Value>(&text) {
-        if let Some(u) = v.get("usage") {
-            r.usage.merge(u);
-        }
+    } else {
+        r.usage.merge_json(chunk);
     }
 }
 

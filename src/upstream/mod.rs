@@ -21,6 +21,8 @@ pub struct Provider {
     pub messages_url: String,
     /// `POST` target for count_tokens (anthropic only).
     pub count_tokens_url: String,
+    /// `messages_url` parsed once (reqwest would parse the string on every request).
+    messages_target: Option<reqwest::Url>,
 }
 
 impl Provider {
@@ -43,8 +45,18 @@ impl Provider {
         Self {
             config,
             client,
+            messages_target: reqwest::Url::parse(&messages_url).ok(),
             messages_url,
             count_tokens_url,
+        }
+    }
+
+    /// A `POST` to `messages_url`, with the client's query string if it sent one.
+    pub fn post_messages(&self, query: Option<&str>) -> reqwest::RequestBuilder {
+        match (&self.messages_target, query) {
+            (_, Some(q)) => self.client.post(format!("{}?{q}", self.messages_url)),
+            (Some(url), None) => self.client.post(url.clone()),
+            (None, None) => self.client.post(&self.messages_url),
         }
     }
 

@@ -211,7 +211,20 @@ fn rss_mb(pid: u32) -> f64 {
 
 struct Proc(Child);
 impl Drop for Proc {
+    /// SIGTERM first (so that a profiler wrapping the proxy writes its report), SIGKILL after 10 s.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.0.id().to_string())
+            .stderr(Stdio::null())
+            .status();
+        // A channel nobody sends on is the pause between checks.
+        let (_keep, pause) = std::sync::mpsc::channel::<()>();
+        for _ in 0..200 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            let _ = pause.recv_timeout(Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -249,7 +262,7 @@ fn start_balancer(dir: &std::path::Path, name: &str, upstream: &str, kind: &str)
     );
     let _ = std::fs::write(&config, yaml);
     let exe = sibling("claude-balancer");
-    let child = Command::new(exe)
+    let child = wrapped(exe, "balancer")
         .arg("--config")
         .arg(&config)
         .args(["--port", &port.to_string()])
@@ -267,6 +280,25 @@ fn start_balancer(dir: &std::path::Path, name: &str, upstream: &str, kind: &str)
     }
 }
 
+/// A command for `exe`, run under `BENCH_WRAP` (for example `valgrind --tool=callgrind` or
+/// `strace -c -f -o FILE`) when that is set and `BENCH_WRAP_ARM` (`bare` or `balancer`) is unset
+/// or names this arm: for profiling the proxies under the benchmark's load.
+fn wrapped(exe: PathBuf, arm: &str) -> Command {
+    let mut wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
+    if std::env::var("BENCH_WRAP_ARM").is_ok_and(|a| a != arm) {
+        wrap.clear();
+    }
+    let mut words = wrap.split_whitespace();
+    match words.next() {
+        Some(first) => {
+            let mut c = Command::new(first);
+            c.args(words).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    }
+}
+
 fn sibling(name: &str) -> PathBuf {
     let me = std::env::current_exe().unwrap_or_default();
     me.with_file_name(name)
@@ -274,7 +306,7 @@ fn sibling(name: &str) -> PathBuf {
 
 fn start_bare_proxy(upstream: &str) -> (Proc, String) {
     let port = free_port();
-    let child = Command::new(std::env::current_exe().unwrap_or_default())
+    let child = wrapped(std::env::current_exe().unwrap_or_default(), "bare")
         .args(["--bare-proxy", &port.to_string(), upstream])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -370,6 +402,13 @@ async fn main() {
         .cloned()
         .unwrap_or_else(|| "BENCHMARKS.md".into());
     let scale = if quick { 1 } else { 4 };
+    // `--only NAME` runs one scenario (latency, stream, throughput, convert, memory) and writes no file.
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let want = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let dir = std::env::temp_dir().join(format!("cb-bench-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let c = client();
@@ -450,150 +489,162 @@ async fn main() {
     );
 
     // 1. Non-streaming, 20 ms provider, concurrency 16.
-    mock.set_default(
-        Reply::message("claude-sonnet-4-6", "ok").with_delay(Duration::from_millis(20)),
-    );
-    let body = request_body(false);
-    let r = rounds(&c, &arms, &pids, &body, 16, 300 * scale).await;
-    let direct = (
-        Samples::pct(&r[0].1.total, 0.5),
-        Samples::pct(&r[0].1.total, 0.99),
-    );
-    let _ = writeln!(
-        report,
-        "### Non-streaming, 20 ms provider, concurrency 16, {} KB requests\n",
-        body.len() / 1024
-    );
-    let _ = writeln!(
-        report,
-        "| arm | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU µs/request | errors |\n|---|---|---|---|---|---|---|"
-    );
-    for (n, s, cpu) in &r {
-        let (p50, p99) = (Samples::pct(&s.total, 0.5), Samples::pct(&s.total, 0.99));
+    if want("latency") {
+        mock.set_default(
+            Reply::message("claude-sonnet-4-6", "ok").with_delay(Duration::from_millis(20)),
+        );
+        let body = request_body(false);
+        let r = rounds(&c, &arms, &pids, &body, 16, 300 * scale).await;
+        let direct = (
+            Samples::pct(&r[0].1.total, 0.5),
+            Samples::pct(&r[0].1.total, 0.99),
+        );
         let _ = writeln!(
             report,
-            "| {n} | {p50:.2} | {p99:.2} | {:.2} | {:.2} | {} | {} |",
-            p50 - direct.0,
-            p99 - direct.1,
-            cpu.map_or("-".into(), |c| format!("{c:.0}")),
-            s.errors
+            "### Non-streaming, 20 ms provider, concurrency 16, {} KB requests\n",
+            body.len() / 1024
         );
+        let _ = writeln!(
+            report,
+            "| arm | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU µs/request | errors |\n|---|---|---|---|---|---|---|"
+        );
+        for (n, s, cpu) in &r {
+            let (p50, p99) = (Samples::pct(&s.total, 0.5), Samples::pct(&s.total, 0.99));
+            let _ = writeln!(
+                report,
+                "| {n} | {p50:.2} | {p99:.2} | {:.2} | {:.2} | {} | {} |",
+                p50 - direct.0,
+                p99 - direct.1,
+                cpu.map_or("-".into(), |c| format!("{c:.0}")),
+                s.errors
+            );
+        }
     }
 
     // 2. Streaming, 50 events, 20 ms to the first event.
-    mock.set_default(stream_reply(
-        &anthropic_events(),
-        Duration::from_millis(20),
-        Duration::ZERO,
-    ));
-    let body = request_body(true);
-    let r = rounds(&c, &arms, &pids, &body, 16, 150 * scale).await;
-    let _ = writeln!(
-        report,
-        "\n### Streaming, 50 events, 20 ms to the first event, concurrency 16\n"
-    );
-    let _ = writeln!(
-        report,
-        "| arm | first byte p50 ms | last byte p50 ms | last byte p99 ms | CPU µs/request | errors |\n|---|---|---|---|---|---|"
-    );
-    for (n, s, cpu) in &r {
+    if want("stream") {
+        mock.set_default(stream_reply(
+            &anthropic_events(),
+            Duration::from_millis(20),
+            Duration::ZERO,
+        ));
+        let body = request_body(true);
+        let r = rounds(&c, &arms, &pids, &body, 16, 150 * scale).await;
         let _ = writeln!(
             report,
-            "| {n} | {:.2} | {:.2} | {:.2} | {} | {} |",
-            Samples::pct(&s.ttfb, 0.5),
-            Samples::pct(&s.total, 0.5),
-            Samples::pct(&s.total, 0.99),
-            cpu.map_or("-".into(), |c| format!("{c:.0}")),
-            s.errors
+            "\n### Streaming, 50 events, 20 ms to the first event, concurrency 16\n"
         );
+        let _ = writeln!(
+            report,
+            "| arm | first byte p50 ms | last byte p50 ms | last byte p99 ms | CPU µs/request | errors |\n|---|---|---|---|---|---|"
+        );
+        for (n, s, cpu) in &r {
+            let _ = writeln!(
+                report,
+                "| {n} | {:.2} | {:.2} | {:.2} | {} | {} |",
+                Samples::pct(&s.ttfb, 0.5),
+                Samples::pct(&s.total, 0.5),
+                Samples::pct(&s.total, 0.99),
+                cpu.map_or("-".into(), |c| format!("{c:.0}")),
+                s.errors
+            );
+        }
     }
 
     // 3. Throughput, provider without latency, concurrency 64.
-    mock.set_default(Reply::message("claude-sonnet-4-6", "ok"));
-    let body = request_body(false);
-    let r = rounds(&c, &arms, &pids, &body, 64, 1000 * scale).await;
-    let base = r[0].1.throughput();
-    let _ = writeln!(
-        report,
-        "\n### Throughput, provider without latency, concurrency 64\n"
-    );
-    let _ = writeln!(
-        report,
-        "| arm | requests/s | of direct | CPU µs/request | errors |\n|---|---|---|---|---|"
-    );
-    for (n, s, cpu) in &r {
+    if want("throughput") {
+        mock.set_default(Reply::message("claude-sonnet-4-6", "ok"));
+        let body = request_body(false);
+        let r = rounds(&c, &arms, &pids, &body, 64, 1000 * scale).await;
+        let base = r[0].1.throughput();
         let _ = writeln!(
             report,
-            "| {n} | {:.0} | {:.1} % | {} | {} |",
-            s.throughput(),
-            s.throughput() / base * 100.0,
-            cpu.map_or("-".into(), |c| format!("{c:.0}")),
-            s.errors
+            "\n### Throughput, provider without latency, concurrency 64\n"
         );
+        let _ = writeln!(
+            report,
+            "| arm | requests/s | of direct | CPU µs/request | errors |\n|---|---|---|---|---|"
+        );
+        for (n, s, cpu) in &r {
+            let _ = writeln!(
+                report,
+                "| {n} | {:.0} | {:.1} % | {} | {} |",
+                s.throughput(),
+                s.throughput() / base * 100.0,
+                cpu.map_or("-".into(), |c| format!("{c:.0}")),
+                s.errors
+            );
+        }
     }
 
     // 4. OpenAI conversion: streaming, 50 chunks, through the converting balancer.
-    oai.set_default(stream_reply(
-        &openai_events(),
-        Duration::from_millis(20),
-        Duration::ZERO,
-    ));
-    let conv_arms = [("claude-balancer (openai conversion)", oai_bal.clone())];
-    let conv_pid = |_: &str| Some(oai_proc.0.id());
-    let r = rounds(
-        &c,
-        &conv_arms,
-        &conv_pid,
-        &request_body(true),
-        16,
-        150 * scale,
-    )
-    .await;
-    let _ = writeln!(
-        report,
-        "\n### Streaming with OpenAI conversion, 50 chunks, 20 ms to the first chunk, concurrency 16\n"
-    );
-    let _ = writeln!(
-        report,
-        "| arm | first byte p50 ms | last byte p50 ms | CPU µs/request | errors |\n|---|---|---|---|---|"
-    );
-    for (n, s, cpu) in &r {
+    if want("convert") {
+        oai.set_default(stream_reply(
+            &openai_events(),
+            Duration::from_millis(20),
+            Duration::ZERO,
+        ));
+        let conv_arms = [("claude-balancer (openai conversion)", oai_bal.clone())];
+        let conv_pid = |_: &str| Some(oai_proc.0.id());
+        let r = rounds(
+            &c,
+            &conv_arms,
+            &conv_pid,
+            &request_body(true),
+            16,
+            150 * scale,
+        )
+        .await;
         let _ = writeln!(
             report,
-            "| {n} | {:.2} | {:.2} | {} | {} |",
-            Samples::pct(&s.ttfb, 0.5),
-            Samples::pct(&s.total, 0.5),
-            cpu.map_or("-".into(), |c| format!("{c:.0}")),
-            s.errors
+            "\n### Streaming with OpenAI conversion, 50 chunks, 20 ms to the first chunk, concurrency 16\n"
         );
+        let _ = writeln!(
+            report,
+            "| arm | first byte p50 ms | last byte p50 ms | CPU µs/request | errors |\n|---|---|---|---|---|"
+        );
+        for (n, s, cpu) in &r {
+            let _ = writeln!(
+                report,
+                "| {n} | {:.2} | {:.2} | {} | {} |",
+                Samples::pct(&s.ttfb, 0.5),
+                Samples::pct(&s.total, 0.5),
+                cpu.map_or("-".into(), |c| format!("{c:.0}")),
+                s.errors
+            );
+        }
     }
 
     // 5. Memory: idle, and holding 1,000 concurrent streams (50 events, 100 ms apart).
-    mock.set_default(stream_reply(
-        &anthropic_events(),
-        Duration::from_millis(20),
-        Duration::from_millis(100),
-    ));
-    let body = request_body(true);
-    let bal_pid = bal_proc.0.id();
-    let holder = tokio::spawn({
-        let (c, bal, body) = (c.clone(), bal.clone(), body.clone());
-        async move { load(&c, &bal, body, 1000, 1000).await }
-    });
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let busy_rss = rss_mb(bal_pid);
-    let held = holder.await.unwrap_or_default();
-    let _ = writeln!(
-        report,
-        "\n### Memory of claude-balancer\n\n| state | resident MB |\n|---|---|\n| idle | {idle_rss:.1} |\n| 1,000 concurrent streams | {busy_rss:.1} (errors: {}) |",
-        held.errors
-    );
+    if want("memory") {
+        mock.set_default(stream_reply(
+            &anthropic_events(),
+            Duration::from_millis(20),
+            Duration::from_millis(100),
+        ));
+        let body = request_body(true);
+        let bal_pid = bal_proc.0.id();
+        let holder = tokio::spawn({
+            let (c, bal, body) = (c.clone(), bal.clone(), body.clone());
+            async move { load(&c, &bal, body, 1000, 1000).await }
+        });
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let busy_rss = rss_mb(bal_pid);
+        let held = holder.await.unwrap_or_default();
+        let _ = writeln!(
+            report,
+            "\n### Memory of claude-balancer\n\n| state | resident MB |\n|---|---|\n| idle | {idle_rss:.1} |\n| 1,000 concurrent streams | {busy_rss:.1} (errors: {}) |",
+            held.errors
+        );
+    }
 
     println!("{report}");
     let doc = format!(
         "# Benchmarks\n\nProduced by:\n\n```\ncargo build --release --workspace --bins && target/release/bench\n```\n\n{report}\nAdded latency is the arm's percentile minus the direct arm's. CPU is user + system time of the\nproxy process (from `/proc`) over the requests it served. The balancer runs with its defaults except\ndeduplication (off: the benchmark repeats one request, which would otherwise be coalesced) and\nwrites its JSON request log as in production.\n"
     );
-    if let Err(e) = std::fs::write(&out, doc) {
+    if only.is_none()
+        && let Err(e) = std::fs::write(&out, doc)
+    {
         eprintln!("cannot write {out}: {e}");
     }
     drop((bal_proc, oai_proc, bare_proc));
