@@ -147,13 +147,19 @@ async fn passthrough_model_sends_the_body_byte_for_byte() {
         .unwrap();
     let bal = Balancer::start(&yaml_with("api_key", "k", &p.url(), "passthrough")).await;
     let raw = "{ \"model\" : \"claude-sonnet-4-6\",\n \"messages\": [ {\"role\":\"user\",\"content\":\"\\u00e9t\u{e9}\"} ] ,\"max_tokens\":1}";
-    bal.client
+    let resp = bal
+        .client
         .post(format!("{}/v1/messages", bal.url))
         .body(raw)
         .send()
         .await
         .unwrap();
     assert_eq!(p.requests()[0].body, raw.as_bytes());
+    // A complete answer goes back with its length, as Anthropic sends it, not chunked.
+    let length = resp.headers().get("content-length").cloned();
+    assert!(resp.headers().get("transfer-encoding").is_none());
+    let answer = resp.bytes().await.unwrap();
+    assert_eq!(length.unwrap().to_str().unwrap(), answer.len().to_string());
 }
 
 #[tokio::test]

@@ -12,7 +12,6 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use http::HeaderValue;
 use serde::Serialize;
 use tokio::time::Instant;
@@ -343,21 +342,55 @@ pub fn observe(
         record,
         client,
     };
-    let stream = body.into_data_stream();
-    let wrapped = futures_util::stream::unfold(
-        (stream, Some(finisher)),
-        move |(mut stream, finisher)| async move {
-            let f = finisher?;
-            match stream.next().await {
-                Some(Ok(chunk)) => {
-                    sniff_usage(&f.record, &chunk, sse);
-                    Some((Ok::<Bytes, Infallible>(chunk), (stream, Some(f))))
+    let observed = Observed {
+        inner: body,
+        finisher: Some(finisher),
+        sse,
+    };
+    Response::from_parts(parts, Body::new(observed))
+}
+
+/// A response body that reads usage from what passes and finishes the record when it ends or is
+/// dropped. It keeps the inner body's size, so a complete JSON answer goes out with its
+/// `content-length` and nothing is polled after its last byte.
+struct Observed {
+    inner: Body,
+    finisher: Option<Finisher>,
+    sse: bool,
+}
+
+impl hyper::body::Body for Observed {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(f)) = (frame.data_ref(), &this.finisher) {
+                    sniff_usage(&f.record, data, this.sse);
                 }
-                // End (or a body error, which only our own streams could raise): the record is finished
-                // when `f` drops here.
-                _ => None,
+                Poll::Ready(Some(Ok(frame)))
             }
-        },
-    );
-    Response::from_parts(parts, Body::from_stream(wrapped))
+            // End (or a body error, which only our own streams could raise): the record is
+            // finished when the finisher drops here.
+            Poll::Ready(_) => {
+                this.finisher = None;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
