@@ -36,6 +36,27 @@ fn client() -> HttpClient {
         .build(connector)
 }
 
+/// Replaced in every request body by a request number, so that no two requests are identical
+/// (identical requests in flight would be coalesced by the balancer's defaults).
+const MARK: &str = "#00000000";
+
+/// The arm running claude-balancer with its shipped defaults.
+const DEFAULTS_ARM: &str = "claude-balancer, defaults (coalescing on)";
+
+/// Numbers the requests of the whole run.
+static SENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// `body` with its mark replaced by the next request number (same length).
+fn unique(body: &Bytes) -> Bytes {
+    let n = SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let Some(at) = memchr::memmem::find(body, MARK.as_bytes()) else {
+        return body.clone();
+    };
+    let mut out = body.to_vec();
+    out[at..at + MARK.len()].copy_from_slice(format!("#{:08}", n % 100_000_000).as_bytes());
+    Bytes::from(out)
+}
+
 /// A Claude Code-shaped request: system blocks, tools with schemas, history (about 40 KB).
 fn request_body(stream: bool) -> Bytes {
     let tools: Vec<_> = (0..18)
@@ -52,7 +73,7 @@ fn request_body(stream: bool) -> Bytes {
             {"type": "text", "text": "Please look at the code and fix the failing test. ".repeat(20)}]}));
         messages.push(json!({"role": "assistant", "content": [{"type": "text", "text": "Looking at the repository now. ".repeat(25)}]}));
     }
-    messages.push(json!({"role": "user", "content": "continue"}));
+    messages.push(json!({"role": "user", "content": format!("continue {MARK}")}));
     let body = json!({"model": "claude-sonnet-4-6", "max_tokens": 32000, "stream": stream,
         "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197; cc_entrypoint=cli;"},
                    {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude.", "cache_control": {"type": "ephemeral"}},
@@ -134,7 +155,7 @@ async fn load(c: &HttpClient, url: &str, body: Bytes, concurrency: usize, total:
                     .header("content-type", "application/json")
                     .header("anthropic-version", "2023-06-01")
                     .header("x-api-key", "bench-key")
-                    .body(Full::new(body.clone()));
+                    .body(Full::new(unique(&body)));
                 let Ok(req) = req else {
                     s.errors += 1;
                     continue;
@@ -248,7 +269,14 @@ async fn wait_up(c: &HttpClient, url: &str) {
     }
 }
 
-fn start_balancer(dir: &std::path::Path, name: &str, upstream: &str, kind: &str) -> (Proc, String) {
+/// Starts claude-balancer on `upstream`; `defaults`: keep deduplication on, as shipped.
+fn start_balancer(
+    dir: &std::path::Path,
+    name: &str,
+    upstream: &str,
+    kind: &str,
+    defaults: bool,
+) -> (Proc, String) {
     let port = free_port();
     let base = if kind == "openai" {
         format!("{upstream}/v1")
@@ -257,8 +285,13 @@ fn start_balancer(dir: &std::path::Path, name: &str, upstream: &str, kind: &str)
     };
     let config = dir.join(format!("{name}.yaml"));
     let yaml = format!(
-        "providers:\n  - {{name: P, type: {kind}, base_url: \"{base}\", auth_type: api_key, auth_value: provider-key}}\nmodel_routes:\n  \"*\":\n    - {{provider: P, model: passthrough}}\nsettings:\n  log_level: INFO\n  log_file_path: \"{}/{name}-logs/logs.jsonl\"\n  deduplication:\n    enabled: false\n  sticky_provider_duration: 0\n",
-        dir.display()
+        "providers:\n  - {{name: P, type: {kind}, base_url: \"{base}\", auth_type: api_key, auth_value: provider-key}}\nmodel_routes:\n  \"*\":\n    - {{provider: P, model: passthrough}}\nsettings:\n  log_level: INFO\n  log_file_path: \"{}/{name}-logs/logs.jsonl\"\n  sticky_provider_duration: 0\n{}",
+        dir.display(),
+        if defaults {
+            ""
+        } else {
+            "  deduplication:\n    enabled: false\n"
+        }
     );
     let _ = std::fs::write(&config, yaml);
     let exe = sibling("claude-balancer");
@@ -429,11 +462,13 @@ async fn main() {
             return;
         }
     };
-    let (bal_proc, bal) = start_balancer(&dir, "pass", &mock.url(), "anthropic");
-    let (oai_proc, oai_bal) = start_balancer(&dir, "conv", &oai.url(), "openai");
+    let (bal_proc, bal) = start_balancer(&dir, "pass", &mock.url(), "anthropic", false);
+    let (oai_proc, oai_bal) = start_balancer(&dir, "conv", &oai.url(), "openai", false);
+    let (dflt_proc, dflt) = start_balancer(&dir, "defaults", &mock.url(), "anthropic", true);
     let (bare_proc, bare) = start_bare_proxy(&mock.url());
     wait_up(&c, &bal).await;
     wait_up(&c, &oai_bal).await;
+    wait_up(&c, &dflt).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle_rss = rss_mb(bal_proc.0.id());
     let arms = [
@@ -444,8 +479,17 @@ async fn main() {
     let pids = |name: &str| match name {
         "bare proxy" => Some(bare_proc.0.id()),
         "claude-balancer" => Some(bal_proc.0.id()),
+        DEFAULTS_ARM => Some(dflt_proc.0.id()),
         _ => None,
     };
+    // The first scenario also runs the balancer as shipped (coalescing on: every request is signed
+    // and served through a flight).
+    let with_defaults = [
+        arms[0].clone(),
+        arms[1].clone(),
+        arms[2].clone(),
+        (DEFAULTS_ARM, dflt.clone()),
+    ];
 
     // Runs `per_round` requests per arm, three alternating rounds; returns samples and CPU per request.
     async fn rounds(
@@ -494,7 +538,7 @@ async fn main() {
             Reply::message("claude-sonnet-4-6", "ok").with_delay(Duration::from_millis(20)),
         );
         let body = request_body(false);
-        let r = rounds(&c, &arms, &pids, &body, 16, 300 * scale).await;
+        let r = rounds(&c, &with_defaults, &pids, &body, 16, 300 * scale).await;
         let direct = (
             Samples::pct(&r[0].1.total, 0.5),
             Samples::pct(&r[0].1.total, 0.99),
@@ -640,13 +684,18 @@ async fn main() {
 
     println!("{report}");
     let doc = format!(
-        "# Benchmarks\n\nProduced by:\n\n```\ncargo build --release --workspace --bins && target/release/bench\n```\n\n{report}\nAdded latency is the arm's percentile minus the direct arm's. CPU is user + system time of the\nproxy process (from `/proc`) over the requests it served. The balancer runs with its defaults except\ndeduplication (off: the benchmark repeats one request, which would otherwise be coalesced) and\nwrites its JSON request log as in production.\n"
+        "# Benchmarks\n\nProduced by:\n\n```\ncargo build --release --workspace --bins && target/release/bench\n```\n\n{report}\nAdded latency is the arm's percentile minus the direct arm's. CPU is user + system time of the\nproxy process (from `/proc`) over the requests it served. Every request carries its own number (in its last\nmessage), so no two are identical. The `claude-balancer` arm runs with its defaults except\ndeduplication (off); the `defaults` arm runs as shipped, coalescing on, so every request is signed and\nserved through a flight. Both write their JSON request log as in production.\n"
     );
+    // The measured part is rewritten; the sections after it (`## ...`: targets, analysis) are kept.
+    let kept = std::fs::read_to_string(&out)
+        .ok()
+        .and_then(|old| old.find("\n## ").map(|at| old[at..].to_owned()))
+        .unwrap_or_default();
     if only.is_none()
-        && let Err(e) = std::fs::write(&out, doc)
+        && let Err(e) = std::fs::write(&out, doc + &kept)
     {
         eprintln!("cannot write {out}: {e}");
     }
-    drop((bal_proc, oai_proc, bare_proc));
+    drop((bal_proc, oai_proc, dflt_proc, bare_proc));
     let _ = std::fs::remove_dir_all(&dir);
 }
