@@ -441,6 +441,13 @@ async fn main() {
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1))
         .cloned();
+    const SCENARIOS: [&str; 5] = ["latency", "stream", "throughput", "convert", "memory"];
+    if let Some(o) = only.as_deref()
+        && !SCENARIOS.contains(&o)
+    {
+        eprintln!("--only takes one of {}", SCENARIOS.join(", "));
+        std::process::exit(2);
+    }
     let want = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let dir = std::env::temp_dir().join(format!("cb-bench-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
