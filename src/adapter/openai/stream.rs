@@ -501,6 +501,9 @@ impl StreamState {
         if data == "[DONE]" {
             return self.finalize();
         }
+        if let Some(step) = self.text_chunk(data) {
+            return step;
+        }
         let chunk: Value = match serde_json::from_str(data) {
             Ok(v) => v,
             Err(e) => {
@@ -559,6 +562,60 @@ impl StreamState {
             self.close_open();
         }
         Step::Continue
+    }
+
+    /// The commonest chunk, a text delta, read without a JSON tree (which cost more than the rest
+    /// of the conversion). `None` leaves the chunk to the general path: whenever it mentions
+    /// anything else this state machine reads (errors, usage, reasoning, tool calls, a native stop
+    /// reason, an `error` finish), has an escape that could spell a key, or does not parse.
+    fn text_chunk(&mut self, data: &str) -> Option<Step> {
+        const OTHERS: [&str; 7] = [
+            "\"error\"",
+            "\"usage\"",
+            "\"x_groq\"",
+            "\"tool_calls\"",
+            "\"reasoning",
+            "\"stop_reason\"",
+            "\\u",
+        ];
+        if OTHERS.iter().any(|k| data.contains(k)) {
+            return None;
+        }
+        #[derive(serde::Deserialize)]
+        struct Chunk<'a> {
+            #[serde(borrow, default)]
+            choices: Vec<Choice<'a>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Choice<'a> {
+            #[serde(borrow, default)]
+            delta: Option<Delta<'a>>,
+            #[serde(borrow, default)]
+            finish_reason: Option<std::borrow::Cow<'a, str>>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Delta<'a> {
+            #[serde(borrow, default)]
+            content: Option<std::borrow::Cow<'a, str>>,
+        }
+        let chunk: Chunk<'_> = serde_json::from_str(data).ok()?;
+        let Some(choice) = chunk.choices.first() else {
+            return Some(Step::Continue);
+        };
+        if choice.finish_reason.as_deref() == Some("error") {
+            return None;
+        }
+        if let Some(c) = choice.delta.as_ref().and_then(|d| d.content.as_deref()) {
+            self.content(c);
+        }
+        if let Some(finish) = choice.finish_reason.as_deref() {
+            self.finish_reason = Some(finish.to_owned());
+            if let Some((r, t)) = self.tags.flush() {
+                if r { self.reasoning(&t) } else { self.text(&t) }
+            }
+            self.close_open();
+        }
+        Some(Step::Continue)
     }
 
     /// End of upstream input (EOF). A stream that saw `finish_reason` ends normally; one that did
