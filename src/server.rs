@@ -62,6 +62,11 @@ const FLUSH_AFTER_GRACE: Duration = Duration::from_secs(2);
 
 /// Serves until `shutdown` resolves, then stops accepting, lets requests in flight finish within
 /// `settings.shutdown_grace_seconds`, and ends the streams still open with an `event: error`.
+/// The most a client connection's read buffer grows to. A buffer keeps its size while its
+/// connection lives, and a streamed answer keeps the connection for minutes: an unbounded buffer
+/// sized to a 40 KB request body would be held by every open stream.
+const READ_BUFFER_BYTES: usize = 16 * 1024;
+
 /// TCP_NODELAY is set on every client connection; slow request headers are cut off.
 pub async fn serve(
     listener: TcpListener,
@@ -73,7 +78,8 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(READ_BUFFER_BYTES);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Uri};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
@@ -24,6 +24,10 @@ use body::Envelope;
 pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Reads the whole request body, refusing more than `limit` bytes with a 413.
+///
+/// The bytes are gathered into one buffer sized from `content-length`, each frame released as soon
+/// as it is copied: gathering all frames first and joining them at the end held every body twice
+/// while a burst of requests was being read.
 pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
@@ -32,8 +36,35 @@ pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::too_large(limit));
     }
-    match tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    let capacity = declared.map_or(0, |n| usize::try_from(n).unwrap_or(0));
+    let gather = async move {
+        let mut body = Limited::new(body, limit);
+        let mut gathered: Option<BytesMut> = None;
+        let mut single: Option<Bytes> = None;
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            match (&mut gathered, single.take()) {
+                (Some(buf), _) => buf.extend_from_slice(&data),
+                // The first frame: kept as it is if it turns out to be the whole body.
+                (None, None) => single = Some(data),
+                (None, Some(first)) => {
+                    let mut buf = BytesMut::with_capacity(capacity.max(first.len() + data.len()));
+                    buf.extend_from_slice(&first);
+                    buf.extend_from_slice(&data);
+                    gathered = Some(buf);
+                }
+            }
+        }
+        Ok::<Bytes, Box<dyn std::error::Error + Send + Sync>>(match (gathered, single) {
+            (Some(buf), _) => buf.freeze(),
+            (None, Some(one)) => one,
+            (None, None) => Bytes::new(),
+        })
+    };
+    match tokio::time::timeout(BODY_READ_TIMEOUT, gather).await {
+        Ok(Ok(bytes)) => Ok(bytes),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
             Err(ApiError::too_large(limit))
         }
