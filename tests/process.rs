@@ -290,6 +290,17 @@ async fn sigterm_lets_a_stream_in_flight_finish() {
     assert_eq!(wait_exit(&mut p).await, 0);
 }
 
+/// Whether requests come to be served by `provider` within five seconds.
+async fn comes_to_serve(url: &str, provider: &str) -> bool {
+    for _ in 0..100 {
+        if served_by(url).await.as_deref() == Some(provider) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 #[tokio::test]
 async fn a_watched_file_is_reloaded_and_a_broken_edit_changes_nothing() {
     let a = MockProvider::start(Reply::message("m", "A")).await.unwrap();
@@ -306,15 +317,10 @@ async fn a_watched_file_is_reloaded_and_a_broken_edit_changes_nothing() {
     )
     .unwrap();
     std::fs::rename(&tmp, &p.config).unwrap();
-    let mut moved = false;
-    for _ in 0..100 {
-        if served_by(&p.url).await.as_deref() == Some("B") {
-            moved = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(moved, "the route did not move after the file changed");
+    assert!(
+        comes_to_serve(&p.url, "B").await,
+        "the route did not move after the file changed"
+    );
     std::fs::write(&p.config, "providers: [ this is not yaml").unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(served_by(&p.url).await.as_deref(), Some("B"));
@@ -348,13 +354,5 @@ async fn sighup_reloads() {
         "no reload without a signal or reload: true"
     );
     signal(&p, "-HUP");
-    let mut moved = false;
-    for _ in 0..100 {
-        if served_by(&p.url).await.as_deref() == Some("B") {
-            moved = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(moved);
+    assert!(comes_to_serve(&p.url, "B").await);
 }

@@ -199,6 +199,31 @@ async fn load(c: &HttpClient, url: &str, body: Bytes, concurrency: usize, total:
     all
 }
 
+/// Appends a Markdown table: `heading` (with its own leading blank line, if any), the column
+/// names, then one row of cells per arm.
+fn table(
+    report: &mut String,
+    heading: &str,
+    columns: &[&str],
+    rows: impl IntoIterator<Item = Vec<String>>,
+) {
+    let _ = writeln!(report, "{heading}\n");
+    let _ = writeln!(
+        report,
+        "| {} |\n|{}",
+        columns.join(" | "),
+        "---|".repeat(columns.len())
+    );
+    for row in rows {
+        let _ = writeln!(report, "| {} |", row.join(" | "));
+    }
+}
+
+/// CPU per request, or `-` for an arm whose process is not ours to measure.
+fn cpu_cell(cpu: &Option<f64>) -> String {
+    cpu.map_or("-".into(), |c| format!("{c:.0}"))
+}
+
 fn clock_ticks() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
@@ -550,26 +575,34 @@ async fn main() {
             Samples::pct(&r[0].1.total, 0.5),
             Samples::pct(&r[0].1.total, 0.99),
         );
-        let _ = writeln!(
-            report,
-            "### Non-streaming, 20 ms provider, concurrency 16, {} KB requests\n",
-            body.len() / 1024
+        table(
+            &mut report,
+            &format!(
+                "### Non-streaming, 20 ms provider, concurrency 16, {} KB requests",
+                body.len() / 1024
+            ),
+            &[
+                "arm",
+                "p50 ms",
+                "p99 ms",
+                "added p50 ms",
+                "added p99 ms",
+                "CPU µs/request",
+                "errors",
+            ],
+            r.iter().map(|(n, s, cpu)| {
+                let (p50, p99) = (Samples::pct(&s.total, 0.5), Samples::pct(&s.total, 0.99));
+                vec![
+                    n.clone(),
+                    format!("{p50:.2}"),
+                    format!("{p99:.2}"),
+                    format!("{:.2}", p50 - direct.0),
+                    format!("{:.2}", p99 - direct.1),
+                    cpu_cell(cpu),
+                    s.errors.to_string(),
+                ]
+            }),
         );
-        let _ = writeln!(
-            report,
-            "| arm | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU µs/request | errors |\n|---|---|---|---|---|---|---|"
-        );
-        for (n, s, cpu) in &r {
-            let (p50, p99) = (Samples::pct(&s.total, 0.5), Samples::pct(&s.total, 0.99));
-            let _ = writeln!(
-                report,
-                "| {n} | {p50:.2} | {p99:.2} | {:.2} | {:.2} | {} | {} |",
-                p50 - direct.0,
-                p99 - direct.1,
-                cpu.map_or("-".into(), |c| format!("{c:.0}")),
-                s.errors
-            );
-        }
     }
 
     // 2. Streaming, 50 events, 20 ms to the first event.
@@ -581,25 +614,28 @@ async fn main() {
         ));
         let body = request_body(true);
         let r = rounds(&c, &arms, &pids, &body, 16, 150 * scale).await;
-        let _ = writeln!(
-            report,
-            "\n### Streaming, 50 events, 20 ms to the first event, concurrency 16\n"
+        table(
+            &mut report,
+            "\n### Streaming, 50 events, 20 ms to the first event, concurrency 16",
+            &[
+                "arm",
+                "first byte p50 ms",
+                "last byte p50 ms",
+                "last byte p99 ms",
+                "CPU µs/request",
+                "errors",
+            ],
+            r.iter().map(|(n, s, cpu)| {
+                vec![
+                    n.clone(),
+                    format!("{:.2}", Samples::pct(&s.ttfb, 0.5)),
+                    format!("{:.2}", Samples::pct(&s.total, 0.5)),
+                    format!("{:.2}", Samples::pct(&s.total, 0.99)),
+                    cpu_cell(cpu),
+                    s.errors.to_string(),
+                ]
+            }),
         );
-        let _ = writeln!(
-            report,
-            "| arm | first byte p50 ms | last byte p50 ms | last byte p99 ms | CPU µs/request | errors |\n|---|---|---|---|---|---|"
-        );
-        for (n, s, cpu) in &r {
-            let _ = writeln!(
-                report,
-                "| {n} | {:.2} | {:.2} | {:.2} | {} | {} |",
-                Samples::pct(&s.ttfb, 0.5),
-                Samples::pct(&s.total, 0.5),
-                Samples::pct(&s.total, 0.99),
-                cpu.map_or("-".into(), |c| format!("{c:.0}")),
-                s.errors
-            );
-        }
     }
 
     // 3. Throughput, provider without latency, concurrency 64.
@@ -608,24 +644,20 @@ async fn main() {
         let body = request_body(false);
         let r = rounds(&c, &arms, &pids, &body, 64, 1000 * scale).await;
         let base = r[0].1.throughput();
-        let _ = writeln!(
-            report,
-            "\n### Throughput, provider without latency, concurrency 64\n"
+        table(
+            &mut report,
+            "\n### Throughput, provider without latency, concurrency 64",
+            &["arm", "requests/s", "of direct", "CPU µs/request", "errors"],
+            r.iter().map(|(n, s, cpu)| {
+                vec![
+                    n.clone(),
+                    format!("{:.0}", s.throughput()),
+                    format!("{:.1} %", s.throughput() / base * 100.0),
+                    cpu_cell(cpu),
+                    s.errors.to_string(),
+                ]
+            }),
         );
-        let _ = writeln!(
-            report,
-            "| arm | requests/s | of direct | CPU µs/request | errors |\n|---|---|---|---|---|"
-        );
-        for (n, s, cpu) in &r {
-            let _ = writeln!(
-                report,
-                "| {n} | {:.0} | {:.1} % | {} | {} |",
-                s.throughput(),
-                s.throughput() / base * 100.0,
-                cpu.map_or("-".into(), |c| format!("{c:.0}")),
-                s.errors
-            );
-        }
     }
 
     // 4. OpenAI conversion: streaming, 50 chunks, through the converting balancer.
@@ -646,24 +678,26 @@ async fn main() {
             150 * scale,
         )
         .await;
-        let _ = writeln!(
-            report,
-            "\n### Streaming with OpenAI conversion, 50 chunks, 20 ms to the first chunk, concurrency 16\n"
+        table(
+            &mut report,
+            "\n### Streaming with OpenAI conversion, 50 chunks, 20 ms to the first chunk, concurrency 16",
+            &[
+                "arm",
+                "first byte p50 ms",
+                "last byte p50 ms",
+                "CPU µs/request",
+                "errors",
+            ],
+            r.iter().map(|(n, s, cpu)| {
+                vec![
+                    n.clone(),
+                    format!("{:.2}", Samples::pct(&s.ttfb, 0.5)),
+                    format!("{:.2}", Samples::pct(&s.total, 0.5)),
+                    cpu_cell(cpu),
+                    s.errors.to_string(),
+                ]
+            }),
         );
-        let _ = writeln!(
-            report,
-            "| arm | first byte p50 ms | last byte p50 ms | CPU µs/request | errors |\n|---|---|---|---|---|"
-        );
-        for (n, s, cpu) in &r {
-            let _ = writeln!(
-                report,
-                "| {n} | {:.2} | {:.2} | {} | {} |",
-                Samples::pct(&s.ttfb, 0.5),
-                Samples::pct(&s.total, 0.5),
-                cpu.map_or("-".into(), |c| format!("{c:.0}")),
-                s.errors
-            );
-        }
     }
 
     // 5. Memory: idle, and holding 1,000 concurrent streams (50 events, 100 ms apart).

@@ -555,13 +555,18 @@ impl StreamState {
             self.native_stop = Some(stop.clone());
         }
         if let Some(finish) = choice.get("finish_reason").and_then(Value::as_str) {
-            self.finish_reason = Some(finish.to_owned());
-            if let Some((r, t)) = self.tags.flush() {
-                if r { self.reasoning(&t) } else { self.text(&t) }
-            }
-            self.close_open();
+            self.choice_finished(finish);
         }
         Step::Continue
+    }
+
+    /// A choice's `finish_reason` arrived: what is held back is written and open blocks close.
+    fn choice_finished(&mut self, finish: &str) {
+        self.finish_reason = Some(finish.to_owned());
+        if let Some((r, t)) = self.tags.flush() {
+            if r { self.reasoning(&t) } else { self.text(&t) }
+        }
+        self.close_open();
     }
 
     /// The commonest chunk, a text delta, read without a JSON tree (which cost more than the rest
@@ -609,11 +614,7 @@ impl StreamState {
             self.content(c);
         }
         if let Some(finish) = choice.finish_reason.as_deref() {
-            self.finish_reason = Some(finish.to_owned());
-            if let Some((r, t)) = self.tags.flush() {
-                if r { self.reasoning(&t) } else { self.text(&t) }
-            }
-            self.close_open();
+            self.choice_finished(finish);
         }
         Some(Step::Continue)
     }
