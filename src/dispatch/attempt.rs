@@ -24,7 +24,9 @@ use crate::inbound::body;
 use crate::routing::Candidate;
 use crate::state::{AppState, Runtime};
 use crate::upstream::sse::{self, EventKind, Splitter};
-use crate::upstream::{AuthStyle, anthropic_request_headers, apply_auth, retry_after};
+use crate::upstream::{
+    AuthStyle, TransportError, UpstreamResponse, anthropic_request_headers, apply_auth, retry_after,
+};
 
 /// Error bodies read from a provider are cut at this size.
 const MAX_ERROR_BODY: usize = 1024 * 1024;
@@ -78,9 +80,12 @@ pub async fn attempt(
 }
 
 /// Sends the request and waits for the response headers.
-async fn send(request: reqwest::RequestBuilder, clock: &Clock) -> Result<reqwest::Response, Fault> {
+async fn send(
+    request: impl Future<Output = Result<UpstreamResponse, TransportError>>,
+    clock: &Clock,
+) -> Result<UpstreamResponse, Fault> {
     let deadline = clock.first_byte_deadline();
-    match timeout_at(deadline, request.send()).await {
+    match timeout_at(deadline, request).await {
         Err(_) => Err(Fault::new(
             FaultClass::Timeout,
             format!(
@@ -95,12 +100,12 @@ async fn send(request: reqwest::RequestBuilder, clock: &Clock) -> Result<reqwest
 
 /// A non-2xx answer: a provider fault, or `(status, headers, body)` of a client fault.
 async fn error_status(
-    resp: reqwest::Response,
+    mut resp: UpstreamResponse,
     settings: &Settings,
     clock: &Clock,
 ) -> Result<(u16, HeaderMap, Bytes), Fault> {
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
+    let status = resp.status.as_u16();
+    let headers = std::mem::take(&mut resp.headers);
     let retry = retry_after(&headers);
     let body = read_body(resp, clock.t.read, MAX_ERROR_BODY).await?;
     let text = String::from_utf8_lossy(&body);
@@ -116,7 +121,7 @@ async fn error_status(
 }
 
 async fn read_whole(
-    resp: reqwest::Response,
+    resp: UpstreamResponse,
     clock: &Clock,
     settings: &Settings,
 ) -> Result<Bytes, Fault> {
@@ -272,11 +277,8 @@ async fn anthropic(
         inbound.envelope.provider.is_some(),
     );
     let headers = anthropic_request_headers(&inbound.headers, &provider.config.auth);
-    let resp = match send(
-        provider
-            .post_messages(inbound.query.as_deref())
-            .headers(headers)
-            .body(body),
+    let mut resp = match send(
+        provider.post_messages(inbound.query.as_deref(), headers, body),
         &clock,
     )
     .await
@@ -284,9 +286,8 @@ async fn anthropic(
         Ok(r) => r,
         Err(f) => return Outcome::Fault(f),
     };
-    let status = resp.status().as_u16();
-    let upstream_headers = resp.headers().clone();
-    if !resp.status().is_success() {
+    let status = resp.status.as_u16();
+    if !resp.status.is_success() {
         return match error_status(resp, settings, &clock).await {
             Err(f) => Outcome::Fault(f),
             Ok((status, headers, body)) => {
@@ -294,6 +295,7 @@ async fn anthropic(
             }
         };
     }
+    let upstream_headers = std::mem::take(&mut resp.headers);
     if !stream {
         let body = match read_whole(resp, &clock, settings).await {
             Ok(b) => b,
@@ -312,7 +314,7 @@ async fn anthropic(
     }
 
     // Streaming: commit on the first complete event that is not a ping.
-    let mut upstream: Upstream = resp.bytes_stream().boxed();
+    let mut upstream: Upstream = resp.into_stream();
     let decided = first_events(&mut upstream, &clock, |all, kinds| {
         match kinds.iter().find(|k| **k != EventKind::Ping) {
             None => None,
@@ -418,8 +420,8 @@ async fn openai(
         AuthStyle::Openai,
     );
     let body = serde_json::to_vec(&converted).unwrap_or_default();
-    let resp = match send(
-        provider.post_messages(None).headers(headers).body(body),
+    let mut resp = match send(
+        provider.post_messages(None, headers, Bytes::from(body)),
         &clock,
     )
     .await
@@ -427,8 +429,7 @@ async fn openai(
         Ok(r) => r,
         Err(f) => return Outcome::Fault(f),
     };
-    let upstream_headers = resp.headers().clone();
-    if !resp.status().is_success() {
+    if !resp.status.is_success() {
         return match error_status(resp, settings, &clock).await {
             Err(f) => Outcome::Fault(f),
             Ok((status, headers, body)) => {
@@ -447,6 +448,7 @@ async fn openai(
             }
         };
     }
+    let upstream_headers = std::mem::take(&mut resp.headers);
     if !stream {
         let body = match read_whole(resp, &clock, settings).await {
             Ok(b) => b,
@@ -485,7 +487,7 @@ async fn openai(
     }
 
     // Streaming: commit on the first chunk that parses and is not an error.
-    let mut upstream: Upstream = resp.bytes_stream().boxed();
+    let mut upstream: Upstream = resp.into_stream();
     let decided = first_events(&mut upstream, &clock, |all, _| {
         let payloads = data_payloads(all);
         let first = payloads.iter().find(|d| {

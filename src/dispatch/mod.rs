@@ -11,14 +11,12 @@
 pub mod attempt;
 pub mod relay;
 
-use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::time::{Instant, timeout};
 
@@ -28,7 +26,7 @@ use crate::inbound::body::Envelope;
 use crate::routing::PlanContext;
 use crate::routing::health::Verdict;
 use crate::state::AppState;
-use crate::upstream::client_response_headers;
+use crate::upstream::{TransportError, UpstreamResponse, client_response_headers};
 
 /// One inbound `/v1/messages` request, validated.
 #[derive(Debug, Clone)]
@@ -137,28 +135,13 @@ pub enum Outcome {
     Unsupported(String),
 }
 
-/// `e` and its sources, without the URL (which is logged separately).
-pub fn error_chain(e: &reqwest::Error) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = s.source();
-    }
-    parts.join(": ")
-}
-
-pub(crate) fn transport_fault(e: reqwest::Error) -> Fault {
-    let e = e.without_url();
+pub(crate) fn transport_fault(e: TransportError) -> Fault {
     let class = if e.is_timeout() {
         FaultClass::Timeout
     } else {
         FaultClass::Transport
     };
-    Fault::new(class, error_chain(&e))
+    Fault::new(class, e.to_string())
 }
 
 fn snippet(body: &[u8]) -> String {
@@ -271,14 +254,13 @@ pub(crate) fn response_with(
 
 /// Reads a whole body, each gap between chunks bounded by `gap`, at most `limit` bytes.
 pub(crate) async fn read_body(
-    resp: reqwest::Response,
+    mut resp: UpstreamResponse,
     gap: Duration,
     limit: usize,
 ) -> Result<Bytes, Fault> {
-    let mut stream = resp.bytes_stream();
     let mut out = BytesMut::new();
     loop {
-        match timeout(gap, stream.next()).await {
+        match timeout(gap, resp.chunk()).await {
             Err(_) => {
                 return Err(Fault::new(
                     FaultClass::Timeout,

@@ -16,13 +16,14 @@ use tokio::time::{Instant, sleep_until};
 use crate::adapter::openai::stream::{Step, StreamState};
 use crate::routing::health::Verdict;
 use crate::state::AppState;
+use crate::upstream::TransportError;
 use crate::upstream::sse::{EventKind, PING_EVENT, Splitter, error_event};
 
 /// Silence after which a `ping` event is sent to the client.
 pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 
 /// The upstream body as a stream of chunks.
-pub type Upstream = BoxStream<'static, Result<Bytes, reqwest::Error>>;
+pub type Upstream = BoxStream<'static, Result<Bytes, TransportError>>;
 
 pub struct Relay {
     /// Events already read before commit, sent first.
@@ -154,7 +155,7 @@ impl Running {
             return None;
         }
         enum Wake {
-            Chunk(Option<Result<Bytes, reqwest::Error>>),
+            Chunk(Option<Result<Bytes, TransportError>>),
             Closing,
             Timer,
         }
@@ -182,10 +183,7 @@ impl Running {
                     return Some(out);
                 }
                 Wake::Chunk(Some(Err(e))) => {
-                    let reason = format!(
-                        "connection lost mid-stream: {}",
-                        crate::dispatch::error_chain(&e)
-                    );
+                    let reason = format!("connection lost mid-stream: {e}");
                     return Some(self.fail(reason));
                 }
                 Wake::Chunk(None) => {

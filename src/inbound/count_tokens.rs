@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::time::{Instant, timeout};
 
@@ -91,31 +90,25 @@ pub async fn count_tokens(
             if !state.count_tokens.allowed(name, Instant::now()) {
                 continue;
             }
-            let url = match query {
-                Some(q) => format!("{}?{q}", c.provider.count_tokens_url),
-                None => c.provider.count_tokens_url.clone(),
-            };
             let body = body::rewrite(
                 &raw,
                 &c.upstream_model,
                 &envelope.model,
                 envelope.provider.is_some(),
             );
-            let req = c
-                .provider
-                .client
-                .post(url)
-                .headers(anthropic_request_headers(headers, &c.provider.config.auth))
-                .body(body);
+            let req = c.provider.post_count_tokens(
+                query,
+                anthropic_request_headers(headers, &c.provider.config.auth),
+                body,
+            );
             let answer = timeout(tc.timeout, async {
-                let resp = req.send().await.ok()?;
-                if !resp.status().is_success() {
+                let mut resp = req.await.ok()?;
+                if !resp.status.is_success() {
                     return None;
                 }
-                let upstream_headers = resp.headers().clone();
-                let mut stream = resp.bytes_stream();
+                let upstream_headers = std::mem::take(&mut resp.headers);
                 let mut buf = Vec::new();
-                while let Some(chunk) = stream.next().await {
+                while let Some(chunk) = resp.chunk().await {
                     buf.extend_from_slice(&chunk.ok()?);
                     if buf.len() > MAX_COUNT_BODY {
                         return None;

@@ -1,32 +1,37 @@
 //! The upstream side: one pooled HTTP client per outbound proxy, the runtime form of a provider,
 //! and the header rules for requests to providers and responses from them.
 
+pub mod client;
 pub mod sse;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::Uri;
 use http::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
 
+pub use client::{Client, TransportError, UpstreamResponse};
+
 use crate::config::{Auth, ProviderConfig, ProviderKind};
-use crate::secret::{Secret, mask_url_credentials};
+use crate::secret::Secret;
 
 /// A configured provider, ready to be called.
 #[derive(Debug)]
 pub struct Provider {
     pub config: ProviderConfig,
-    pub client: reqwest::Client,
+    pub client: Client,
     /// `POST` target for messages (anthropic) or chat completions (openai).
     pub messages_url: String,
     /// `POST` target for count_tokens (anthropic only).
     pub count_tokens_url: String,
-    /// `messages_url` parsed once (reqwest would parse the string on every request).
-    messages_target: Option<reqwest::Url>,
+    /// `messages_url` parsed once.
+    messages_target: Option<Uri>,
 }
 
 impl Provider {
-    pub fn new(config: ProviderConfig, client: reqwest::Client) -> Self {
+    pub fn new(config: ProviderConfig, client: Client) -> Self {
         let base = config.base_url.trim_end_matches('/');
         let (messages_url, count_tokens_url) = match config.kind {
             ProviderKind::Anthropic => {
@@ -45,19 +50,35 @@ impl Provider {
         Self {
             config,
             client,
-            messages_target: reqwest::Url::parse(&messages_url).ok(),
+            messages_target: messages_url.parse().ok(),
             messages_url,
             count_tokens_url,
         }
     }
 
-    /// A `POST` to `messages_url`, with the client's query string if it sent one.
-    pub fn post_messages(&self, query: Option<&str>) -> reqwest::RequestBuilder {
-        match (&self.messages_target, query) {
-            (_, Some(q)) => self.client.post(format!("{}?{q}", self.messages_url)),
-            (Some(url), None) => self.client.post(url.clone()),
-            (None, None) => self.client.post(&self.messages_url),
-        }
+    /// `POST`s to `messages_url`, with the client's query string if it sent one.
+    pub async fn post_messages(
+        &self,
+        query: Option<&str>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<UpstreamResponse, TransportError> {
+        let target = match (&self.messages_target, query) {
+            (Some(uri), None) => uri.clone(),
+            _ => target(&self.messages_url, query)?,
+        };
+        self.client.post(target, headers, body).await
+    }
+
+    /// `POST`s to `count_tokens_url`, with the client's query string if it sent one.
+    pub async fn post_count_tokens(
+        &self,
+        query: Option<&str>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<UpstreamResponse, TransportError> {
+        let target = target(&self.count_tokens_url, query)?;
+        self.client.post(target, headers, body).await
     }
 
     pub fn has_credentials(&self) -> bool {
@@ -65,7 +86,15 @@ impl Provider {
     }
 }
 
-/// Installs the TLS crypto provider once per process (reqwest is built without a default one).
+fn target(url: &str, query: Option<&str>) -> Result<Uri, TransportError> {
+    let parsed = match query {
+        Some(q) => format!("{url}?{q}").parse::<Uri>(),
+        None => url.parse::<Uri>(),
+    };
+    parsed.map_err(|e| TransportError::new(format!("base_url does not make a request URL: {e}")))
+}
+
+/// Installs the TLS crypto provider once per process (rustls is built without a default one).
 pub fn install_crypto_provider() {
     // An Err means a provider is already installed, which is what we want.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -74,36 +103,20 @@ pub fn install_crypto_provider() {
 /// HTTP clients shared across reloads, one per (outbound proxy, connect timeout).
 #[derive(Debug, Default)]
 pub struct ClientPool {
-    clients: Mutex<HashMap<(Option<String>, Duration), reqwest::Client>>,
+    clients: Mutex<HashMap<(Option<String>, Duration), Client>>,
 }
 
 impl ClientPool {
-    pub fn get(
-        &self,
-        proxy: Option<&Secret>,
-        connect_timeout: Duration,
-    ) -> Result<reqwest::Client, String> {
+    pub fn get(&self, proxy: Option<&Secret>, connect_timeout: Duration) -> Result<Client, String> {
         let key = (proxy.map(|p| p.expose().to_owned()), connect_timeout);
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = clients.get(&key) {
             return Ok(c.clone());
         }
-        install_crypto_provider();
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy();
-        if let Some(p) = proxy {
-            let proxy = reqwest::Proxy::all(p.expose())
-                .map_err(|e| format!("proxy {}: {e}", mask_url_credentials(p.expose())))?;
-            builder = builder.proxy(proxy);
-        }
-        let client = builder
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let client = match proxy {
+            Some(p) => Client::proxied(p, connect_timeout)?,
+            None => Client::direct(connect_timeout)?,
+        };
         clients.insert(key, client.clone());
         Ok(client)
     }
@@ -245,8 +258,7 @@ mod tests {
             dialect: crate::config::Dialect::Generic,
             sanitize_schemas: false,
         };
-        install_crypto_provider();
-        Provider::new(config, reqwest::Client::new())
+        Provider::new(config, Client::direct(Duration::from_secs(1)).unwrap())
     }
 
     #[test]
