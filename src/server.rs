@@ -1,19 +1,30 @@
 //! The HTTP front: the router, its fallbacks (every error Anthropic-shaped) and `serve`.
+//!
+//! `POST /v1/messages`, nearly every request a balancer serves, goes straight from hyper to its
+//! handler (the same key check, the same panic answer); everything else goes through the router.
 
 use std::any::Any;
+use std::convert::Infallible;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, head, post};
+use futures_util::FutureExt;
 use http::StatusCode;
+use http::{Method, Request};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tower::ServiceExt;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::error::ApiError;
@@ -53,6 +64,36 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 fn panic_response(_: Box<dyn Any + Send + 'static>) -> Response {
     ApiError::internal("internal error in the balancer").into_response()
+}
+
+/// The service for one client connection.
+fn front(
+    state: Arc<AppState>,
+    app: Router,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response, Infallible>> + Send,
+> + Clone {
+    service_fn(move |request: Request<Incoming>| {
+        let (state, app) = (Arc::clone(&state), app.clone());
+        async move {
+            if request.method() == Method::POST && request.uri().path() == "/v1/messages" {
+                let served = AssertUnwindSafe(messages(state, request)).catch_unwind();
+                return Ok(served.await.unwrap_or_else(panic_response));
+            }
+            app.oneshot(request.map(Body::new)).await
+        }
+    })
+}
+
+async fn messages(state: Arc<AppState>, request: Request<Incoming>) -> Response {
+    let (parts, body) = request.into_parts();
+    if let Some(refused) = inbound::auth::refusal(&state, &parts.uri, &parts.headers) {
+        return refused;
+    }
+    inbound::messages(State(state), parts.uri, parts.headers, Body::new(body)).await
 }
 
 /// A client must send its request headers within this time.
@@ -98,7 +139,7 @@ pub async fn serve(
                 if let Err(e) = tcp.set_nodelay(true) {
                     tracing::debug!("cannot set TCP_NODELAY: {e}");
                 }
-                let service = TowerToHyperService::new(app.clone());
+                let service = front(Arc::clone(&state), app.clone());
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {

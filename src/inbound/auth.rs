@@ -10,7 +10,7 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, StatusCode, Uri};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
@@ -56,34 +56,41 @@ fn refuse(message: &str) -> Response {
     ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", message).into_response()
 }
 
-pub async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+/// The refusal for a request to `uri` that may not pass; `None` lets it through.
+pub fn refusal(state: &AppState, uri: &Uri, headers: &HeaderMap) -> Option<Response> {
     let runtime = state.runtime();
     let auth = &runtime.config.settings.auth;
-    let path = request.uri().path();
+    let path = uri.path();
     if auth.exempt_paths.iter().any(|p| p == path) {
-        return next.run(request).await;
+        return None;
     }
     // The dashboard page is opened in a browser: it may carry its key as `?key=`.
     let query_key = if path.starts_with("/dashboard") {
-        request
-            .uri()
-            .query()
+        uri.query()
             .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("key=")))
             .map(str::as_bytes)
     } else {
         None
     };
-    let key = presented(request.headers()).or(query_key);
+    let key = presented(headers).or(query_key);
     if is_admin(path) && !auth.admin_keys.is_empty() {
         if !key.is_some_and(|k| matches_any(k, &auth.admin_keys)) {
-            return refuse("an admin key is required for this endpoint");
+            return Some(refuse("an admin key is required for this endpoint"));
         }
     } else if auth.enabled
         && !key.is_some_and(|k| matches_any(k, &auth.api_keys) || matches_any(k, &auth.admin_keys))
     {
-        return refuse("invalid or missing API key for this balancer");
+        return Some(refuse("invalid or missing API key for this balancer"));
     }
-    next.run(request).await
+    None
+}
+
+/// [`refusal`] as a router layer.
+pub async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    match refusal(&state, request.uri(), request.headers()) {
+        None => next.run(request).await,
+        Some(refused) => refused,
+    }
 }
 
 #[cfg(test)]
