@@ -12,6 +12,9 @@ use claude_balancer::state::AppState;
 use claude_balancer::{server, upstream};
 use tokio::net::TcpListener;
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "claude-balancer",

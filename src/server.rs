@@ -79,11 +79,13 @@ fn front(
     service_fn(move |request: Request<Incoming>| {
         let (state, app) = (Arc::clone(&state), app.clone());
         async move {
+            // Boxed: hyper keeps one slot the size of this future for every connection's whole life
+            // (streams included), while a box is freed as soon as the answer's head is ready.
             if request.method() == Method::POST && request.uri().path() == "/v1/messages" {
-                let served = AssertUnwindSafe(messages(state, request)).catch_unwind();
+                let served = AssertUnwindSafe(Box::pin(messages(state, request))).catch_unwind();
                 return Ok(served.await.unwrap_or_else(panic_response));
             }
-            app.oneshot(request.map(Body::new)).await
+            Box::pin(app.oneshot(request.map(Body::new))).await
         }
     })
 }

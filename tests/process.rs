@@ -356,3 +356,23 @@ async fn sighup_reloads() {
     signal(&p, "-HUP");
     assert!(comes_to_serve(&p.url, "B").await);
 }
+
+/// The allocator is built to hand freed pages back from a background thread
+/// (`.cargo/config.toml`): without it, the pages of a burst of large request bodies stay resident.
+#[tokio::test]
+async fn the_allocator_returns_freed_pages_from_a_background_thread() {
+    let a = MockProvider::start(Reply::message("m", "ok"))
+        .await
+        .unwrap();
+    let ua = a.url();
+    let p = start(|logs| yaml(&[("A", &ua)], "A", "", logs)).await;
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", p.child.id()))
+        .unwrap()
+        .map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap_or_default())
+        .map(|name| name.trim().to_owned())
+        .collect();
+    assert!(
+        threads.iter().any(|n| n.starts_with("jemalloc_bg")),
+        "{threads:?}"
+    );
+}
