@@ -65,7 +65,8 @@ fn main() -> ExitCode {
         println!("{}: OK", cli.config.display());
         return ExitCode::SUCCESS;
     }
-    let _log_guard = match claude_balancer::observability::logging::init(&loaded.config.settings) {
+    // Log lines are buffered: the guard writes out the last of them when dropped.
+    let log_guard = match claude_balancer::observability::logging::init(&loaded.config.settings) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("{e}");
@@ -81,11 +82,15 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
+            drop(log_guard);
             eprintln!("cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli, loaded.config)) {
+    let result = runtime.block_on(run(cli, loaded.config));
+    drop(runtime);
+    drop(log_guard);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{e}");

@@ -64,7 +64,7 @@ async fn start(config_text: impl Fn(&Path) -> String) -> Process {
         .arg(&config)
         .args(["--port", &port.to_string()])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("console.txt")).unwrap())
         .spawn()
         .unwrap();
     // From here the process is owned by `Process`, whose drop kills it even if the test panics.
@@ -374,5 +374,43 @@ async fn the_allocator_returns_freed_pages_from_a_background_thread() {
     assert!(
         threads.iter().any(|n| n.starts_with("jemalloc_bg")),
         "{threads:?}"
+    );
+}
+
+/// The console gets one readable line per request (written out by the flusher, not by the
+/// request), and no key.
+#[tokio::test]
+async fn the_console_gets_a_readable_line_per_request_without_keys() {
+    let a = MockProvider::start(Reply::message("m", "ok"))
+        .await
+        .unwrap();
+    let ua = a.url();
+    let p = start(|logs| yaml(&[("A", &ua)], "A", "", logs)).await;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/messages", p.url))
+        .header("x-api-key", CLIENT_KEY)
+        .json(&request())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let console = p.dir.path().join("console.txt");
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = std::fs::read_to_string(&console).unwrap_or_default();
+        if text.contains(" request ") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let line = text
+        .lines()
+        .find(|l| l.contains(" request "))
+        .unwrap_or_else(|| panic!("no request line in {text:?}"));
+    assert!(line.contains(" 200 ") && line.contains("-> A "), "{line}");
+    assert!(text.contains("listening"), "{text}");
+    assert!(
+        !text.contains(CLIENT_KEY) && !text.contains(PROVIDER_KEY),
+        "{text}"
     );
 }

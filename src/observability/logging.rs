@@ -2,9 +2,9 @@
 //! JSON lines in `log_file_path`, rotated by size (`logs.jsonl` → `logs.jsonl.1` …) with the last
 //! few files kept.
 //!
-//! Lines for the file go into one shared buffer that a flusher thread writes out every
-//! [`FLUSH_EVERY`] (and at exit; the appending thread itself past 4 MB), so a request costs no
-//! system call and no thread wake-up for its log line. The per-request summary line is written by hand
+//! Lines for the file, and for the console, go into shared buffers that a flusher thread writes
+//! out every [`FLUSH_EVERY`] (and at exit; the appending thread itself past 4 MB), so a request
+//! costs no system call and no thread wake-up for its log lines. The per-request summary line is written by hand
 //! ([`request_line`]), not through `tracing`'s field formatters, which cost more than the rest of
 //! the request.
 
@@ -25,26 +25,26 @@ use crate::config::Settings;
 pub const RETAINED_FILES: usize = 5;
 /// Size at which the JSON log file is rotated.
 pub const ROTATE_BYTES: u64 = 50 * 1024 * 1024;
-/// How often buffered file lines are written out.
+/// How often buffered log lines are written out.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// Buffered bytes that the appending thread writes out itself, rather than wait for the flusher.
 const MAX_PENDING: usize = 4 * 1024 * 1024;
 
-/// The JSON log file behind a shared buffer: appending only takes the buffer's lock; the write to
-/// the file happens outside it, so a request never waits for the disk.
+/// A log output (the JSON file, the console) behind a shared buffer: appending only takes the
+/// buffer's lock; the write happens outside it, so a request never waits for the disk or a terminal.
 #[derive(Clone)]
-pub struct LogFile(Arc<LogShared>);
+pub struct LogOutput(Arc<LogShared>);
 
 struct LogShared {
     pending: Mutex<Vec<u8>>,
-    file: Mutex<RotatingFile>,
+    out: Mutex<Box<dyn Write + Send>>,
 }
 
-impl LogFile {
-    fn new(file: RotatingFile) -> Self {
+impl LogOutput {
+    fn new(out: impl Write + Send + 'static) -> Self {
         Self(Arc::new(LogShared {
-            pending: Mutex::new(Vec::with_capacity(64 * 1024)),
-            file: Mutex::new(file),
+            pending: Mutex::new(Vec::with_capacity(16 * 1024)),
+            out: Mutex::new(Box::new(out)),
         }))
     }
 
@@ -60,21 +60,21 @@ impl LogFile {
         }
     }
 
-    /// Writes out what is buffered. The file's lock is taken first, so batches reach the file in
-    /// the order they were taken.
+    /// Writes out what is buffered. The output's lock is taken first, so batches reach it in the
+    /// order they were taken.
     pub fn flush(&self) {
-        let mut file = self.0.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = self.0.out.lock().unwrap_or_else(|e| e.into_inner());
         let batch = std::mem::take(&mut *self.0.pending.lock().unwrap_or_else(|e| e.into_inner()));
         if !batch.is_empty() {
-            let _ = file.write_all(&batch);
-            let _ = file.flush();
+            let _ = out.write_all(&batch);
+            let _ = out.flush();
         }
     }
 }
 
 /// A `tracing` writer into the shared buffer: collects one event, appends it when dropped.
 pub struct EventWriter {
-    file: LogFile,
+    output: LogOutput,
     line: Vec<u8>,
 }
 
@@ -90,15 +90,15 @@ impl Write for EventWriter {
 
 impl Drop for EventWriter {
     fn drop(&mut self) {
-        self.file.append(&self.line);
+        self.output.append(&self.line);
     }
 }
 
-impl<'a> MakeWriter<'a> for LogFile {
+impl<'a> MakeWriter<'a> for LogOutput {
     type Writer = EventWriter;
     fn make_writer(&'a self) -> EventWriter {
         EventWriter {
-            file: self.clone(),
+            output: self.clone(),
             line: Vec::with_capacity(256),
         }
     }
@@ -106,7 +106,7 @@ impl<'a> MakeWriter<'a> for LogFile {
 
 /// Keeps the flusher running; dropping it writes out what is buffered.
 pub struct LogGuard {
-    file: LogFile,
+    outputs: Vec<LogOutput>,
     stop: Option<mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -117,26 +117,30 @@ impl Drop for LogGuard {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.file.flush();
+        for output in &self.outputs {
+            output.flush();
+        }
     }
 }
 
-fn start_flusher(file: LogFile) -> LogGuard {
+fn start_flusher(outputs: Vec<LogOutput>) -> LogGuard {
     let (stop, stopped) = mpsc::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("log-flusher".into())
         .spawn({
-            let file = file.clone();
+            let outputs = outputs.clone();
             move || {
                 // `recv_timeout` is the tick; a message or a hang-up ends the loop.
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(FLUSH_EVERY) {
-                    file.flush();
+                    for output in &outputs {
+                        output.flush();
+                    }
                 }
             }
         })
         .ok();
     LogGuard {
-        file,
+        outputs,
         stop: Some(stop),
         thread,
     }
@@ -145,7 +149,8 @@ fn start_flusher(file: LogFile) -> LogGuard {
 /// Where request summary lines go, set by [`init`]. Without it (tests in one process), none is
 /// written.
 struct Sink {
-    file: Option<LogFile>,
+    console: LogOutput,
+    file: Option<LogOutput>,
     color: bool,
 }
 
@@ -226,7 +231,7 @@ pub fn request_line(line: &RequestLine<'_>) {
         line.cache,
         line.attempts,
     );
-    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+    sink.console.append(text.as_bytes());
 }
 
 /// A file that rotates itself when it grows past a size: `path` → `path.1` → … → `path.N`.
@@ -306,16 +311,17 @@ fn level(settings: &Settings) -> &'static str {
 }
 
 /// Installs the global subscriber. The guard must live as long as the process logs.
-pub fn init(settings: &Settings) -> Result<Option<LogGuard>, String> {
+pub fn init(settings: &Settings) -> Result<LogGuard, String> {
     let level = level(settings);
     let filter = || {
         EnvFilter::try_from_env("CLAUDE_BALANCER_LOG")
             .unwrap_or_else(|_| EnvFilter::new(format!("claude_balancer={level},warn")))
     };
     let color = settings.log_color && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let console_output = LogOutput::new(std::io::stderr());
     let console = tracing_subscriber::fmt::layer()
         .with_ansi(color)
-        .with_writer(std::io::stderr)
+        .with_writer(console_output.clone())
         .with_filter(filter());
     let file = if settings.log_file_path.trim().is_empty() {
         None
@@ -329,7 +335,7 @@ pub fn init(settings: &Settings) -> Result<Option<LogGuard>, String> {
             .map_err(|e| format!("cannot create the log folder {}: {e}", dir.display()))?;
         let appender = RotatingFile::open(path, ROTATE_BYTES, RETAINED_FILES)
             .map_err(|e| format!("cannot open the log file {}: {e}", path.display()))?;
-        Some(LogFile::new(appender))
+        Some(LogOutput::new(appender))
     };
     let file_layer = file.clone().map(|writer| {
         tracing_subscriber::fmt::layer()
@@ -345,8 +351,15 @@ pub fn init(settings: &Settings) -> Result<Option<LogGuard>, String> {
         .with(file_layer)
         .try_init()
         .map_err(|e| format!("cannot install logging: {e}"))?;
-    let guard = file.clone().map(start_flusher);
-    let _ = SINK.set(Sink { file, color });
+    let outputs = std::iter::once(console_output.clone())
+        .chain(file.clone())
+        .collect();
+    let guard = start_flusher(outputs);
+    let _ = SINK.set(Sink {
+        console: console_output,
+        file,
+        color,
+    });
     Ok(guard)
 }
 
@@ -358,7 +371,7 @@ mod tests {
     fn buffered_lines_reach_the_file_whole_and_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("logs.jsonl");
-        let log = LogFile::new(RotatingFile::open(&path, ROTATE_BYTES, 1).unwrap());
+        let log = LogOutput::new(RotatingFile::open(&path, ROTATE_BYTES, 1).unwrap());
         let writers: Vec<_> = (0..4)
             .map(|t| {
                 let log = log.clone();
