@@ -139,6 +139,24 @@ settings:
 }
 
 #[test]
+fn a_base_url_that_cannot_be_sent_as_it_is_written_is_refused_at_load() {
+    for url in ["https://münchen.example/v1", "https://x.example/a path"] {
+        let yaml = format!(
+            "providers:\n  - {{name: P, type: anthropic, base_url: \"{url}\", auth_type: api_key, auth_value: k}}\nmodel_routes:\n  \"*\":\n    - {{provider: P}}\n"
+        );
+        let errors = load_str(&yaml, &no_env).unwrap_err().0;
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("providers[0].base_url: expected an absolute http(s) URL")),
+            "{errors:?}"
+        );
+    }
+    let yaml = "providers:\n  - {name: P, type: anthropic, base_url: \"https://xn--mnchen-3ya.example:8443/v1\", auth_type: api_key, auth_value: k}\nmodel_routes:\n  \"*\":\n    - {provider: P}\n";
+    assert!(load_str(yaml, &no_env).is_ok());
+}
+
+#[test]
 fn every_problem_is_reported_at_once_with_its_path() {
     let yaml = r#"
 providers:

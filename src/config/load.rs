@@ -426,13 +426,21 @@ impl Walker<'_> {
         let base_url = self.required_string(m, "base_url", path).and_then(|u| {
             let trimmed = u.trim_end_matches('/').to_owned();
             match reqwest::Url::parse(&trimmed) {
-                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+                // Requests are sent with this text as it is: it must also be a valid request URI
+                // (an international host in its `xn--` form, spaces percent-encoded).
+                Ok(url)
+                    if matches!(url.scheme(), "http" | "https")
+                        && url.host().is_some()
+                        && trimmed.parse::<http::Uri>().is_ok() =>
+                {
                     Some(trimmed)
                 }
                 _ => {
                     self.error(
                         &join(path, "base_url"),
-                        format!("expected an absolute http(s) URL, found {u:?}"),
+                        format!(
+                            "expected an absolute http(s) URL in ASCII (an international host in its xn-- form), found {u:?}"
+                        ),
                     );
                     None
                 }
