@@ -204,6 +204,39 @@ async fn silence_after_commit_gets_pings_then_an_error() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn pings_and_the_idle_timeout_count_from_the_last_event() {
+    // Events every 10 s keep a 40 s read_timeout from firing; after the last one, pings follow
+    // 15 s after the last output and the error 40 s after the last event.
+    let (a, _b, bal) = two("  timeouts:\n    streaming:\n      read_timeout: 40\n").await;
+    let chunks: Vec<(Duration, Vec<u8>)> =
+        mock_provider::split_events(&anthropic_stream("m", "x y z"))
+            .into_iter()
+            .take(4)
+            .enumerate()
+            .map(|(i, e)| {
+                (
+                    if i == 0 { Duration::ZERO } else { 10 * SECS },
+                    e.into_bytes(),
+                )
+            })
+            .collect();
+    let sent: Vec<String> = chunks
+        .iter()
+        .map(|(_, e)| events(&String::from_utf8_lossy(e))[0].0.clone())
+        .collect();
+    a.push(Reply::sse_chunks(chunks, End::Hang));
+    let started = Instant::now();
+    let resp = bal.post("/v1/messages", &request(true)).await;
+    let text = resp.text().await.unwrap();
+    let ev = events(&text);
+    let mut want: Vec<&str> = sent.iter().map(String::as_str).collect();
+    want.extend(["ping", "ping", "error"]);
+    assert_eq!(names(&ev), want, "{text}");
+    let elapsed = started.elapsed();
+    assert!(elapsed >= 70 * SECS && elapsed < 71 * SECS, "{elapsed:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_stream_ends_at_message_stop_even_if_the_provider_lingers() {
     let (a, _b, bal) = two("").await;
     let chunks = mock_provider::split_events(&anthropic_stream("m", "done"))

@@ -6,12 +6,14 @@
 //! Nothing is ever sent after `message_stop` or `error`.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{self, BoxStream, Stream, StreamExt};
-use tokio::time::{Instant, sleep_until};
+use tokio::time::{Instant, Sleep, sleep_until};
 
 use crate::adapter::openai::stream::{Step, StreamState};
 use crate::routing::health::Verdict;
@@ -122,7 +124,12 @@ struct Running {
     last_output: Instant,
     /// When the provider's silence becomes a failure; moved on by every byte it sends.
     idle_deadline: Instant,
-    closing: tokio::sync::watch::Receiver<bool>,
+    /// Wakes the relay for a ping or the idle timeout. Every event pushes both deadlines later, and
+    /// moving a timer is a trip through tokio's timer wheel, so it is only ever moved earlier; when
+    /// it fires before anything is due, it is re-armed.
+    timer: Pin<Box<Sleep>>,
+    /// Resolves when the balancer starts ending open streams (one registration per stream).
+    closing: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
 
 impl Running {
@@ -146,6 +153,11 @@ impl Running {
         self.relay.transform.fail(&self.relay.provider, &reason)
     }
 
+    /// When the relay must next act without upstream data: a ping or the idle timeout.
+    fn next_wake(&self) -> Instant {
+        (self.last_output + PING_INTERVAL).min(self.idle_deadline)
+    }
+
     async fn next_item(&mut self) -> Option<Bytes> {
         if let Some(first) = self.relay.first.take() {
             self.last_output = Instant::now();
@@ -160,12 +172,14 @@ impl Running {
             Timer,
         }
         loop {
-            let ping_at = self.last_output + PING_INTERVAL;
-            let wake = ping_at.min(self.idle_deadline);
+            let wake = self.next_wake();
+            if wake < self.timer.deadline() {
+                self.timer.as_mut().reset(wake);
+            }
             let woke = tokio::select! {
                 chunk = self.relay.upstream.next() => Wake::Chunk(chunk),
-                _ = self.closing.wait_for(|c| *c) => Wake::Closing,
-                () = sleep_until(wake) => Wake::Timer,
+                () = &mut self.closing => Wake::Closing,
+                () = self.timer.as_mut() => Wake::Timer,
             };
             match woke {
                 Wake::Chunk(Some(Ok(data))) => {
@@ -203,12 +217,20 @@ impl Running {
                     );
                 }
                 Wake::Timer => {
-                    if Instant::now() >= self.idle_deadline {
+                    let now = Instant::now();
+                    if now >= self.idle_deadline {
                         let secs = self.relay.read_timeout.as_secs();
                         return Some(self.fail(format!("no data for {secs} s (read_timeout)")));
                     }
-                    self.last_output = Instant::now();
-                    return Some(Bytes::from_static(PING_EVENT));
+                    let ping = now >= self.last_output + PING_INTERVAL;
+                    if ping {
+                        self.last_output = now;
+                    }
+                    let wake = self.next_wake();
+                    self.timer.as_mut().reset(wake);
+                    if ping {
+                        return Some(Bytes::from_static(PING_EVENT));
+                    }
                 }
             }
         }
@@ -219,13 +241,17 @@ impl Running {
 pub fn relay(relay: Relay) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     let now = Instant::now();
     let idle_deadline = now + relay.read_timeout;
-    let closing = relay.state.closing();
+    let mut closing = relay.state.closing();
     let running = Running {
         relay,
         finished: false,
         last_output: now,
         idle_deadline,
-        closing,
+        timer: Box::pin(sleep_until(idle_deadline.min(now + PING_INTERVAL))),
+        closing: Box::pin(async move {
+            // An error means the state is gone: the stream ends either way.
+            let _ = closing.wait_for(|c| *c).await;
+        }),
     };
     stream::unfold(running, |mut r| async move {
         r.next_item().await.map(|b| (Ok(b), r))
