@@ -146,7 +146,7 @@ proptest! {
         let mut s = Splitter::new();
         let mut out = Vec::new();
         for p in &pieces {
-            out.extend_from_slice(&s.push(p).bytes);
+            out.extend_from_slice(&s.push(bytes::Bytes::copy_from_slice(p)).bytes);
         }
         out.extend_from_slice(s.pending());
         prop_assert_eq!(out, pieces.concat());

@@ -841,7 +841,7 @@ fn convert_bytes(pieces: &[&[u8]]) -> Value {
     let mut state = StreamState::new(ctx(true));
     state.start();
     for p in pieces {
-        let events = splitter.push(p);
+        let events = splitter.push(bytes::Bytes::copy_from_slice(p));
         for d in data_payloads(&events.bytes) {
             state.push_data(&d);
         }

@@ -236,7 +236,7 @@ async fn first_events(
             }
             Ok(Some(Err(e))) => return Err(transport_fault(e)),
             Ok(Some(Ok(chunk))) => {
-                let events = splitter.push(&chunk);
+                let events = splitter.push(chunk);
                 if events.bytes.is_empty() {
                     continue;
                 }

@@ -184,7 +184,7 @@ impl Running {
             match woke {
                 Wake::Chunk(Some(Ok(data))) => {
                     self.idle_deadline = Instant::now() + self.relay.read_timeout;
-                    let events = self.relay.splitter.push(&data);
+                    let events = self.relay.splitter.push(data);
                     if events.bytes.is_empty() {
                         continue;
                     }

@@ -57,11 +57,45 @@ impl Splitter {
     }
 
     /// Adds bytes and returns the events completed by them (possibly none).
-    pub fn push(&mut self, data: &[u8]) -> Events {
-        self.buf.extend_from_slice(data);
-        while let Some(nl) = memchr::memchr(b'\n', &self.buf[self.scanned..]) {
+    ///
+    /// With nothing pending (a provider usually sends whole events), the events are handed out as
+    /// a slice of `data` itself; only an incomplete tail is copied and kept.
+    pub fn push(&mut self, data: Bytes) -> Events {
+        if self.buf.is_empty() {
+            self.scan(&data);
+            let end = std::mem::take(&mut self.complete_end);
+            if end < data.len() {
+                self.buf.extend_from_slice(&data[end..]);
+            }
+            self.scanned -= end;
+            return self.events(data.slice(..end));
+        }
+        self.buf.extend_from_slice(&data);
+        let buf = std::mem::take(&mut self.buf);
+        self.scan(&buf);
+        self.buf = buf;
+        let end = std::mem::take(&mut self.complete_end);
+        let bytes = self.buf.split_to(end).freeze();
+        self.scanned -= end;
+        self.events(bytes)
+    }
+
+    fn events(&mut self, bytes: Bytes) -> Events {
+        if bytes.is_empty() {
+            return Events::default();
+        }
+        Events {
+            bytes,
+            kinds: std::mem::take(&mut self.kinds),
+        }
+    }
+
+    /// Reads the whole lines of `pending` (the bytes not yet handed out) from `scanned` on,
+    /// noting where complete events end.
+    fn scan(&mut self, pending: &[u8]) {
+        while let Some(nl) = memchr::memchr(b'\n', &pending[self.scanned..]) {
             let line_end = self.scanned + nl;
-            let mut line = &self.buf[self.scanned..line_end];
+            let mut line = &pending[self.scanned..line_end];
             if let [rest @ .., b'\r'] = line {
                 line = rest;
             }
@@ -79,16 +113,6 @@ impl Splitter {
                 }
             }
             self.scanned = line_end + 1;
-        }
-        if self.complete_end == 0 {
-            return Events::default();
-        }
-        let bytes = self.buf.split_to(self.complete_end).freeze();
-        self.scanned -= self.complete_end;
-        self.complete_end = 0;
-        Events {
-            bytes,
-            kinds: std::mem::take(&mut self.kinds),
         }
     }
 
@@ -150,7 +174,7 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         let mut bytes = Vec::new();
         let mut kinds = Vec::new();
         for c in chunks {
-            let ev = s.push(c);
+            let ev = s.push(Bytes::copy_from_slice(c));
             bytes.extend_from_slice(&ev.bytes);
             kinds.extend(ev.kinds);
         }
@@ -178,15 +202,33 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
     }
 
     #[test]
+    fn whole_events_are_handed_out_without_a_copy() {
+        let mut s = Splitter::new();
+        let data = Bytes::from_static(STREAM.as_bytes());
+        let ev = s.push(data.clone());
+        assert_eq!(ev.bytes.as_ptr(), data.as_ptr());
+        assert_eq!(ev.bytes.len(), data.len());
+        // A chunk that ends inside an event: the complete part is still a slice of it.
+        let data = Bytes::from_static(b"event: ping\ndata: {}\n\nevent: message_stop\ndata:");
+        let ev = s.push(data.clone());
+        assert_eq!(ev.bytes.as_ptr(), data.as_ptr());
+        assert_eq!(&ev.bytes[..], b"event: ping\ndata: {}\n\n");
+        assert_eq!(s.pending(), b"event: message_stop\ndata:");
+        let ev = s.push(Bytes::from_static(b" {}\n\n"));
+        assert_eq!(ev.kinds, vec![EventKind::MessageStop]);
+        assert!(s.pending().is_empty());
+    }
+
+    #[test]
     fn partial_event_is_held_back() {
         let mut s = Splitter::new();
-        let ev = s.push(b"event: message_start\ndata: {\"a\"");
+        let ev = s.push(Bytes::from_static(b"event: message_start\ndata: {\"a\""));
         assert!(ev.bytes.is_empty());
         assert_eq!(s.unterminated_kind(), Some(EventKind::MessageStart));
-        let ev = s.push(b":1}\n\nevent: err");
+        let ev = s.push(Bytes::from_static(b":1}\n\nevent: err"));
         assert_eq!(&ev.bytes[..], b"event: message_start\ndata: {\"a\":1}\n\n");
         assert_eq!(ev.kinds, vec![EventKind::MessageStart]);
-        let ev = s.push(b"or\ndata: {}\n\n");
+        let ev = s.push(Bytes::from_static(b"or\ndata: {}\n\n"));
         assert_eq!(ev.kinds, vec![EventKind::Error]);
     }
 
