@@ -228,16 +228,23 @@ fn finish(state: &AppState, record: &Record, client: &[String]) {
         .saturating_sub(r.upstream_wait);
     state.metrics.finish(&r, total, ttfb, overhead);
     state.recent.record(&r, ttfb, total);
-    let secrets = secrets(state, client);
-    let attempts: Vec<AttemptLog> = r
-        .attempts
-        .iter()
-        .map(|a| AttemptLog {
-            reason: a.reason.as_deref().map(|t| redact(t, &secrets)),
-            ..a.clone()
-        })
-        .collect();
-    let attempts = serde_json::to_string(&attempts).unwrap_or_default();
+    // Only a failure reason can carry a key (a provider echoing it): the list of secrets is built
+    // only when there is one to clean.
+    let attempts = if r.attempts.iter().any(|a| a.reason.is_some()) {
+        let secrets = secrets(state, client);
+        let cleaned: Vec<AttemptLog> = r
+            .attempts
+            .iter()
+            .map(|a| AttemptLog {
+                reason: a.reason.as_deref().map(|t| redact(t, &secrets)),
+                ..a.clone()
+            })
+            .collect();
+        serde_json::to_string(&cleaned)
+    } else {
+        serde_json::to_string(&r.attempts)
+    }
+    .unwrap_or_default();
     logging::request_line(&logging::RequestLine {
         request_id: &r.id,
         session_id: r.session.as_deref().unwrap_or(""),
