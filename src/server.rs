@@ -98,6 +98,20 @@ async fn messages(state: Arc<AppState>, request: Request<Incoming>) -> Response 
     inbound::messages(State(state), parts.uri, parts.headers, Body::new(body)).await
 }
 
+/// Keeps a timer always due within [`TICK`]. tokio wakes its timer driver (an `eventfd` write and
+/// a thread wake-up) whenever a new timer is due before everything it already waits for; every
+/// request registers long timers (the header read timeout, the body timeout), and with no short
+/// timer pending each one did: about 0.4 extra `write` calls and 0.3 `futex` calls per request.
+async fn timer_ticker() {
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+    }
+}
+
+/// The period of [`timer_ticker`].
+const TICK: Duration = Duration::from_secs(1);
+
 /// A client must send its request headers within this time.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// After the grace period, streams still open get a moment to flush their final error event.
@@ -125,6 +139,7 @@ pub async fn serve(
         .max_buf_size(READ_BUFFER_BYTES);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
+    let ticker = tokio::spawn(timer_ticker());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -152,6 +167,7 @@ pub async fn serve(
         }
     }
     drop(listener);
+    ticker.abort();
     let grace = state.runtime().config.settings.shutdown_grace;
     tracing::info!(
         grace_seconds = grace.as_secs_f64(),
