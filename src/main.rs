@@ -88,7 +88,8 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(run(cli, loaded.config));
-    drop(runtime);
+    // A blocking task stuck (a DNS lookup) must not hold the exit or the last log lines back.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     drop(log_guard);
     match result {
         Ok(()) => ExitCode::SUCCESS,

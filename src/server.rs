@@ -112,6 +112,14 @@ async fn timer_ticker() {
 /// The period of [`timer_ticker`].
 const TICK: Duration = Duration::from_secs(1);
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A client must send its request headers within this time.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// After the grace period, streams still open get a moment to flush their final error event.
@@ -139,7 +147,8 @@ pub async fn serve(
         .max_buf_size(READ_BUFFER_BYTES);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
-    let ticker = tokio::spawn(timer_ticker());
+    // Aborted when `serve` returns or is dropped.
+    let _ticker = AbortOnDrop(tokio::spawn(timer_ticker()));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -167,7 +176,6 @@ pub async fn serve(
         }
     }
     drop(listener);
-    ticker.abort();
     let grace = state.runtime().config.settings.shutdown_grace;
     tracing::info!(
         grace_seconds = grace.as_secs_f64(),

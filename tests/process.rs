@@ -359,6 +359,7 @@ async fn sighup_reloads() {
 
 /// The allocator is built to hand freed pages back from a background thread
 /// (`.cargo/config.toml`): without it, the pages of a burst of large request bodies stay resident.
+#[cfg(target_os = "linux")]
 #[tokio::test]
 async fn the_allocator_returns_freed_pages_from_a_background_thread() {
     let a = MockProvider::start(Reply::message("m", "ok"))

@@ -57,7 +57,8 @@ pub enum Auth {
     None,
 }
 
-#[derive(Debug, Clone)]
+/// `Debug` masks a password written into `base_url`.
+#[derive(Clone)]
 pub struct ProviderConfig {
     pub name: String,
     pub kind: ProviderKind,
@@ -76,6 +77,26 @@ pub struct ProviderConfig {
     pub dialect: Dialect,
     /// Remove JSON-schema keywords strict backends reject from tool schemas (openai conversion).
     pub sanitize_schemas: bool,
+}
+
+impl std::fmt::Debug for ProviderConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderConfig")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field(
+                "base_url",
+                &crate::secret::mask_url_credentials(&self.base_url),
+            )
+            .field("auth", &self.auth)
+            .field("enabled", &self.enabled)
+            .field("disabled_reason", &self.disabled_reason)
+            .field("proxy", &self.proxy)
+            .field("max_tokens_cap", &self.max_tokens_cap)
+            .field("dialect", &self.dialect)
+            .field("sanitize_schemas", &self.sanitize_schemas)
+            .finish()
+    }
 }
 
 /// The flavour of Chat Completions an openai-type provider speaks (protocol.md B.2, B.8, C.8).

@@ -70,6 +70,21 @@ impl LogOutput {
             let _ = out.flush();
         }
     }
+
+    /// [`LogOutput::flush`] unless a lock is held (from a panic hook: the panicking thread may be
+    /// the one holding it).
+    fn try_flush(&self) {
+        let Ok(mut out) = self.0.out.try_lock() else {
+            return;
+        };
+        let Ok(mut pending) = self.0.pending.try_lock() else {
+            return;
+        };
+        let batch = std::mem::take(&mut *pending);
+        drop(pending);
+        let _ = out.write_all(&batch);
+        let _ = out.flush();
+    }
 }
 
 /// A `tracing` writer into the shared buffer: collects one event, appends it when dropped.
@@ -355,6 +370,13 @@ pub fn init(settings: &Settings) -> Result<LogGuard, String> {
         .chain(file.clone())
         .collect();
     let guard = start_flusher(outputs);
+    // A panic's message goes straight to stderr: the console lines buffered before it go first.
+    let default_hook = std::panic::take_hook();
+    let console_before_panic = console_output.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        console_before_panic.try_flush();
+        default_hook(info);
+    }));
     let _ = SINK.set(Sink {
         console: console_output,
         file,

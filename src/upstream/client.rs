@@ -26,6 +26,11 @@ use crate::secret::{Secret, mask_url_credentials};
 const POOL_IDLE: Duration = Duration::from_secs(90);
 /// Idle pooled connections kept per provider host.
 const POOL_MAX_IDLE_PER_HOST: usize = 256;
+/// TCP keepalive probes: first after this much silence, then at this interval.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
+/// Unacknowledged data for this long ends the connection (Linux).
+#[cfg(target_os = "linux")]
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A pooled client for one (outbound proxy, connect timeout). Cloning shares the pool.
 #[derive(Clone)]
@@ -54,6 +59,13 @@ impl Client {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(connect_timeout));
+        // As reqwest sets them: a pooled connection that a NAT or a load balancer dropped silently
+        // is found dead by the kernel instead of by a request's timeout.
+        http.set_keepalive(Some(TCP_KEEPALIVE));
+        http.set_keepalive_interval(Some(TCP_KEEPALIVE));
+        http.set_keepalive_retries(Some(3));
+        #[cfg(target_os = "linux")]
+        http.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));
         http.enforce_http(false);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .try_with_platform_verifier()
@@ -99,6 +111,11 @@ impl Client {
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = target;
         *request.headers_mut() = headers;
+        // reqwest's default, kept for providers that look at it.
+        request
+            .headers_mut()
+            .entry(http::header::ACCEPT)
+            .or_insert(http::HeaderValue::from_static("*/*"));
         match &self.0 {
             Inner::Direct(client) => {
                 let response = client
@@ -288,6 +305,8 @@ mod tests {
             seen.contains("content-type: application/json\r\n"),
             "{seen}"
         );
+        // reqwest's default `accept`, kept.
+        assert!(seen.contains("accept: */*\r\n"), "{seen}");
     }
 
     #[tokio::test]

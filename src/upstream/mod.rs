@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use http::Uri;
 use http::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
@@ -28,11 +29,15 @@ pub struct Provider {
     pub count_tokens_url: String,
     /// `messages_url` parsed once.
     messages_target: Option<Uri>,
+    /// `Basic` credentials from a `base_url` written as `https://user:password@host/…`, sent when
+    /// the request carries no other `authorization` (as reqwest did).
+    url_credentials: Option<HeaderValue>,
 }
 
 impl Provider {
     pub fn new(config: ProviderConfig, client: Client) -> Self {
-        let base = config.base_url.trim_end_matches('/');
+        let (base, url_credentials) = split_credentials(&config.base_url);
+        let base = base.trim_end_matches('/');
         let (messages_url, count_tokens_url) = match config.kind {
             ProviderKind::Anthropic => {
                 let v1 = if base.ends_with("/v1") {
@@ -53,6 +58,7 @@ impl Provider {
             messages_target: messages_url.parse().ok(),
             messages_url,
             count_tokens_url,
+            url_credentials,
         }
     }
 
@@ -67,7 +73,9 @@ impl Provider {
             (Some(uri), None) => uri.clone(),
             _ => target(&self.messages_url, query)?,
         };
-        self.client.post(target, headers, body).await
+        self.client
+            .post(target, self.with_url_credentials(headers), body)
+            .await
     }
 
     /// `POST`s to `count_tokens_url`, with the client's query string if it sent one.
@@ -78,12 +86,50 @@ impl Provider {
         body: Bytes,
     ) -> Result<UpstreamResponse, TransportError> {
         let target = target(&self.count_tokens_url, query)?;
-        self.client.post(target, headers, body).await
+        self.client
+            .post(target, self.with_url_credentials(headers), body)
+            .await
+    }
+
+    fn with_url_credentials(&self, mut headers: HeaderMap) -> HeaderMap {
+        if let Some(basic) = &self.url_credentials {
+            headers
+                .entry(AUTHORIZATION)
+                .or_insert_with(|| basic.clone());
+        }
+        headers
     }
 
     pub fn has_credentials(&self) -> bool {
         !matches!(self.config.auth, Auth::None)
     }
+}
+
+/// `base_url` without its user and password, and those as a `Basic` credential.
+fn split_credentials(base_url: &str) -> (String, Option<HeaderValue>) {
+    let Ok(mut url) = reqwest::Url::parse(base_url) else {
+        return (base_url.to_owned(), None);
+    };
+    if url.username().is_empty() && url.password().is_none() {
+        return (base_url.to_owned(), None);
+    }
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let user = decode(url.username());
+    let password = url.password().map(decode).unwrap_or_default();
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let basic = HeaderValue::from_str(&format!("Basic {token}"))
+        .ok()
+        .map(|mut v| {
+            v.set_sensitive(true);
+            v
+        });
+    (url.as_str().to_owned(), basic)
 }
 
 fn target(url: &str, query: Option<&str>) -> Result<Uri, TransportError> {
@@ -259,6 +305,29 @@ mod tests {
             sanitize_schemas: false,
         };
         Provider::new(config, Client::direct(Duration::from_secs(1)).unwrap())
+    }
+
+    #[test]
+    fn credentials_in_the_base_url_become_basic_auth_and_leave_the_url() {
+        let p = provider(
+            ProviderKind::Anthropic,
+            "https://us%40r:p%3Ass@relay.example/x",
+        );
+        assert_eq!(p.messages_url, "https://relay.example/x/v1/messages");
+        let sent = p.with_url_credentials(HeaderMap::new());
+        // base64("us@r:p:ss")
+        assert_eq!(sent["authorization"], "Basic dXNAcjpwOnNz");
+        let shown = format!("{p:?}");
+        assert!(
+            !shown.contains("dXNAcjpwOnNz") && !shown.contains("p%3Ass") && !shown.contains("p:ss"),
+            "{shown}"
+        );
+        // A credential of the provider's own wins.
+        let mut own = HeaderMap::new();
+        own.insert(AUTHORIZATION, HeaderValue::from_static("Bearer k"));
+        assert_eq!(p.with_url_credentials(own)["authorization"], "Bearer k");
+        let plain = provider(ProviderKind::Anthropic, "https://relay.example/x");
+        assert!(plain.with_url_credentials(HeaderMap::new()).is_empty());
     }
 
     #[test]
