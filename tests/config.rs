@@ -152,8 +152,16 @@ fn a_base_url_that_cannot_be_sent_as_it_is_written_is_refused_at_load() {
             "{errors:?}"
         );
     }
-    let yaml = "providers:\n  - {name: P, type: anthropic, base_url: \"https://xn--mnchen-3ya.example:8443/v1\", auth_type: api_key, auth_value: k}\nmodel_routes:\n  \"*\":\n    - {provider: P}\n";
-    assert!(load_str(yaml, &no_env).is_ok());
+    for url in [
+        "https://xn--mnchen-3ya.example:8443/v1",
+        // Credentials in the URL are sent as Basic authorization.
+        "https://user:p%40ss@relay.example/v1",
+    ] {
+        let yaml = format!(
+            "providers:\n  - {{name: P, type: anthropic, base_url: \"{url}\", auth_type: api_key, auth_value: k}}\nmodel_routes:\n  \"*\":\n    - {{provider: P}}\n"
+        );
+        assert!(load_str(&yaml, &no_env).is_ok(), "{url}");
+    }
 }
 
 #[test]
