@@ -73,9 +73,7 @@ impl Provider {
             (Some(uri), None) => uri.clone(),
             _ => target(&self.messages_url, query)?,
         };
-        self.client
-            .post(target, self.with_url_credentials(headers), body)
-            .await
+        self.post(target, headers, body).await
     }
 
     /// `POST`s to `count_tokens_url`, with the client's query string if it sent one.
@@ -86,6 +84,16 @@ impl Provider {
         body: Bytes,
     ) -> Result<UpstreamResponse, TransportError> {
         let target = target(&self.count_tokens_url, query)?;
+        self.post(target, headers, body).await
+    }
+
+    /// Every request to this provider goes out here, with the `base_url`'s credentials if any.
+    async fn post(
+        &self,
+        target: Uri,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<UpstreamResponse, TransportError> {
         self.client
             .post(target, self.with_url_credentials(headers), body)
             .await
