@@ -107,13 +107,10 @@ pub async fn count_tokens(
                     return None;
                 }
                 let upstream_headers = std::mem::take(&mut resp.headers);
-                let mut buf = Vec::new();
-                while let Some(chunk) = resp.chunk().await {
-                    buf.extend_from_slice(&chunk.ok()?);
-                    if buf.len() > MAX_COUNT_BODY {
-                        return None;
-                    }
-                }
+                // The whole exchange is bounded by `tc.timeout` already.
+                let buf = crate::dispatch::read_body(resp, tc.timeout, MAX_COUNT_BODY)
+                    .await
+                    .ok()?;
                 // Only a real, positive count is an answer: a 0 would stop Claude Code from compacting.
                 let v: serde_json::Value = serde_json::from_slice(&buf).ok()?;
                 (v.get("input_tokens")?.as_u64()? > 0).then_some((upstream_headers, buf))
