@@ -89,6 +89,14 @@ async fn start(config_text: impl Fn(&Path) -> String) -> Process {
     panic!("the balancer did not start");
 }
 
+/// The balancer with one provider, `A`, answering `reply`; the provider lives as long as it is kept.
+async fn start_with_one(reply: Reply) -> (MockProvider, Process) {
+    let a = MockProvider::start(reply).await.unwrap();
+    let ua = a.url();
+    let p = start(|logs| yaml(&[("A", &ua)], "A", "", logs)).await;
+    (a, p)
+}
+
 fn signal(p: &Process, sig: &str) {
     let status = Command::new("kill")
         .args([sig, &p.child.id().to_string()])
@@ -263,11 +271,7 @@ async fn sigterm_lets_a_stream_in_flight_finish() {
         .into_iter()
         .map(|e| (Duration::from_millis(150), e.into_bytes()))
         .collect();
-    let a = MockProvider::start(Reply::sse_chunks(chunks, End::Complete))
-        .await
-        .unwrap();
-    let ua = a.url();
-    let mut p = start(|logs| yaml(&[("A", &ua)], "A", "", logs)).await;
+    let (_a, mut p) = start_with_one(Reply::sse_chunks(chunks, End::Complete)).await;
     let mut body = request();
     body["stream"] = json!(true);
     let resp = reqwest::Client::new()
@@ -362,11 +366,7 @@ async fn sighup_reloads() {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn the_allocator_returns_freed_pages_from_a_background_thread() {
-    let a = MockProvider::start(Reply::message("m", "ok"))
-        .await
-        .unwrap();
-    let ua = a.url();
-    let p = start(|logs| yaml(&[("A", &ua)], "A", "", logs)).await;
+    let (_a, p) = start_with_one(Reply::message("m", "ok")).await;
     let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", p.child.id()))
         .unwrap()
         .map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap_or_default())
@@ -382,11 +382,7 @@ async fn the_allocator_returns_freed_pages_from_a_background_thread() {
 /// request), and no key.
 #[tokio::test]
 async fn the_console_gets_a_readable_line_per_request_without_keys() {
-    let a = MockProvider::start(Reply::message("m", "ok"))
-        .await
-        .unwrap();
-    let ua = a.url();
-    let p = start(|logs| yaml(&[("A", &ua)], "A", "", logs)).await;
+    let (_a, p) = start_with_one(Reply::message("m", "ok")).await;
     let resp = reqwest::Client::new()
         .post(format!("{}/v1/messages", p.url))
         .header("x-api-key", CLIENT_KEY)
