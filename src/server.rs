@@ -33,6 +33,7 @@ use crate::{admin, inbound};
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        // `POST` is served by `front` before the router; the route stays for the 405 on other methods.
         .route("/v1/messages", post(inbound::messages))
         .route("/v1/messages/count_tokens", post(inbound::count_tokens))
         .route("/providers", get(admin::providers))
