@@ -474,6 +474,17 @@ async fn main() {
         std::process::exit(2);
     }
     let want = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    // `--concurrency N` runs the latency scenario at N instead of 16 (1 is how Claude Code calls).
+    let latency_concurrency: usize = match args.iter().position(|a| a == "--concurrency") {
+        None => 16,
+        Some(i) => match args.get(i + 1).and_then(|n| n.parse().ok()) {
+            Some(n) if n > 0 => n,
+            _ => {
+                eprintln!("--concurrency takes a number of connections, 1 or more");
+                std::process::exit(2);
+            }
+        },
+    };
     let dir = std::env::temp_dir().join(format!("cb-bench-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let c = client();
@@ -570,7 +581,15 @@ async fn main() {
             Reply::message("claude-sonnet-4-6", "ok").with_delay(Duration::from_millis(20)),
         );
         let body = request_body(false);
-        let r = rounds(&c, &with_defaults, &pids, &body, 16, 300 * scale).await;
+        let r = rounds(
+            &c,
+            &with_defaults,
+            &pids,
+            &body,
+            latency_concurrency,
+            300 * scale,
+        )
+        .await;
         let direct = (
             Samples::pct(&r[0].1.total, 0.5),
             Samples::pct(&r[0].1.total, 0.99),
@@ -578,7 +597,7 @@ async fn main() {
         table(
             &mut report,
             &format!(
-                "### Non-streaming, 20 ms provider, concurrency 16, {} KB requests",
+                "### Non-streaming, 20 ms provider, concurrency {latency_concurrency}, {} KB requests",
                 body.len() / 1024
             ),
             &[
