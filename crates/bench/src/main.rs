@@ -444,6 +444,10 @@ fn machine() -> String {
     format!("{cores} cores, {model}, Linux {}", kernel.trim())
 }
 
+const USAGE: &str = "usage: bench [--quick] [--only latency|stream|throughput|convert|memory] [--concurrency N] [--out FILE]
+  runs every scenario and rewrites the measured part of FILE (BENCHMARKS.md) unless --only is given;
+  --quick runs a quarter of the requests; --concurrency N runs the latency scenario at N connections (16).";
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -451,6 +455,19 @@ async fn main() {
         let port = args.get(1).and_then(|p| p.parse().ok()).unwrap_or(0);
         bare_proxy(port, args.get(2).cloned().unwrap_or_default()).await;
         return;
+    }
+    // Anything else (a typo, `--help`) would otherwise start a full run that rewrites BENCHMARKS.md.
+    let mut rest = args.iter();
+    while let Some(a) = rest.next() {
+        let known = match a.as_str() {
+            "--quick" => true,
+            "--out" | "--only" | "--concurrency" => rest.next().is_some(),
+            _ => false,
+        };
+        if !known {
+            eprintln!("{USAGE}");
+            std::process::exit(if a == "--help" || a == "-h" { 0 } else { 2 });
+        }
     }
     let quick = args.iter().any(|a| a == "--quick");
     let out = args
