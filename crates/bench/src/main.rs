@@ -456,33 +456,31 @@ async fn main() {
         bare_proxy(port, args.get(2).cloned().unwrap_or_default()).await;
         return;
     }
-    // Anything else (a typo, `--help`) would otherwise start a full run that rewrites BENCHMARKS.md.
+    // One pass over the arguments. Anything else (a typo, `--help`) gets the usage line: it would
+    // otherwise start a full run that rewrites BENCHMARKS.md.
+    let mut quick = false;
+    let mut out = "BENCHMARKS.md".to_owned();
+    // `--only NAME` runs one scenario (latency, stream, throughput, convert, memory) and writes no file.
+    let mut only: Option<String> = None;
+    // `--concurrency N` runs the latency scenario at N instead of 16 (1 is how Claude Code calls).
+    let mut concurrency: Option<&String> = None;
     let mut rest = args.iter();
     while let Some(a) = rest.next() {
-        let known = match a.as_str() {
-            "--quick" => true,
-            "--out" | "--only" | "--concurrency" => rest.next().is_some(),
-            _ => false,
-        };
-        if !known {
-            eprintln!("{USAGE}");
-            std::process::exit(if a == "--help" || a == "-h" { 0 } else { 2 });
+        if a == "--quick" {
+            quick = true;
+            continue;
+        }
+        match (a.as_str(), rest.next()) {
+            ("--out", Some(v)) => out = v.clone(),
+            ("--only", Some(v)) => only = Some(v.clone()),
+            ("--concurrency", Some(v)) => concurrency = Some(v),
+            _ => {
+                eprintln!("{USAGE}");
+                std::process::exit(if a == "--help" || a == "-h" { 0 } else { 2 });
+            }
         }
     }
-    let quick = args.iter().any(|a| a == "--quick");
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| "BENCHMARKS.md".into());
     let scale = if quick { 1 } else { 4 };
-    // `--only NAME` runs one scenario (latency, stream, throughput, convert, memory) and writes no file.
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
     const SCENARIOS: [&str; 5] = ["latency", "stream", "throughput", "convert", "memory"];
     if let Some(o) = only.as_deref()
         && !SCENARIOS.contains(&o)
@@ -491,11 +489,10 @@ async fn main() {
         std::process::exit(2);
     }
     let want = |name: &str| only.as_deref().is_none_or(|o| o == name);
-    // `--concurrency N` runs the latency scenario at N instead of 16 (1 is how Claude Code calls).
-    let latency_concurrency: usize = match args.iter().position(|a| a == "--concurrency") {
+    let latency_concurrency: usize = match concurrency {
         None => 16,
-        Some(i) => match args.get(i + 1).and_then(|n| n.parse().ok()) {
-            Some(n) if n > 0 => n,
+        Some(n) => match n.parse() {
+            Ok(n) if n > 0 => n,
             _ => {
                 eprintln!("--concurrency takes a number of connections, 1 or more");
                 std::process::exit(2);
