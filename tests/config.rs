@@ -140,11 +140,13 @@ settings:
 
 #[test]
 fn a_base_url_that_cannot_be_sent_as_it_is_written_is_refused_at_load() {
-    for url in ["https://münchen.example/v1", "https://x.example/a path"] {
-        let yaml = format!(
+    let yaml = |url: &str| {
+        format!(
             "providers:\n  - {{name: P, type: anthropic, base_url: \"{url}\", auth_type: api_key, auth_value: k}}\nmodel_routes:\n  \"*\":\n    - {{provider: P}}\n"
-        );
-        let errors = load_str(&yaml, &no_env).unwrap_err().0;
+        )
+    };
+    for url in ["https://münchen.example/v1", "https://x.example/a path"] {
+        let errors = load_str(&yaml(url), &no_env).unwrap_err().0;
         assert!(
             errors
                 .iter()
@@ -157,10 +159,7 @@ fn a_base_url_that_cannot_be_sent_as_it_is_written_is_refused_at_load() {
         // Credentials in the URL are sent as Basic authorization.
         "https://user:p%40ss@relay.example/v1",
     ] {
-        let yaml = format!(
-            "providers:\n  - {{name: P, type: anthropic, base_url: \"{url}\", auth_type: api_key, auth_value: k}}\nmodel_routes:\n  \"*\":\n    - {{provider: P}}\n"
-        );
-        assert!(load_str(&yaml, &no_env).is_ok(), "{url}");
+        assert!(load_str(&yaml(url), &no_env).is_ok(), "{url}");
     }
 }
 
