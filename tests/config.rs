@@ -305,3 +305,23 @@ fn check_prints_routes_with_ordered_candidates() {
         "{stderr}"
     );
 }
+
+/// Keys the earlier program had that this balancer reads but has no use for are named as ignored,
+/// like every other such key, instead of being silently dropped.
+#[test]
+fn keys_without_a_use_here_are_reported_as_ignored() {
+    let yaml = "providers: []\nmodel_routes: {}\nsettings:\n  timeouts:\n    non_streaming: {pool_timeout: 5}\n    streaming: {pool_timeout: 5}\n  deduplication: {sse_error_cleanup_delay: 3}\n  reload_includes: [\"*.py\"]\n";
+    let loaded = load_str(yaml, &no_env).unwrap();
+    let w = loaded.warnings.join("\n");
+    for path in [
+        "settings.timeouts.non_streaming.pool_timeout",
+        "settings.timeouts.streaming.pool_timeout",
+        "settings.deduplication.sse_error_cleanup_delay",
+        "settings.reload_includes",
+    ] {
+        assert!(
+            w.contains(&format!("{path}: accepted for compatibility and ignored")),
+            "{path} not reported: {w}"
+        );
+    }
+}

@@ -397,3 +397,48 @@ async fn a_replay_buffer_past_its_bound_takes_no_new_joiners_and_stays_bounded()
         "held {max_held}"
     );
 }
+
+/// Eight identical requests released together by a barrier, fifty times over: joining a flight or
+/// starting one is a single step, so exactly one of each eight reaches the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn identical_requests_released_together_make_exactly_one_upstream_call() {
+    let (p, bal) = setup("").await;
+    p.set_default(Reply::message("m", "x").with_delay(Duration::from_millis(200)));
+    for round in 0..50 {
+        let before = p.request_count();
+        let mut body = request(false);
+        body["messages"][0]["content"] = json!(format!("round {round}"));
+        let raw = bytes::Bytes::from(serde_json::to_vec(&body).unwrap());
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(8));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (state, raw, barrier) = (bal.state.clone(), raw.clone(), barrier.clone());
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                serve_in_process(&state, raw).await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), 200);
+        }
+        assert_eq!(
+            p.request_count() - before,
+            1,
+            "round {round}: eight identical requests made more than one upstream call"
+        );
+    }
+}
+
+/// One `/v1/messages` request served in-process through the coalescer; its status.
+async fn serve_in_process(
+    state: &std::sync::Arc<claude_balancer::state::AppState>,
+    raw: bytes::Bytes,
+) -> u16 {
+    let envelope = claude_balancer::inbound::body::parse(&raw).unwrap();
+    let inbound =
+        claude_balancer::dispatch::Inbound::new(envelope, raw, http::HeaderMap::new(), None, None);
+    claude_balancer::dedup::serve(state, inbound)
+        .await
+        .status()
+        .as_u16()
+}

@@ -227,10 +227,49 @@ async fn cooling_providers_are_still_tried_when_nothing_else_is_left() {
     b.push(Reply::error(500, "api_error", "x"));
     assert_eq!(
         bal.post("/v1/messages", &request(false)).await.status(),
-        502
+        500
     );
     // Both cool down now; the next request still gets an answer from one of them.
     let resp = bal.post("/v1/messages", &request(false)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(a.request_count() + b.request_count(), 3);
+}
+
+/// When every attempt failed with the same upstream status, the client gets that status and its
+/// Anthropic error type (as the earlier balancer answered), with the message listing each attempt.
+/// 401 and 403 stay 502; mixed statuses keep the 529/502 rules.
+#[tokio::test]
+async fn the_same_status_from_every_provider_is_answered_with_that_status() {
+    let cases: &[(u16, u16, u16, &str)] = &[
+        (429, 429, 429, "rate_limit_error"),
+        (500, 500, 500, "api_error"),
+        (503, 503, 503, "overloaded_error"),
+        (529, 529, 529, "overloaded_error"),
+        (402, 402, 402, "billing_error"),
+        (401, 401, 502, "api_error"),
+        (403, 403, 502, "api_error"),
+        (500, 503, 502, "api_error"),
+        (529, 429, 529, "overloaded_error"),
+    ];
+    for &(sa, sb, want, kind) in cases {
+        for stream in [false, true] {
+            let (a, b, bal) = two("").await;
+            a.push(Reply::error(sa, "api_error", "first refused").with_header("retry-after", "9"));
+            b.push(Reply::error(sb, "api_error", "second refused").with_header("retry-after", "4"));
+            let resp = bal.post("/v1/messages", &request(stream)).await;
+            let label = format!("{sa}+{sb}, stream={stream}");
+            assert_eq!(resp.status().as_u16(), want, "{label}");
+            if want == 429 || kind == "overloaded_error" {
+                assert_eq!(resp.headers()["retry-after"], "4", "{label}");
+            }
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(v["type"], "error", "{label}");
+            assert_eq!(v["error"]["type"], kind, "{label}: {v}");
+            let msg = v["error"]["message"].as_str().unwrap();
+            assert!(
+                msg.contains(&format!("A: HTTP {sa}")) && msg.contains(&format!("B: HTTP {sb}")),
+                "{label}: {msg}"
+            );
+        }
+    }
 }

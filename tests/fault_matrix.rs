@@ -154,9 +154,10 @@ async fn every_fault_ends_in_an_answer_or_a_well_formed_error() {
                                 (Got::Error(200, _), false, _, true) => true, // broken after commit: error event
                                 (Got::Answer, false, true, false) => true, // failed over to the backup
                                 (Got::Error(s, t), false, false, false) => match *name {
-                                    "status 529" | "status 429" => {
-                                        *s == 529 && t == "overloaded_error"
-                                    }
+                                    // One provider, one status: answered with it.
+                                    "status 529" => *s == 529 && t == "overloaded_error",
+                                    "status 429" => *s == 429 && t == "rate_limit_error",
+                                    "status 500" => *s == 500 && t == "api_error",
                                     "hang" => *s == 504 && t == "timeout_error",
                                     "error inside a 200" => {
                                         (*s == 529 && t == "overloaded_error")

@@ -411,3 +411,53 @@ async fn the_console_gets_a_readable_line_per_request_without_keys() {
         "{text}"
     );
 }
+
+/// A client key sent as `Authorization: bearer …` in any letter case and echoed back by a provider
+/// in its error is recognised as the client's credential: it reaches neither the answer, the log
+/// file, the console, nor an admin view.
+#[tokio::test]
+async fn a_client_key_echoed_by_a_provider_is_redacted_whatever_the_scheme_case() {
+    let echo = format!("invalid api key: {CLIENT_KEY}");
+    let (_a, mut p) = start_with_one(Reply::error(500, "api_error", &echo)).await;
+    let client = reqwest::Client::new();
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let resp = client
+            .post(format!("{}/v1/messages", p.url))
+            .header("authorization", format!("{scheme} {CLIENT_KEY}"))
+            .json(&request())
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_server_error(), "{scheme}");
+        let body = resp.text().await.unwrap();
+        assert!(
+            body.contains("****"),
+            "{scheme}: the echo is in the answer, masked: {body}"
+        );
+        assert!(!body.contains(CLIENT_KEY), "{scheme}: {body}");
+    }
+    for path in ["/providers", "/dashboard/data", "/metrics"] {
+        let text = client
+            .get(format!("{}{path}", p.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(!text.contains(CLIENT_KEY), "{path}: {text}");
+    }
+    signal(&p, "-TERM");
+    assert_eq!(wait_exit(&mut p).await, 0);
+    let lines = log_lines(&p);
+    assert!(lines.iter().any(|(_, v)| v["message"] == "request"));
+    for (raw, _) in &lines {
+        assert!(!raw.contains(CLIENT_KEY), "the key reached the log: {raw}");
+    }
+    let console = std::fs::read_to_string(p.dir.path().join("console.txt")).unwrap();
+    assert!(console.contains("attempt failed"), "{console}");
+    assert!(
+        !console.contains(CLIENT_KEY),
+        "the key reached the console: {console}"
+    );
+}
