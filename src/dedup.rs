@@ -11,16 +11,13 @@
 //! successful answers go into the cache, which serves them as a stream or as JSON.
 
 use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::{HeaderMap, StatusCode};
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout_at};
@@ -28,7 +25,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::adapter::events::{accumulate_sse, message_to_sse};
 use crate::adapter::ids::message_id;
-use crate::dispatch::{self, Inbound};
+use crate::dispatch::{self, Answer, Attempt, Body, CacheStatus, Inbound, Source, Usage};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -65,16 +62,33 @@ pub fn key(inbound: &Inbound, include_max_tokens: bool) -> Key {
     h.digest128()
 }
 
+/// What kind of body a flight carries.
 #[derive(Debug, Clone)]
-struct Head {
+enum Kind {
+    /// A complete JSON body (one chunk).
+    Json,
+    /// An Anthropic event stream (chunks of whole events).
+    Stream,
+    /// The balancer's error (no chunks).
+    Error(ApiError),
+}
+
+/// Everything about a flight's answer but its bytes, shared by every subscriber.
+#[derive(Debug, Clone)]
+struct AnswerHead {
     status: StatusCode,
     headers: HeaderMap,
-    sse: bool,
+    source: Source,
+    route: Option<Arc<str>>,
+    usage: Option<Usage>,
+    kind: Kind,
 }
 
 #[derive(Debug, Default)]
 struct FlightState {
-    head: Option<Head>,
+    head: Option<AnswerHead>,
+    /// The attempts of the upstream call, taken by the request that started the flight.
+    attempts: Vec<Attempt>,
     chunks: VecDeque<Bytes>,
     /// Absolute index of `chunks[0]`.
     base: usize,
@@ -113,6 +127,11 @@ impl Flight {
 
     fn bump(&self) {
         self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Whether a new identical request may still join.
+    fn joinable(&self) -> bool {
+        !self.lock().overflowed && !*self.cancel.borrow()
     }
 
     fn subscribe(self: &Arc<Self>) -> Subscriber {
@@ -229,7 +248,7 @@ impl Subscriber {
         }
     }
 
-    async fn head(&mut self, deadline: Option<Instant>) -> Option<Head> {
+    async fn head(&mut self, deadline: Option<Instant>) -> Option<AnswerHead> {
         loop {
             self.changes.borrow_and_update();
             {
@@ -293,7 +312,8 @@ impl Subscriber {
 struct CacheEntry {
     /// The answer as a complete `Message` JSON.
     message: Value,
-    headers: HeaderMap,
+    /// The provider that answered.
+    source: Source,
     expires: Instant,
     size: usize,
 }
@@ -373,6 +393,24 @@ impl Dedup {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Joins the flight in progress for `key`, or starts and registers a new one: one step under
+    /// one lock, so two identical requests arriving together never both go upstream. A flight
+    /// that stopped taking joiners (its replay buffer overflowed, or every client left) is
+    /// replaced.
+    fn join_or_start(&self, key: Key) -> Role {
+        let mut flights = self.flights();
+        if let Some(f) = flights.get(&key) {
+            if f.joinable() {
+                self.coalesced.fetch_add(1, Ordering::Relaxed);
+                return Role::Joined(f.subscribe());
+            }
+        }
+        let flight = Flight::new();
+        let sub = flight.subscribe();
+        flights.insert(key, Arc::clone(&flight));
+        Role::Started(flight, sub)
+    }
+
     pub fn clear_cache(&self) -> usize {
         let mut c = self.cache();
         let n = c.map.len();
@@ -398,13 +436,16 @@ impl Dedup {
     }
 }
 
-fn cache_header(resp: &mut Response, value: &'static str) {
-    resp.headers_mut()
-        .insert("x-balancer-cache", HeaderValue::from_static(value));
+/// How a request takes part in coalescing.
+enum Role {
+    /// It reads an identical request's flight.
+    Joined(Subscriber),
+    /// It started this flight (and reads it like everyone else).
+    Started(Arc<Flight>, Subscriber),
 }
 
 /// Serves a `/v1/messages` request through the cache and the coalescer.
-pub async fn serve(state: &Arc<AppState>, inbound: Inbound) -> Response {
+pub async fn serve(state: &Arc<AppState>, inbound: Inbound) -> Answer {
     let runtime = state.runtime();
     let settings = &runtime.config.settings;
     let dedup_on = settings.deduplication.enabled;
@@ -423,63 +464,45 @@ pub async fn serve(state: &Arc<AppState>, inbound: Inbound) -> Response {
     if cache_on {
         if let Some(entry) = book.cache().get(&key, Instant::now()) {
             book.hits.fetch_add(1, Ordering::Relaxed);
-            return from_message(entry.message, &entry.headers, wants_stream, "hit", true);
+            return from_cache(entry, wants_stream);
         }
     }
 
-    // Join a flight in progress, or start one.
-    let dedup_timeout = settings.timeouts.deduplication;
-    if dedup_on {
-        let joined = {
-            let flights = book.flights();
-            flights
-                .get(&key)
-                .filter(|f| !f.lock().overflowed && !*f.cancel.borrow())
-                .map(|f| f.subscribe())
-        };
-        if let Some(sub) = joined {
-            book.coalesced.fetch_add(1, Ordering::Relaxed);
-            match respond(
-                sub,
-                wants_stream,
-                Some(Instant::now() + dedup_timeout),
-                "coalesced",
-            )
-            .await
-            {
-                Some(resp) => return resp,
-                None => {
-                    tracing::info!(
-                        "a coalesced request waited past deduplication_timeout; making its own attempt"
-                    );
-                    let mut resp = dispatch::messages(state, inbound).await;
-                    cache_header(&mut resp, "miss");
-                    return resp;
+    let (flight, sub) = if dedup_on {
+        match book.join_or_start(key) {
+            Role::Joined(sub) => {
+                let deadline = Instant::now() + settings.timeouts.deduplication;
+                if let Some(answer) =
+                    answer_for(sub, wants_stream, Some(deadline), CacheStatus::Coalesced).await
+                {
+                    return answer;
                 }
+                tracing::info!(
+                    "a coalesced request waited past deduplication_timeout; making its own attempt"
+                );
+                let mut answer = dispatch::messages(state, inbound).await;
+                answer.cache = CacheStatus::Miss;
+                return answer;
             }
+            Role::Started(flight, sub) => (flight, sub),
         }
-    }
+    } else {
+        let flight = Flight::new();
+        let sub = flight.subscribe();
+        (flight, sub)
+    };
     book.misses.fetch_add(1, Ordering::Relaxed);
-    let flight = Flight::new();
-    let sub = flight.subscribe();
-    if dedup_on {
-        book.flights().insert(key, Arc::clone(&flight));
-    }
     tokio::spawn(pump(
         Arc::clone(state),
         inbound,
         key,
         flight,
         dedup_on,
-        if cache_on {
-            Some((max_entries, settings.cache_ttl))
-        } else {
-            None
-        },
+        cache_on.then_some((max_entries, settings.cache_ttl)),
     ));
-    match respond(sub, wants_stream, None, "miss").await {
-        Some(resp) => resp,
-        None => ApiError::internal("the request ended without an answer").into_response(),
+    match answer_for(sub, wants_stream, None, CacheStatus::Miss).await {
+        Some(answer) => answer,
+        None => Answer::error(ApiError::internal("the request ended without an answer")),
     }
 }
 
@@ -493,43 +516,64 @@ async fn pump(
     cache: Option<(usize, Duration)>,
 ) {
     let mut cancel = flight.cancel.subscribe();
-    let response = tokio::select! {
-        r = dispatch::messages(&state, inbound) => Some(r),
+    let answer = tokio::select! {
+        a = dispatch::messages(&state, inbound) => Some(a),
         _ = cancel.wait_for(|c| *c) => None,
     };
-    if let Some(response) = response {
-        let (parts, body) = response.into_parts();
-        let sse = parts
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        let ok = parts.status.is_success();
-        flight.lock().head = Some(Head {
-            status: parts.status,
-            headers: parts.headers.clone(),
-            sse,
-        });
+    if let Some(answer) = answer {
+        let Answer {
+            status,
+            headers,
+            source,
+            route,
+            attempts,
+            body,
+            usage,
+            ..
+        } = answer;
+        let (kind, bytes) = match body {
+            Body::Json(b) => (
+                Kind::Json,
+                Some(futures_util::stream::once(async move { b }).boxed()),
+            ),
+            Body::Stream(events) => (Kind::Stream, Some(events)),
+            Body::Error(e) => (Kind::Error(e), None),
+        };
+        let head = AnswerHead {
+            status,
+            headers,
+            source,
+            route,
+            usage,
+            kind,
+        };
+        let cacheable = status.is_success() && !matches!(head.kind, Kind::Error(_));
+        {
+            let mut st = flight.lock();
+            st.head = Some(head.clone());
+            st.attempts = attempts;
+        }
         flight.bump();
-        let mut stream = body.into_data_stream();
-        loop {
-            let next = tokio::select! {
-                chunk = stream.next() => chunk,
-                _ = cancel.wait_for(|c| *c) => {
-                    tracing::debug!("every client left; the upstream call is cancelled");
-                    break;
+        if let Some(mut bytes) = bytes {
+            loop {
+                let next = tokio::select! {
+                    chunk = bytes.next() => chunk,
+                    _ = cancel.wait_for(|c| *c) => {
+                        tracing::debug!("every client left; the upstream call is cancelled");
+                        break;
+                    }
+                };
+                match next {
+                    Some(chunk) => {
+                        flight.append(chunk);
+                        flight.wait_for_room(&mut cancel).await;
+                    }
+                    None => break,
                 }
-            };
-            match next {
-                Some(Ok(bytes)) => {
-                    flight.append(bytes);
-                    flight.wait_for_room(&mut cancel).await;
-                }
-                _ => break,
             }
         }
-        if let (Some((max_entries, ttl)), true) = (cache, ok) {
-            store(&state, &flight, key, sse, &parts.headers, max_entries, ttl);
+        if let (Some((max_entries, ttl)), true) = (cache, cacheable) {
+            store(&state, &flight, key, &head, max_entries, ttl);
         }
     }
     flight.lock().done = true;
@@ -547,8 +591,7 @@ fn store(
     state: &AppState,
     flight: &Flight,
     key: Key,
-    sse: bool,
-    headers: &HeaderMap,
+    head: &AnswerHead,
     max_entries: usize,
     ttl: Duration,
 ) {
@@ -561,152 +604,160 @@ fn store(
         body.extend_from_slice(c);
     }
     drop(st);
-    let message = if sse {
-        match accumulate_sse(&String::from_utf8_lossy(&body)) {
+    let message = match head.kind {
+        // An error event or a cut stream: never cached.
+        Kind::Stream => match accumulate_sse(&String::from_utf8_lossy(&body)) {
             Ok(m) => m,
-            Err(_) => return, // an error event or a cut stream: never cached
-        }
-    } else {
-        match serde_json::from_slice::<Value>(&body) {
+            Err(_) => return,
+        },
+        Kind::Json => match serde_json::from_slice::<Value>(&body) {
             Ok(m) if m.get("type").and_then(Value::as_str) == Some("message") => m,
             _ => return,
-        }
+        },
+        Kind::Error(_) => return,
     };
-    let mut kept = HeaderMap::new();
-    if let Some(p) = headers.get("x-provider-used") {
-        kept.insert("x-provider-used", p.clone());
-    }
     let entry = CacheEntry {
         message,
-        headers: kept,
+        source: head.source.clone(),
         expires: Instant::now() + ttl,
         size: body.len(),
     };
     state.dedup.cache().insert(key, entry, max_entries);
 }
 
-/// A response carrying a complete message, as JSON or as a synthesized stream.
-fn from_message(
-    mut message: Value,
-    headers: &HeaderMap,
-    stream: bool,
-    cache: &'static str,
-    fresh_id: bool,
-) -> Response {
-    if fresh_id {
-        message["id"] = Value::String(message_id());
+/// A cached message, with a fresh id, as JSON or as a synthesized stream.
+fn from_cache(entry: CacheEntry, stream: bool) -> Answer {
+    let mut message = entry.message;
+    message["id"] = Value::String(message_id());
+    let text = message.to_string();
+    let usage = Some(Usage::of_message(text.as_bytes()));
+    Answer {
+        status: StatusCode::OK,
+        headers: HeaderMap::new(),
+        source: entry.source,
+        route: None,
+        attempts: Vec::new(),
+        cache: CacheStatus::Hit,
+        body: message_body(&message, text, stream),
+        usage,
     }
-    let mut resp = if stream {
-        let mut r = Response::new(Body::from(message_to_sse(&message)));
-        r.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream; charset=utf-8"),
-        );
-        r.headers_mut().insert(
-            http::header::CACHE_CONTROL,
-            HeaderValue::from_static("no-cache"),
-        );
-        r
-    } else {
-        let mut r = Response::new(Body::from(message.to_string()));
-        r.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        r
-    };
-    for (k, v) in headers {
-        resp.headers_mut().insert(k.clone(), v.clone());
-    }
-    cache_header(&mut resp, cache);
-    resp
 }
 
-/// Builds a subscriber's response in its own form. `None` when it waited past `deadline`.
-async fn respond(
+/// A complete message as the body a client asked for.
+fn message_body(message: &Value, json: String, stream: bool) -> Body {
+    if stream {
+        let events = Bytes::from(message_to_sse(message));
+        Body::Stream(futures_util::stream::once(async move { events }).boxed())
+    } else {
+        Body::Json(Bytes::from(json))
+    }
+}
+
+/// The answer of one subscriber, in its own form. `None` when it waited past `deadline`.
+async fn answer_for(
     mut sub: Subscriber,
     stream: bool,
     deadline: Option<Instant>,
-    cache: &'static str,
-) -> Option<Response> {
+    cache: CacheStatus,
+) -> Option<Answer> {
     let head = sub.head(deadline).await?;
-    let mut headers = head.headers.clone();
-    headers.remove(http::header::CONTENT_LENGTH);
-    if !head.status.is_success() {
-        // Errors reach everyone the same way, whatever they asked for.
-        let body = sub.collect(deadline).await?;
-        let mut resp = Response::new(Body::from(body));
-        *resp.status_mut() = head.status;
-        *resp.headers_mut() = headers;
-        cache_header(&mut resp, cache);
-        return Some(resp);
-    }
-    match (head.sse, stream) {
-        (true, true) => {
-            let body = futures_util::stream::unfold(sub, |mut sub| async move {
+    let attempts = if cache == CacheStatus::Miss {
+        std::mem::take(&mut sub.flight.lock().attempts)
+    } else {
+        Vec::new()
+    };
+    let mut answer = Answer {
+        status: head.status,
+        headers: head.headers,
+        source: head.source,
+        route: head.route,
+        attempts,
+        cache,
+        body: Body::Json(Bytes::new()),
+        usage: head.usage,
+    };
+    answer.body = match (head.kind, stream) {
+        (Kind::Error(e), _) => Body::Error(e),
+        // A provider's error reaches everyone the same way, whatever they asked for.
+        (Kind::Json, _) if !head.status.is_success() => Body::Json(sub.collect(deadline).await?),
+        (Kind::Json, false) => Body::Json(sub.collect(deadline).await?),
+        (Kind::Stream, true) => Body::Stream(
+            futures_util::stream::unfold(sub, |mut sub| async move {
                 match sub.next(None).await {
-                    Some(Next::Chunk(c)) => Some((Ok::<_, Infallible>(c), sub)),
+                    Some(Next::Chunk(c)) => Some((c, sub)),
                     _ => None,
                 }
-            });
-            let mut resp = Response::new(Body::from_stream(body));
-            *resp.headers_mut() = headers;
-            cache_header(&mut resp, cache);
-            Some(resp)
-        }
-        (true, false) => {
-            let body = sub.collect(deadline).await?;
-            match accumulate_sse(&String::from_utf8_lossy(&body)) {
-                Ok(message) => Some(from_message(
-                    message,
-                    &provider_only(&headers),
-                    false,
-                    cache,
-                    false,
-                )),
-                Err(e) => {
-                    let overloaded = e.contains("overloaded_error");
-                    let err = if overloaded {
-                        ApiError::new(
-                            StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-                            "overloaded_error",
-                            e,
-                        )
-                    } else {
-                        ApiError::new(StatusCode::BAD_GATEWAY, "api_error", e)
-                    };
-                    let mut resp = err.into_response();
-                    cache_header(&mut resp, cache);
-                    Some(resp)
+            })
+            .boxed(),
+        ),
+        (Kind::Stream, false) => {
+            let events = sub.collect(deadline).await?;
+            answer.headers = provider_only(&answer.headers);
+            match assemble(&events) {
+                Ok(message) => {
+                    let json = message.to_string();
+                    answer.usage = Some(Usage::of_message(json.as_bytes()));
+                    Body::Json(Bytes::from(json))
                 }
+                Err(e) => Body::Error(e),
             }
         }
-        (false, _) => {
-            let body = sub.collect(deadline).await?;
-            match (stream, serde_json::from_slice::<Value>(&body)) {
-                (true, Ok(message)) => Some(from_message(
-                    message,
-                    &provider_only(&headers),
-                    true,
-                    cache,
-                    false,
-                )),
-                _ => {
-                    let mut resp = Response::new(Body::from(body));
-                    *resp.headers_mut() = headers;
-                    cache_header(&mut resp, cache);
-                    Some(resp)
+        (Kind::Json, true) => {
+            let json = sub.collect(deadline).await?;
+            match serde_json::from_slice::<Value>(&json) {
+                Ok(message) => {
+                    answer.headers = provider_only(&answer.headers);
+                    let events = Bytes::from(message_to_sse(&message));
+                    Body::Stream(futures_util::stream::once(async move { events }).boxed())
                 }
+                Err(_) => Body::Json(json),
             }
         }
-    }
+    };
+    Some(answer)
 }
 
+/// The message of a complete event stream, or the error a non-streaming client gets for a
+/// stream that failed: 529 `overloaded_error` when its error event says overloaded, else 502.
+fn assemble(events: &[u8]) -> Result<Value, ApiError> {
+    let text = String::from_utf8_lossy(events);
+    accumulate_sse(&text).map_err(|reason| {
+        if error_event_type(&text).as_deref() == Some("overloaded_error") {
+            ApiError::new(
+                StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                "overloaded_error",
+                reason,
+            )
+        } else {
+            ApiError::new(StatusCode::BAD_GATEWAY, "api_error", reason)
+        }
+    })
+}
+
+/// The `error.type` of the stream's `error` event, if it has one.
+fn error_event_type(text: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct ErrorEvent {
+        error: ErrorBody,
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrorBody {
+        #[serde(rename = "type")]
+        kind: String,
+    }
+    crate::upstream::sse::parse_all(text)
+        .into_iter()
+        .find(|(name, _)| name.as_deref() == Some("error"))
+        .and_then(|(_, data)| serde_json::from_str::<ErrorEvent>(&data).ok())
+        .map(|e| e.error.kind)
+}
+
+/// The provider headers that still describe a message rebuilt in another form.
 fn provider_only(headers: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (k, v) in headers {
         let n = k.as_str();
-        if n == "x-provider-used" || n == "request-id" || n.starts_with("anthropic-ratelimit-") {
+        if n == "request-id" || n.starts_with("anthropic-ratelimit-") {
             out.insert(k.clone(), v.clone());
         }
     }

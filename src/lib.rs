@@ -6,8 +6,10 @@
 //! 2. [`inbound`]: reading and validating requests (`/v1/messages`, `count_tokens`).
 //! 3. [`routing`]: model name to ordered candidates (routes, strategies, health, affinity).
 //! 4. [`dedup`]: the response cache and the coalescing of identical requests in flight.
-//! 5. [`dispatch`]: the one failover loop, the commit point, the stream relay.
+//! 5. [`dispatch`]: the one failover loop, the commit point, the stream relay; its result is a
+//!    typed [`dispatch::Answer`].
 //! 6. [`upstream`]: HTTP clients, header rules, SSE framing.
+//! 7. [`respond`]: the answer rendered as the client's response, observed until its body ends.
 //!
 //! [`adapter`] holds the pure conversion code the dispatcher uses.
 //!
@@ -23,6 +25,7 @@ pub mod error;
 pub mod inbound;
 pub mod observability;
 pub mod reload;
+pub mod respond;
 pub mod routing;
 pub mod secret;
 pub mod server;

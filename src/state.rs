@@ -11,12 +11,12 @@ use tokio::time::Instant;
 
 use crate::config::{Config, ConfigErrors, Loaded, load_file};
 use crate::dedup::Dedup;
-use crate::inbound::count_tokens::CountTokensBook;
+use crate::dispatch::FaultPolicy;
 use crate::observability::metrics::Metrics;
 use crate::observability::recent::Recent;
 use crate::routing::RouteTable;
 use crate::routing::affinity::AffinityBook;
-use crate::routing::health::HealthBook;
+use crate::routing::health::{HealthBook, HealthPolicy};
 use crate::upstream::{ClientPool, Provider};
 
 /// One loaded configuration, compiled for use. Immutable: a reload builds a new one.
@@ -25,6 +25,16 @@ pub struct Runtime {
     pub config: Config,
     pub providers: HashMap<String, Arc<Provider>>,
     pub routes: RouteTable,
+    /// What counts as a provider fault on `/v1/messages`.
+    pub faults: FaultPolicy,
+    /// count_tokens: anything but an answer is a fault of that provider's count_tokens.
+    pub count_faults: FaultPolicy,
+    /// The main health book's policy.
+    pub health_policy: HealthPolicy,
+    /// The count_tokens book's policy.
+    pub count_policy: HealthPolicy,
+    /// `max_concurrent_requests` as permits; a response body holds one until it ends.
+    pub limit: Option<Arc<tokio::sync::Semaphore>>,
     pub loaded_at: SystemTime,
 }
 
@@ -46,7 +56,21 @@ impl Runtime {
             return Err(ConfigErrors(errors));
         }
         let routes = RouteTable::new(&config.routes);
+        let settings = &config.settings;
+        let limit = usize::try_from(settings.max_concurrent_requests)
+            .ok()
+            .filter(|n| *n > 0)
+            .map(|n| {
+                Arc::new(tokio::sync::Semaphore::new(
+                    n.min(tokio::sync::Semaphore::MAX_PERMITS),
+                ))
+            });
         Ok(Self {
+            faults: FaultPolicy::new(settings),
+            count_faults: FaultPolicy::every_status(),
+            health_policy: HealthPolicy::for_messages(settings),
+            count_policy: HealthPolicy::for_count_tokens(&settings.token_counting),
+            limit,
             config,
             providers,
             routes,
@@ -59,7 +83,8 @@ impl Runtime {
 pub struct AppState {
     pub runtime: ArcSwap<Runtime>,
     pub health: Arc<HealthBook>,
-    pub count_tokens: CountTokensBook,
+    /// count_tokens failures, kept apart: a relay without count_tokens keeps its chat traffic.
+    pub count_tokens: Arc<HealthBook>,
     pub dedup: Dedup,
     pub metrics: Metrics,
     pub recent: Recent,
@@ -90,7 +115,7 @@ impl AppState {
         Ok(Arc::new(Self {
             runtime: ArcSwap::from_pointee(runtime),
             health: HealthBook::new(),
-            count_tokens: CountTokensBook::default(),
+            count_tokens: HealthBook::new(),
             dedup: Dedup::default(),
             metrics: Metrics::default(),
             recent: Recent::default(),

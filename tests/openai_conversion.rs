@@ -8,8 +8,8 @@ use claude_balancer::adapter::openai::response::to_message;
 use claude_balancer::adapter::openai::stream::{Step, StreamState};
 use claude_balancer::adapter::openai::{Options, ReplyContext};
 use claude_balancer::config::Dialect;
-use claude_balancer::dispatch::attempt::data_payloads;
 use claude_balancer::upstream::sse::Splitter;
+use claude_balancer::upstream::sse::data_payloads;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 

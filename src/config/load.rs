@@ -108,7 +108,6 @@ const SETTINGS_KEYS: &[&str] = &[
     "app_name",
     "app_version",
     "reload",
-    "reload_includes",
     "auth",
     "max_request_bytes",
     "max_concurrent_requests",
@@ -122,6 +121,8 @@ const SETTINGS_IGNORED: &[&str] = &[
     "failover_http_codes",
     "idle_recovery_interval",
     "client_disconnect_watchdog",
+    // The earlier program's extra files to watch (its own sources); only the file itself is here.
+    "reload_includes",
 ];
 
 struct Walker<'a> {
@@ -665,13 +666,19 @@ impl Walker<'_> {
         self.check_keys(
             m,
             path,
-            &["connect_timeout", "read_timeout", "pool_timeout"],
-            &["chunk_timeout", "first_chunk_timeout", "processing_timeout"],
+            &["connect_timeout", "read_timeout"],
+            // `pool_timeout` bounded the earlier program's wait for a free pooled connection;
+            // connections here are opened on demand, so there is no such wait.
+            &[
+                "chunk_timeout",
+                "first_chunk_timeout",
+                "processing_timeout",
+                "pool_timeout",
+            ],
         );
         TimeoutSet {
             connect: self.seconds(m, "connect_timeout", path, 30.0),
             read: self.seconds(m, "read_timeout", path, 120.0),
-            pool: self.seconds(m, "pool_timeout", path, 30.0),
         }
     }
 
@@ -821,12 +828,10 @@ impl Walker<'_> {
         self.check_keys(
             dd,
             dd_path,
-            &[
-                "enabled",
-                "include_max_tokens_in_signature",
-                "sse_error_cleanup_delay",
-            ],
-            &[],
+            &["enabled", "include_max_tokens_in_signature"],
+            // The earlier program kept a failed stream's flight this long; here a flight ends
+            // with its answer and errors are never cached.
+            &["sse_error_cleanup_delay"],
         );
         let deduplication = Deduplication {
             enabled: self.bool(dd, "enabled", dd_path, true),
@@ -836,7 +841,6 @@ impl Walker<'_> {
                 dd_path,
                 false,
             ),
-            sse_error_cleanup_delay: self.seconds(dd, "sse_error_cleanup_delay", dd_path, 3.0),
         };
 
         let log_level = self
@@ -922,7 +926,6 @@ impl Walker<'_> {
                 .string(m, "app_version", path)
                 .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned()),
             reload: self.bool(m, "reload", path, false),
-            reload_includes: self.string_list(m, "reload_includes", path),
             auth,
             max_request_bytes: self.unsigned(m, "max_request_bytes", path, 32 * 1024 * 1024)
                 as usize,

@@ -201,7 +201,6 @@ pub struct TimeoutSet {
     /// Non-streaming: the whole attempt after connecting. Streaming: the wait for the first event
     /// and for every later gap between upstream bytes.
     pub read: Duration,
-    pub pool: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -261,7 +260,6 @@ pub struct TokenCounting {
 pub struct Deduplication {
     pub enabled: bool,
     pub include_max_tokens_in_signature: bool,
-    pub sse_error_cleanup_delay: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -297,7 +295,6 @@ pub struct Settings {
     pub app_name: String,
     pub app_version: String,
     pub reload: bool,
-    pub reload_includes: Vec<String>,
     pub auth: InboundAuth,
     pub max_request_bytes: usize,
     pub max_concurrent_requests: u64,

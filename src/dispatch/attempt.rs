@@ -1,69 +1,72 @@
-//! One attempt against one candidate: build the upstream request for the provider's type, send it,
-//! classify the answer, and commit a success.
+//! One attempt against one candidate: build the upstream request for the provider's type and
+//! the endpoint, send it, classify the answer, and commit a success.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::time::{Instant, timeout_at};
 
-use super::relay::{self, Relay, Transform, Upstream};
-use super::{
-    Fault, FaultClass, Inbound, Outcome, body_fault, error_payload_fault, is_error_body, read_body,
-    response_with, status_fault, transport_fault,
+use super::answer::{Body, FaultClass, Usage};
+use super::classify::{
+    Fault, FaultPolicy, error_payload_fault, is_error_body, status_fault, transport_fault,
 };
+use super::relay::{self, Relay, Transform, Upstream};
+use super::{Endpoint, Inbound, Outcome, Reply, read_body};
 use crate::adapter::anthropic::strip_gateway_thinking;
 use crate::adapter::openai::stream::{Step, StreamState, chunk_error};
 use crate::adapter::openai::{self, Options, ReplyContext};
-use crate::config::{ProviderKind, Settings, TimeoutSet};
+use crate::config::{ProviderKind, TimeoutSet};
 use crate::inbound::body;
 use crate::routing::Candidate;
 use crate::state::{AppState, Runtime};
-use crate::upstream::sse::{self, EventKind, Splitter};
+use crate::upstream::sse::{self, EventKind, Splitter, data_payloads};
 use crate::upstream::{
-    AuthStyle, TransportError, UpstreamResponse, anthropic_request_headers, apply_auth, retry_after,
+    AuthStyle, TransportError, UpstreamResponse, anthropic_request_headers, apply_auth,
+    client_response_headers, retry_after,
 };
 
 /// Error bodies read from a provider are cut at this size.
 const MAX_ERROR_BODY: usize = 1024 * 1024;
 /// A non-streaming answer larger than this is a provider fault.
 const MAX_RESPONSE_BODY: usize = 256 * 1024 * 1024;
+/// A count_tokens answer larger than this is not an answer.
+const MAX_COUNT_BODY: usize = 64 * 1024;
 
-/// Timing of one attempt.
-struct Clock {
+/// The deadlines of one attempt.
+struct Deadlines {
     started: Instant,
-    t: TimeoutSet,
-    /// The whole attempt (non-streaming: `timeout_seconds`).
-    deadline: Instant,
+    /// The longest silence while a body is read (`read_timeout`).
+    gap: Duration,
+    /// Until the response headers and, for a stream, its first event.
+    first_byte: Instant,
+    /// Until the whole answer (non-streaming: `timeout_seconds`; a stream has none).
+    whole: Instant,
 }
 
-impl Clock {
-    fn new(settings: &Settings, stream: bool) -> Self {
+impl Deadlines {
+    fn new(t: TimeoutSet, whole: Option<Duration>) -> Self {
         let started = Instant::now();
-        let t = if stream {
-            settings.timeouts.streaming
-        } else {
-            settings.timeouts.non_streaming
-        };
-        let deadline = if stream {
-            started + Duration::from_secs(86_400 * 365)
-        } else {
-            started + settings.timeout
-        };
+        let whole = started + whole.unwrap_or(Duration::from_secs(86_400 * 365));
         Self {
             started,
-            t,
-            deadline,
+            gap: t.read,
+            first_byte: (started + t.connect + t.read).min(whole),
+            whole,
         }
     }
 
-    /// Until the response headers (and, streaming, the first event).
-    fn first_byte_deadline(&self) -> Instant {
-        (self.started + self.t.connect + self.t.read).min(self.deadline)
+    /// One bound for everything (count_tokens' `timeout_override`).
+    fn single(limit: Duration) -> Self {
+        let started = Instant::now();
+        Self {
+            started,
+            gap: limit,
+            first_byte: started + limit,
+            whole: started + limit,
+        }
     }
 }
 
@@ -72,25 +75,36 @@ pub async fn attempt(
     runtime: &Runtime,
     candidate: &Candidate,
     inbound: &Inbound,
+    endpoint: Endpoint,
 ) -> Outcome {
-    match candidate.provider.config.kind {
-        ProviderKind::Anthropic => anthropic(state, runtime, candidate, inbound).await,
-        ProviderKind::Openai => openai(state, runtime, candidate, inbound).await,
+    match (endpoint, candidate.provider.config.kind) {
+        (Endpoint::Messages, ProviderKind::Anthropic) => {
+            anthropic(state, runtime, candidate, inbound).await
+        }
+        (Endpoint::Messages, ProviderKind::Openai) => {
+            openai(state, runtime, candidate, inbound).await
+        }
+        (Endpoint::CountTokens, ProviderKind::Anthropic) => {
+            count_tokens(runtime, candidate, inbound).await
+        }
+        (Endpoint::CountTokens, ProviderKind::Openai) => {
+            Outcome::Unsupported("OpenAI-compatible providers have no count_tokens endpoint".into())
+        }
     }
 }
 
 /// Sends the request and waits for the response headers.
 async fn send(
     request: impl Future<Output = Result<UpstreamResponse, TransportError>>,
-    clock: &Clock,
+    deadlines: &Deadlines,
 ) -> Result<UpstreamResponse, Fault> {
-    let deadline = clock.first_byte_deadline();
+    let deadline = deadlines.first_byte;
     match timeout_at(deadline, request).await {
         Err(_) => Err(Fault::new(
             FaultClass::Timeout,
             format!(
                 "no response within {} s",
-                (deadline - clock.started).as_secs()
+                (deadline - deadlines.started).as_secs()
             ),
         )),
         Ok(Err(e)) => Err(transport_fault(e)),
@@ -101,83 +115,60 @@ async fn send(
 /// A non-2xx answer: a provider fault, or `(status, headers, body)` of a client fault.
 async fn error_status(
     mut resp: UpstreamResponse,
-    settings: &Settings,
-    clock: &Clock,
-) -> Result<(u16, HeaderMap, Bytes), Fault> {
-    let status = resp.status.as_u16();
+    faults: &FaultPolicy,
+    deadlines: &Deadlines,
+) -> Result<(StatusCode, HeaderMap, Bytes), Fault> {
+    let status = resp.status;
     let headers = std::mem::take(&mut resp.headers);
     let retry = retry_after(&headers);
-    let body = read_body(resp, clock.t.read, MAX_ERROR_BODY).await?;
-    let text = String::from_utf8_lossy(&body);
-    if settings.unhealthy_http_codes.contains(status)
-        || settings
-            .unhealthy_exception_patterns
-            .iter()
-            .any(|p| !p.is_empty() && text.contains(p.as_str()))
-    {
-        return Err(status_fault(status, &body, retry));
+    let body = read_body(resp, deadlines.gap, MAX_ERROR_BODY).await?;
+    if faults.is_unhealthy(status.as_u16(), &body) {
+        return Err(status_fault(status.as_u16(), &body, retry));
     }
     Ok((status, headers, body))
 }
 
+/// Reads a whole answer within the attempt's deadlines.
 async fn read_whole(
     resp: UpstreamResponse,
-    clock: &Clock,
-    settings: &Settings,
+    deadlines: &Deadlines,
+    limit: usize,
 ) -> Result<Bytes, Fault> {
-    match timeout_at(
-        clock.deadline,
-        read_body(resp, clock.t.read, MAX_RESPONSE_BODY),
-    )
-    .await
-    {
+    match timeout_at(deadlines.whole, read_body(resp, deadlines.gap, limit)).await {
         Err(_) => Err(Fault::new(
             FaultClass::Timeout,
             format!(
-                "no complete answer within {} s (timeout_seconds)",
-                settings.timeout.as_secs()
+                "no complete answer within {} s",
+                (deadlines.whole - deadlines.started).as_secs()
             ),
         )),
         Ok(r) => r,
     }
 }
 
-fn sse_headers(response: &mut Response) {
-    let h = response.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    h.insert(
-        http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache"),
-    );
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-}
-
 /// Commits a complete JSON answer.
 fn commit_json(
-    clock: &Clock,
-    status: u16,
+    deadlines: &Deadlines,
+    status: StatusCode,
     upstream_headers: &HeaderMap,
-    body: Body,
-    name: &str,
+    body: Bytes,
 ) -> Outcome {
-    let ttfb = clock.started.elapsed();
-    let mut response = response_with(status, upstream_headers, body, name);
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Outcome::Committed { response, ttfb }
+    Outcome::Committed(Reply {
+        status,
+        headers: client_response_headers(upstream_headers),
+        usage: Some(Usage::of_message(&body)),
+        body: Body::Json(body),
+        ttfb: Some(deadlines.started.elapsed()),
+    })
 }
 
 /// Commits a stream: `first` goes out at once, the rest through the relay.
 #[allow(clippy::too_many_arguments)]
 fn commit_stream(
     state: &Arc<AppState>,
-    clock: &Clock,
-    status: u16,
+    runtime: &Runtime,
+    deadlines: &Deadlines,
+    status: StatusCode,
     upstream_headers: &HeaderMap,
     name: &str,
     first: Bytes,
@@ -185,42 +176,56 @@ fn commit_stream(
     splitter: Splitter,
     transform: Transform,
 ) -> Outcome {
-    let ttfb = clock.started.elapsed();
+    let ttfb = deadlines.started.elapsed();
     let relay = Relay {
         first: Some(first),
         upstream,
         splitter,
-        read_timeout: clock.t.read,
+        read_timeout: deadlines.gap,
         state: Arc::clone(state),
+        health: runtime.health_policy,
         provider: name.to_owned(),
         transform,
     };
-    let mut response = response_with(
+    Outcome::Committed(Reply {
         status,
-        upstream_headers,
-        Body::from_stream(relay::relay(relay)),
-        name,
-    );
-    sse_headers(&mut response);
-    Outcome::Committed { response, ttfb }
+        headers: client_response_headers(upstream_headers),
+        body: Body::Stream(Box::pin(relay::relay(relay))),
+        usage: None,
+        ttfb: Some(ttfb),
+    })
+}
+
+/// A client fault passed on as the provider wrote it.
+fn client_fault(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Outcome {
+    Outcome::ClientFault(Reply {
+        status,
+        headers: client_response_headers(headers),
+        body: Body::Json(body),
+        usage: None,
+        ttfb: None,
+    })
 }
 
 /// Reads upstream events until `decide` accepts or rejects them. Returns the events read so far
 /// and the splitter holding any partial event.
 async fn first_events(
     upstream: &mut Upstream,
-    clock: &Clock,
+    deadlines: &Deadlines,
     mut decide: impl FnMut(&Bytes, &[EventKind]) -> Option<Result<(), Fault>>,
 ) -> Result<(BytesMut, Splitter), Fault> {
     let mut splitter = Splitter::new();
     let mut prefix = BytesMut::new();
-    let deadline = clock.first_byte_deadline();
+    let deadline = deadlines.first_byte;
     loop {
         match timeout_at(deadline, upstream.next()).await {
             Err(_) => {
                 return Err(Fault::new(
                     FaultClass::Timeout,
-                    format!("no event within {} s", (deadline - clock.started).as_secs()),
+                    format!(
+                        "no event within {} s",
+                        (deadline - deadlines.started).as_secs()
+                    ),
                 ));
             }
             Ok(None) => {
@@ -252,56 +257,70 @@ async fn first_events(
     }
 }
 
-async fn anthropic(
-    state: &Arc<AppState>,
-    runtime: &Runtime,
-    candidate: &Candidate,
-    inbound: &Inbound,
-) -> Outcome {
+/// The deadlines of a `/v1/messages` attempt.
+fn message_deadlines(runtime: &Runtime, stream: bool) -> Deadlines {
     let settings = &runtime.config.settings;
-    let provider = &candidate.provider;
-    let name = provider.config.name.as_str();
-    let stream = inbound.envelope.stream;
-    let clock = Clock::new(settings, stream);
-    // History from an OpenAI-compatible route may hold thinking blocks this gateway signed.
+    if stream {
+        Deadlines::new(settings.timeouts.streaming, None)
+    } else {
+        Deadlines::new(settings.timeouts.non_streaming, Some(settings.timeout))
+    }
+}
+
+/// The request body for an anthropic-type provider: the client's bytes with the model replaced
+/// and the `provider` member removed, after removing thinking this gateway signed (history from an
+/// OpenAI-compatible route may hold some).
+fn passthrough_body(inbound: &Inbound, candidate: &Candidate) -> Bytes {
     let source = inbound
         .envelope
         .gateway_signed
         .then(|| strip_gateway_thinking(&inbound.body))
         .flatten()
         .unwrap_or_else(|| inbound.body.clone());
-    let body = body::rewrite(
+    body::rewrite(
         &source,
         &candidate.upstream_model,
         &inbound.envelope.model,
         inbound.envelope.provider.is_some(),
-    );
+    )
+}
+
+async fn anthropic(
+    state: &Arc<AppState>,
+    runtime: &Runtime,
+    candidate: &Candidate,
+    inbound: &Inbound,
+) -> Outcome {
+    let faults = &runtime.faults;
+    let provider = &candidate.provider;
+    let name = provider.config.name.as_str();
+    let stream = inbound.envelope.stream;
+    let deadlines = message_deadlines(runtime, stream);
+    let body = passthrough_body(inbound, candidate);
     let headers = anthropic_request_headers(&inbound.headers, &provider.config.auth);
     let mut resp = match send(
         provider.post_messages(inbound.query.as_deref(), headers, body),
-        &clock,
+        &deadlines,
     )
     .await
     {
         Ok(r) => r,
         Err(f) => return Outcome::Fault(f),
     };
-    let status = resp.status.as_u16();
-    if !resp.status.is_success() {
-        return match error_status(resp, settings, &clock).await {
+    let status = resp.status;
+    if !status.is_success() {
+        return match error_status(resp, faults, &deadlines).await {
             Err(f) => Outcome::Fault(f),
-            Ok((status, headers, body)) => {
-                Outcome::ClientFault(response_with(status, &headers, Body::from(body), name))
-            }
+            Ok((status, headers, body)) => client_fault(status, &headers, body),
         };
     }
     let upstream_headers = std::mem::take(&mut resp.headers);
     if !stream {
-        let body = match read_whole(resp, &clock, settings).await {
+        let body = match read_whole(resp, &deadlines, MAX_RESPONSE_BODY).await {
             Ok(b) => b,
             Err(f) => return Outcome::Fault(f),
         };
-        if let Some(f) = body_fault(settings, &body) {
+        if let Some(f) = faults.body_fault(&body) {
             return Outcome::Fault(f);
         }
         if is_error_body(&body) {
@@ -310,12 +329,12 @@ async fn anthropic(
         if !crate::inbound::canonical::is_json(&body) {
             return Outcome::Fault(Fault::new(FaultClass::Other, "answer is not JSON"));
         }
-        return commit_json(&clock, status, &upstream_headers, Body::from(body), name);
+        return commit_json(&deadlines, status, &upstream_headers, body);
     }
 
     // Streaming: commit on the first complete event that is not a ping.
     let mut upstream: Upstream = resp.into_stream();
-    let decided = first_events(&mut upstream, &clock, |all, kinds| {
+    let decided = first_events(&mut upstream, &deadlines, |all, kinds| {
         match kinds.iter().find(|k| **k != EventKind::Ping) {
             None => None,
             Some(EventKind::Error) => {
@@ -341,7 +360,7 @@ async fn anthropic(
                         ),
                     )));
                 }
-                Some(body_fault(settings, all).map_or(Ok(()), Err))
+                Some(faults.body_fault(all).map_or(Ok(()), Err))
             }
         }
     })
@@ -352,7 +371,8 @@ async fn anthropic(
     };
     commit_stream(
         state,
-        &clock,
+        runtime,
+        &deadlines,
         status,
         &upstream_headers,
         name,
@@ -363,13 +383,13 @@ async fn anthropic(
     )
 }
 
-/// The `data:` payloads of complete events, comments and `event:` lines ignored.
-pub fn data_payloads(events: &[u8]) -> Vec<String> {
-    sse::parse_all(&String::from_utf8_lossy(events))
-        .into_iter()
-        .map(|(_, d)| d)
-        .filter(|d| !d.trim().is_empty())
-        .collect()
+/// The class of an error a Chat Completions answer carries inside a 200.
+fn chunk_error_class(kind: &str) -> FaultClass {
+    if kind == "overloaded_error" {
+        FaultClass::Overloaded
+    } else {
+        FaultClass::Other
+    }
 }
 
 async fn openai(
@@ -378,7 +398,7 @@ async fn openai(
     candidate: &Candidate,
     inbound: &Inbound,
 ) -> Outcome {
-    let settings = &runtime.config.settings;
+    let faults = &runtime.faults;
     let provider = &candidate.provider;
     let name = provider.config.name.as_str();
     let stream = inbound.envelope.stream;
@@ -399,7 +419,7 @@ async fn openai(
             Err(u) => return Outcome::Unsupported(u.to_string()),
         };
     let ctx = ReplyContext::from_request(request_value, estimate);
-    let clock = Clock::new(settings, stream);
+    let deadlines = message_deadlines(runtime, stream);
     let mut headers = HeaderMap::new();
     headers.insert(
         http::header::CONTENT_TYPE,
@@ -422,7 +442,7 @@ async fn openai(
     let body = serde_json::to_vec(&converted).unwrap_or_default();
     let mut resp = match send(
         provider.post_messages(None, headers, Bytes::from(body)),
-        &clock,
+        &deadlines,
     )
     .await
     {
@@ -430,31 +450,29 @@ async fn openai(
         Err(f) => return Outcome::Fault(f),
     };
     if !resp.status.is_success() {
-        return match error_status(resp, settings, &clock).await {
+        return match error_status(resp, faults, &deadlines).await {
             Err(f) => Outcome::Fault(f),
             Ok((status, headers, body)) => {
-                let mut r =
-                    openai::errors::to_anthropic(status, &body, name, estimate).into_response();
-                for (k, v) in crate::upstream::client_response_headers(&headers) {
-                    if let Some(k) = k {
-                        if k != http::header::CONTENT_TYPE {
-                            r.headers_mut().insert(k, v);
-                        }
-                    }
-                }
-                r.headers_mut()
-                    .insert("x-provider-used", super::provider_header(name));
-                Outcome::ClientFault(r)
+                let error = openai::errors::to_anthropic(status.as_u16(), &body, name, estimate);
+                Outcome::ClientFault(Reply {
+                    status: error.status,
+                    headers: client_response_headers(&headers),
+                    body: Body::Error(error),
+                    usage: None,
+                    ttfb: None,
+                })
             }
         };
     }
-    let upstream_headers = std::mem::take(&mut resp.headers);
+    // The provider's request-id names a Chat Completions request, not an Anthropic message.
+    let mut upstream_headers = std::mem::take(&mut resp.headers);
+    upstream_headers.remove("request-id");
     if !stream {
-        let body = match read_whole(resp, &clock, settings).await {
+        let body = match read_whole(resp, &deadlines, MAX_RESPONSE_BODY).await {
             Ok(b) => b,
             Err(f) => return Outcome::Fault(f),
         };
-        if let Some(f) = body_fault(settings, &body) {
+        if let Some(f) = faults.body_fault(&body) {
             return Outcome::Fault(f);
         }
         let answer: serde_json::Value = match serde_json::from_slice(&body) {
@@ -467,28 +485,25 @@ async fn openai(
             }
         };
         if let Some((kind, message)) = chunk_error(&answer) {
-            let class = if kind == "overloaded_error" {
-                FaultClass::Overloaded
-            } else {
-                FaultClass::Other
-            };
-            return Outcome::Fault(Fault::new(class, format!("error inside a 200: {message}")));
+            return Outcome::Fault(Fault::new(
+                chunk_error_class(kind),
+                format!("error inside a 200: {message}"),
+            ));
         }
         let Some(message) = openai::response::to_message(&answer, &ctx) else {
             return Outcome::Fault(Fault::new(FaultClass::Other, "answer has no choices"));
         };
         return commit_json(
-            &clock,
-            200,
+            &deadlines,
+            StatusCode::OK,
             &upstream_headers,
-            Body::from(message.to_string()),
-            name,
+            Bytes::from(message.to_string()),
         );
     }
 
     // Streaming: commit on the first chunk that parses and is not an error.
     let mut upstream: Upstream = resp.into_stream();
-    let decided = first_events(&mut upstream, &clock, |all, _| {
+    let decided = first_events(&mut upstream, &deadlines, |all, _| {
         let payloads = data_payloads(all);
         let first = payloads.iter().find(|d| {
             d.trim() == "[DONE]" || serde_json::from_str::<serde_json::Value>(d).is_ok()
@@ -501,17 +516,12 @@ async fn openai(
         }
         let chunk: serde_json::Value = serde_json::from_str(first).unwrap_or_default();
         if let Some((kind, message)) = chunk_error(&chunk) {
-            let class = if kind == "overloaded_error" {
-                FaultClass::Overloaded
-            } else {
-                FaultClass::Other
-            };
             return Some(Err(Fault::new(
-                class,
+                chunk_error_class(kind),
                 format!("error before the first event: {message}"),
             )));
         }
-        Some(body_fault(settings, all).map_or(Ok(()), Err))
+        Some(faults.body_fault(all).map_or(Ok(()), Err))
     })
     .await;
     let (prefix, splitter) = match decided {
@@ -527,10 +537,55 @@ async fn openai(
     }
     let first = Bytes::from(converter.take());
     let transform = Transform::Openai(Box::new(converter));
-    // The provider's request-id names a Chat Completions request, not an Anthropic message.
-    let mut headers = upstream_headers;
-    headers.remove("request-id");
     commit_stream(
-        state, &clock, 200, &headers, name, first, upstream, splitter, transform,
+        state,
+        runtime,
+        &deadlines,
+        StatusCode::OK,
+        &upstream_headers,
+        name,
+        first,
+        upstream,
+        splitter,
+        transform,
     )
+}
+
+/// `count_tokens` on an anthropic-type provider. Only a positive count is an answer (a 0 would
+/// stop Claude Code from compacting); anything else is a fault of this provider's count_tokens
+/// (kept in its own book) and the loop moves on, in the end to the local count.
+async fn count_tokens(runtime: &Runtime, candidate: &Candidate, inbound: &Inbound) -> Outcome {
+    let provider = &candidate.provider;
+    let deadlines = Deadlines::single(runtime.config.settings.token_counting.timeout);
+    let body = passthrough_body(inbound, candidate);
+    let headers = anthropic_request_headers(&inbound.headers, &provider.config.auth);
+    let request = provider.post_count_tokens(inbound.query.as_deref(), headers, body);
+    let mut resp = match send(request, &deadlines).await {
+        Ok(r) => r,
+        Err(f) => return Outcome::Fault(f),
+    };
+    if !resp.status.is_success() {
+        return match error_status(resp, &runtime.count_faults, &deadlines).await {
+            Err(f) => Outcome::Fault(f),
+            Ok((status, headers, body)) => client_fault(status, &headers, body),
+        };
+    }
+    let upstream_headers = std::mem::take(&mut resp.headers);
+    let body = match read_whole(resp, &deadlines, MAX_COUNT_BODY).await {
+        Ok(b) => b,
+        Err(f) => return Outcome::Fault(f),
+    };
+    #[derive(serde::Deserialize)]
+    struct Count {
+        input_tokens: u64,
+    }
+    match serde_json::from_slice::<Count>(&body) {
+        Ok(c) if c.input_tokens > 0 => {
+            commit_json(&deadlines, StatusCode::OK, &upstream_headers, body)
+        }
+        _ => Outcome::Fault(Fault::new(
+            FaultClass::Other,
+            "count_tokens answered without a positive input_tokens",
+        )),
+    }
 }

@@ -1,34 +1,41 @@
 //! The one failover loop: try the planned candidates in order until one commits.
 //!
-//! An *attempt* ends in one of three outcomes: **committed** (the provider answered 2xx and, for a
-//! stream, its first complete event arrived: the response goes to the client and no other
+//! An *attempt* ends in one of four outcomes: **committed** (the provider answered 2xx and, for a
+//! stream, its first complete event arrived: the answer goes to the client and no other
 //! candidate is tried), a **client fault** (a status outside `unhealthy_http_codes`: returned to the
-//! client unchanged, no penalty), or a **provider fault** (transport error, timeout, unhealthy
+//! client unchanged, no penalty), a **provider fault** (transport error, timeout, unhealthy
 //! status, an error or a matching pattern before commit: counted against the provider, next
-//! candidate). When every candidate faults, the client gets one Anthropic-shaped error listing each
-//! attempt.
+//! candidate), or **unsupported** (the candidate cannot express the request: skipped, no penalty).
+//!
+//! `/v1/messages` and `count_tokens` both go through [`run`]; what differs between them (the
+//! attempt, the health book and its policy, whether cooling providers are skipped, affinity) is
+//! a [`Lane`]. The loop returns a typed [`Answer`]; the HTTP response is built from it at the edge.
 
+pub mod answer;
 pub mod attempt;
+pub mod classify;
 pub mod relay;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::{HeaderMap, StatusCode};
 use tokio::time::{Instant, timeout};
 
-use crate::config::Settings;
-use crate::error::ApiError;
-use crate::inbound::body::Envelope;
-use crate::routing::PlanContext;
-use crate::routing::health::Verdict;
-use crate::state::AppState;
-use crate::upstream::{TransportError, UpstreamResponse, client_response_headers};
+pub use answer::{
+    Answer, Attempt, AttemptOutcome, Body, CacheStatus, Events, FaultClass, Source, Usage,
+};
+pub use classify::{Fault, FaultPolicy};
 
-/// One inbound `/v1/messages` request, validated.
+use crate::error::{ApiError, error_type_for_status};
+use crate::inbound::body::Envelope;
+use crate::routing::health::{HealthBook, HealthPolicy, HealthState, Verdict};
+use crate::routing::{Candidate, Plan, PlanContext};
+use crate::state::{AppState, Runtime};
+use crate::upstream::UpstreamResponse;
+
+/// One inbound request (`/v1/messages` or `count_tokens`), validated.
 #[derive(Debug, Clone)]
 pub struct Inbound {
     pub envelope: Envelope,
@@ -41,8 +48,6 @@ pub struct Inbound {
     /// The body as a JSON value with a local token estimate, parsed on first use (only conversion
     /// needs it; passthrough never does).
     pub parsed: std::sync::OnceLock<Option<(serde_json::Value, u64)>>,
-    /// The log record the dispatcher fills (route, attempts).
-    pub record: Option<crate::observability::Record>,
 }
 
 impl Inbound {
@@ -60,7 +65,6 @@ impl Inbound {
             query,
             session,
             parsed: std::sync::OnceLock::new(),
-            record: None,
         }
     }
 
@@ -77,182 +81,82 @@ impl Inbound {
     }
 }
 
+/// The endpoints that share the failover loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaultClass {
-    /// 429, 503, 529 or an overloaded/rate-limit error event.
-    Overloaded,
-    /// 401 or 403: the provider refused the balancer's credentials.
-    Credentials,
-    Timeout,
-    /// Connection, DNS or TLS failure.
-    Transport,
-    /// Any other unhealthy status, error body or matching pattern.
-    Other,
+pub enum Endpoint {
+    Messages,
+    CountTokens,
 }
 
-impl FaultClass {
+impl Endpoint {
     pub fn as_str(self) -> &'static str {
         match self {
-            FaultClass::Overloaded => "overloaded",
-            FaultClass::Credentials => "credentials",
-            FaultClass::Timeout => "timeout",
-            FaultClass::Transport => "transport",
-            FaultClass::Other => "other",
+            Endpoint::Messages => "messages",
+            Endpoint::CountTokens => "count_tokens",
         }
     }
 }
 
-/// Why an attempt failed over.
-#[derive(Debug, Clone)]
-pub struct Fault {
-    pub class: FaultClass,
-    pub reason: String,
-    pub retry_after: Option<Duration>,
-    /// The provider's status, for an unhealthy status.
-    pub status: Option<u16>,
+/// What differs between the endpoints in the loop.
+struct Lane<'a> {
+    book: &'a Arc<HealthBook>,
+    policy: &'a HealthPolicy,
+    /// Skip a provider in cooldown instead of trying it last (count_tokens has the local count to
+    /// fall back on).
+    skip_cooling: bool,
+    /// Record session affinity on commit.
+    affinity: bool,
 }
 
-impl Fault {
-    pub fn new(class: FaultClass, reason: impl Into<String>) -> Self {
-        Self {
-            class,
-            reason: reason.into(),
-            retry_after: None,
-            status: None,
+impl<'a> Lane<'a> {
+    fn of(endpoint: Endpoint, state: &'a AppState, runtime: &'a Runtime) -> Self {
+        match endpoint {
+            Endpoint::Messages => Lane {
+                book: &state.health,
+                policy: &runtime.health_policy,
+                skip_cooling: false,
+                affinity: runtime.config.settings.sticky_provider_duration > Duration::ZERO,
+            },
+            Endpoint::CountTokens => Lane {
+                book: &state.count_tokens,
+                policy: &runtime.count_policy,
+                skip_cooling: true,
+                affinity: false,
+            },
         }
     }
+}
+
+/// A committed answer or a client fault, as an attempt hands it to the loop.
+pub struct Reply {
+    pub status: StatusCode,
+    /// The provider's headers that go on to the client (already filtered).
+    pub headers: HeaderMap,
+    pub body: Body,
+    pub usage: Option<Usage>,
+    /// Time to the commit (for the latency average), when it was an answer.
+    pub ttfb: Option<Duration>,
 }
 
 pub enum Outcome {
-    Committed {
-        response: Response,
-        ttfb: Duration,
-    },
-    ClientFault(Response),
+    Committed(Reply),
+    ClientFault(Reply),
     Fault(Fault),
     /// The request cannot be expressed for this provider (e.g. a server tool on an OpenAI-compatible
     /// route): the candidate is skipped without penalty.
     Unsupported(String),
 }
 
-pub(crate) fn transport_fault(e: TransportError) -> Fault {
-    let class = if e.is_timeout() {
-        FaultClass::Timeout
-    } else {
-        FaultClass::Transport
-    };
-    Fault::new(class, e.to_string())
+/// The end of a loop in which no candidate answered.
+#[derive(Debug)]
+pub struct Failed {
+    pub route: Arc<str>,
+    pub attempts: Vec<Attempt>,
+    pub failures: Vec<(String, Fault)>,
+    pub unsupported: Vec<String>,
 }
 
-fn snippet(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    // Prefer the Anthropic or OpenAI error message over the raw body.
-    if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
-        let err = v.get("error").unwrap_or(&v);
-        let kind = err.get("type").and_then(|t| t.as_str());
-        let msg = err.get("message").and_then(|m| m.as_str());
-        match (kind, msg) {
-            (Some(k), Some(m)) => return truncate(&format!("{k}: {m}")),
-            (None, Some(m)) => return truncate(m),
-            _ => {}
-        }
-    }
-    truncate(text)
-}
-
-fn truncate(s: &str) -> String {
-    const MAX: usize = 200;
-    if s.len() <= MAX {
-        return s.to_owned();
-    }
-    let mut end = MAX;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
-
-pub(crate) fn status_fault(status: u16, body: &[u8], retry: Option<Duration>) -> Fault {
-    let class = match status {
-        429 | 503 | 529 => FaultClass::Overloaded,
-        401 | 403 => FaultClass::Credentials,
-        408 | 504 => FaultClass::Timeout,
-        _ => FaultClass::Other,
-    };
-    let detail = snippet(body);
-    let reason = if detail.is_empty() {
-        format!("HTTP {status}")
-    } else {
-        format!("HTTP {status}: {detail}")
-    };
-    Fault {
-        class,
-        reason,
-        retry_after: retry,
-        status: Some(status),
-    }
-}
-
-/// Whether a successful-looking body is really an error (`{"type":"error",…}`) or matches
-/// `unhealthy_response_body_patterns`.
-pub(crate) fn body_fault(settings: &Settings, body: &[u8]) -> Option<Fault> {
-    let text = String::from_utf8_lossy(body);
-    if let Some(set) = &settings.unhealthy_response_body_patterns {
-        if set.is_match(&text) {
-            return Some(Fault::new(
-                FaultClass::Other,
-                format!(
-                    "response matched unhealthy_response_body_patterns: {}",
-                    truncate(text.trim())
-                ),
-            ));
-        }
-    }
-    None
-}
-
-/// The class of an error event or `{"type":"error"}` body.
-pub(crate) fn error_payload_fault(payload: &str) -> Fault {
-    let v: serde_json::Value = serde_json::from_str(payload).unwrap_or_default();
-    let kind = v
-        .pointer("/error/type")
-        .and_then(|t| t.as_str())
-        .unwrap_or("error");
-    let class = match kind {
-        "overloaded_error" | "rate_limit_error" => FaultClass::Overloaded,
-        "authentication_error" | "permission_error" => FaultClass::Credentials,
-        "timeout_error" => FaultClass::Timeout,
-        _ => FaultClass::Other,
-    };
-    Fault::new(
-        class,
-        format!(
-            "error before the first event: {}",
-            snippet(payload.as_bytes())
-        ),
-    )
-}
-
-pub(crate) fn provider_header(name: &str) -> HeaderValue {
-    HeaderValue::from_bytes(name.as_bytes()).unwrap_or(HeaderValue::from_static("invalid-name"))
-}
-
-pub(crate) fn response_with(
-    status: u16,
-    upstream: &HeaderMap,
-    body: Body,
-    provider: &str,
-) -> Response {
-    let mut resp = Response::new(body);
-    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-    *resp.headers_mut() = client_response_headers(upstream);
-    resp.headers_mut()
-        .insert("x-provider-used", provider_header(provider));
-    resp
-}
-
-/// Reads a whole body, each gap between chunks bounded by `gap`, at most `limit` bytes.
+/// Reads a whole upstream body, each gap between chunks bounded by `gap`, at most `limit` bytes.
 pub(crate) async fn read_body(
     mut resp: UpstreamResponse,
     gap: Duration,
@@ -268,7 +172,7 @@ pub(crate) async fn read_body(
                 ));
             }
             Ok(None) => return Ok(out.freeze()),
-            Ok(Some(Err(e))) => return Err(transport_fault(e)),
+            Ok(Some(Err(e))) => return Err(classify::transport_fault(e)),
             Ok(Some(Ok(chunk))) => {
                 if out.len() + chunk.len() > limit {
                     return Err(Fault::new(
@@ -282,35 +186,42 @@ pub(crate) async fn read_body(
     }
 }
 
-/// Serves one `/v1/messages` request: plan, then the failover loop.
-pub async fn messages(state: &Arc<AppState>, inbound: Inbound) -> Response {
-    let runtime = state.runtime();
-    let settings = &runtime.config.settings;
-    let now = Instant::now();
+/// The ordered candidates for a model name (pure: no I/O).
+pub fn plan(state: &AppState, runtime: &Runtime, model: &str) -> Option<Plan> {
     let ctx = PlanContext {
         providers: &runtime.providers,
         health: &state.health,
-        strategy: settings.selection_strategy,
-        now,
+        strategy: runtime.config.settings.selection_strategy,
+        now: Instant::now(),
     };
+    runtime.routes.plan(model, &ctx)
+}
+
+/// Serves one `/v1/messages` request: plan, promote the session's and the body's provider, then
+/// the failover loop.
+pub async fn messages(state: &Arc<AppState>, inbound: Inbound) -> Answer {
+    let runtime = state.runtime();
     let model = &inbound.envelope.model;
-    let Some(mut plan) = runtime.routes.plan(model, &ctx) else {
-        return ApiError::not_found(format!("model {model:?} matches no entry of model_routes"))
-            .into_response();
+    let Some(mut plan) = plan(state, &runtime, model) else {
+        return Answer::error(ApiError::not_found(format!(
+            "model {model:?} matches no entry of model_routes"
+        )));
     };
     if plan.candidates.is_empty() {
-        return ApiError::new(
+        let mut answer = Answer::error(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "api_error",
             format!(
                 "route {:?} for model {model:?} has no enabled provider",
                 &*plan.route
             ),
-        )
-        .into_response();
+        ));
+        answer.route = Some(plan.route);
+        return answer;
     }
-    let sticky = settings.sticky_provider_duration > Duration::ZERO;
+    let sticky = runtime.config.settings.sticky_provider_duration > Duration::ZERO;
     if let (true, Some(session)) = (sticky, &inbound.session) {
+        let now = Instant::now();
         if let Some(p) = state.affinity.get(session, &plan.route, now) {
             if state.health.standing(&p, now).available {
                 plan.promote(&p);
@@ -320,131 +231,156 @@ pub async fn messages(state: &Arc<AppState>, inbound: Inbound) -> Response {
     if let Some(forced) = &inbound.envelope.provider {
         plan.promote(forced);
     }
+    match run(state, &runtime, &plan, &inbound, Endpoint::Messages).await {
+        Ok(answer) => answer,
+        Err(failed) => failed.into_answer(state, model),
+    }
+}
 
+/// The failover loop: each candidate in order, until one answers (`Ok`) or all have failed or
+/// been skipped (`Err`).
+pub async fn run(
+    state: &Arc<AppState>,
+    runtime: &Runtime,
+    plan: &Plan,
+    inbound: &Inbound,
+    endpoint: Endpoint,
+) -> Result<Answer, Failed> {
+    let lane = Lane::of(endpoint, state, runtime);
+    let mut attempts: Vec<Attempt> = Vec::new();
     let mut failures: Vec<(String, Fault)> = Vec::new();
     let mut unsupported: Vec<String> = Vec::new();
-    if let Some(r) = &inbound.record {
-        r.lock().route = Some(plan.route.to_string());
-    }
     for candidate in &plan.candidates {
-        let name = candidate.provider.config.name.clone();
-        let ticket = state.health.begin(&name, Instant::now());
-        let attempt_started = Instant::now();
-        let mut outcome = attempt::attempt(state, &runtime, candidate, &inbound).await;
+        let name = candidate.provider.config.name.as_str();
+        if lane.skip_cooling && !lane.book.standing(name, Instant::now()).available {
+            continue;
+        }
+        let ticket = lane.book.begin(name, Instant::now());
+        let started = Instant::now();
+        let mut outcome = attempt::attempt(state, runtime, candidate, inbound, endpoint).await;
         if let Outcome::Fault(f) = &mut outcome {
-            // Some providers echo the key they refused: it must not reach a log or the client.
-            if let crate::config::Auth::ApiKey(k) | crate::config::Auth::Bearer(k) =
-                &candidate.provider.config.auth
-            {
-                f.reason = crate::observability::redact(&f.reason, &[k.expose().to_owned()]);
-            }
-            let client = crate::observability::client_secrets(&inbound.headers);
-            f.reason = crate::observability::redact(&f.reason, &client);
+            f.reason = redact_reason(&f.reason, candidate, inbound);
         }
-        if let Some(r) = &inbound.record {
-            let took = attempt_started.elapsed();
-            let (label, class, status, reason) = match &outcome {
-                Outcome::Committed { response, .. } => {
-                    ("committed", None, Some(response.status().as_u16()), None)
-                }
-                Outcome::ClientFault(response) => {
-                    ("client_fault", None, Some(response.status().as_u16()), None)
-                }
-                Outcome::Fault(f) => (
-                    "fault",
-                    Some(f.class.as_str()),
-                    f.status,
-                    Some(f.reason.clone()),
-                ),
-                Outcome::Unsupported(reason) => ("unsupported", None, None, Some(reason.clone())),
-            };
-            let mut r = r.lock();
-            r.upstream_wait += took;
-            r.attempts.push(crate::observability::AttemptLog {
-                provider: name.clone(),
-                upstream_model: candidate.upstream_model.clone(),
-                outcome: label,
-                class,
-                status,
-                ms: (took.as_secs_f64() * 1_000_000.0).round() / 1000.0,
-                reason,
-            });
-        }
-        match outcome {
-            Outcome::Committed { response, ttfb } => {
-                log_change(
-                    &name,
-                    state.health.resolve(
-                        ticket,
-                        Verdict::Up { ttfb: Some(ttfb) },
-                        Instant::now(),
-                        settings,
-                    ),
-                );
-                if let (true, Some(session)) = (sticky, &inbound.session) {
-                    state.affinity.set(
-                        session,
-                        &plan.route,
-                        &name,
-                        Instant::now(),
-                        settings.sticky_provider_duration,
-                    );
-                }
-                if !failures.is_empty() {
-                    tracing::info!(model = %model, provider = %name, failed_over = failures.len(), "request succeeded after failover");
-                }
-                return response;
+        attempts.push(record_attempt(candidate, &outcome, started.elapsed()));
+        let (reply, verdict) = match outcome {
+            Outcome::Committed(reply) => {
+                let ttfb = reply.ttfb;
+                (reply, Verdict::Up { ttfb })
             }
-            Outcome::ClientFault(response) => {
-                log_change(
-                    &name,
-                    state.health.resolve(
-                        ticket,
-                        Verdict::Up { ttfb: None },
-                        Instant::now(),
-                        settings,
-                    ),
-                );
-                return response;
-            }
+            Outcome::ClientFault(reply) => (reply, Verdict::Up { ttfb: None }),
             Outcome::Fault(fault) => {
-                tracing::warn!(provider = %name, model = %candidate.upstream_model, reason = %fault.reason, "attempt failed");
+                tracing::warn!(provider = %name, model = %candidate.upstream_model, endpoint = endpoint.as_str(), reason = %fault.reason, "attempt failed");
                 let verdict = Verdict::Fault {
                     reason: fault.reason.clone(),
                     retry_after: fault.retry_after,
                 };
                 log_change(
-                    &name,
-                    state
-                        .health
-                        .resolve(ticket, verdict, Instant::now(), settings),
+                    name,
+                    lane.book
+                        .resolve(ticket, verdict, Instant::now(), lane.policy),
                 );
-                failures.push((name, fault));
+                failures.push((name.to_owned(), fault));
+                continue;
             }
             Outcome::Unsupported(reason) => {
                 drop(ticket);
-                tracing::info!(provider = %name, %reason, "candidate cannot serve this request; skipped");
+                tracing::info!(provider = %name, endpoint = endpoint.as_str(), %reason, "candidate cannot serve this request; skipped");
                 unsupported.push(format!("{name}: {reason}"));
+                continue;
             }
+        };
+        log_change(
+            name,
+            lane.book
+                .resolve(ticket, verdict, Instant::now(), lane.policy),
+        );
+        if let (true, Some(session), true) =
+            (lane.affinity, &inbound.session, reply.status.is_success())
+        {
+            state.affinity.set(
+                session,
+                &plan.route,
+                name,
+                Instant::now(),
+                runtime.config.settings.sticky_provider_duration,
+            );
         }
+        if !failures.is_empty() {
+            tracing::info!(model = %inbound.envelope.model, provider = %name, failed_over = failures.len(), "request succeeded after failover");
+        }
+        return Ok(Answer {
+            status: reply.status,
+            headers: reply.headers,
+            source: Source::Provider {
+                name: name.to_owned(),
+                upstream_model: candidate.upstream_model.clone(),
+            },
+            route: Some(Arc::clone(&plan.route)),
+            attempts,
+            cache: CacheStatus::Off,
+            body: reply.body,
+            usage: reply.usage,
+        });
     }
-    if failures.is_empty() && !unsupported.is_empty() {
-        return ApiError::invalid_request(format!(
-            "no provider of this route can serve the request: {}",
-            unsupported.join("; ")
-        ))
-        .into_response();
-    }
-    all_failed(state, model, &failures).into_response()
+    Err(Failed {
+        route: Arc::clone(&plan.route),
+        attempts,
+        failures,
+        unsupported,
+    })
 }
 
-fn log_change(
-    provider: &str,
-    change: Option<(
-        crate::routing::health::HealthState,
-        crate::routing::health::HealthState,
-    )>,
-) {
+/// Some providers echo the key they refused: neither theirs nor the client's may reach a log or
+/// the client.
+fn redact_reason(reason: &str, candidate: &Candidate, inbound: &Inbound) -> String {
+    let mut secrets = crate::observability::client_secrets(&inbound.headers);
+    if let crate::config::Auth::ApiKey(k) | crate::config::Auth::Bearer(k) =
+        &candidate.provider.config.auth
+    {
+        secrets.push(k.expose().to_owned());
+    }
+    crate::observability::redact(reason, &secrets)
+}
+
+fn record_attempt(candidate: &Candidate, outcome: &Outcome, took: Duration) -> Attempt {
+    let (outcome, class, status, reason) = match outcome {
+        Outcome::Committed(r) => (
+            AttemptOutcome::Committed,
+            None,
+            Some(r.status.as_u16()),
+            None,
+        ),
+        Outcome::ClientFault(r) => (
+            AttemptOutcome::ClientFault,
+            None,
+            Some(r.status.as_u16()),
+            None,
+        ),
+        Outcome::Fault(f) => (
+            AttemptOutcome::Fault,
+            Some(f.class),
+            f.status,
+            Some(f.reason.clone()),
+        ),
+        Outcome::Unsupported(reason) => (
+            AttemptOutcome::Unsupported,
+            None,
+            None,
+            Some(reason.clone()),
+        ),
+    };
+    Attempt {
+        provider: candidate.provider.config.name.clone(),
+        upstream_model: candidate.upstream_model.clone(),
+        outcome,
+        class,
+        status,
+        took,
+        reason,
+    }
+}
+
+fn log_change(provider: &str, change: Option<(HealthState, HealthState)>) {
     if let Some((from, to)) = change {
         tracing::warn!(
             provider,
@@ -455,7 +391,32 @@ fn log_change(
     }
 }
 
+impl Failed {
+    /// The answer to a `/v1/messages` request no candidate served.
+    pub fn into_answer(self, state: &AppState, model: &str) -> Answer {
+        let error = if self.failures.is_empty() && !self.unsupported.is_empty() {
+            ApiError::invalid_request(format!(
+                "no provider of this route can serve the request: {}",
+                self.unsupported.join("; ")
+            ))
+        } else {
+            all_failed(state, model, &self.failures)
+        };
+        let mut answer = Answer::error(error);
+        answer.route = Some(self.route);
+        answer.attempts = self.attempts;
+        answer
+    }
+}
+
 /// The error for a request on which every candidate faulted.
+///
+/// When every attempt failed with the same upstream status, the client gets that status and its
+/// Anthropic error type (429 → `rate_limit_error`, 503 and 529 → `overloaded_error`, 500 →
+/// `api_error`, 402 → `billing_error`, …), except 401 and 403, which would make Claude Code tell
+/// the user their own key is invalid. Otherwise: all overloaded → 529, all timed out → 504, else
+/// 502. A 429, 503 or 529 carries `retry-after`: the providers' own hint, else the shortest
+/// cooldown.
 pub fn all_failed(state: &AppState, model: &str, failures: &[(String, Fault)]) -> ApiError {
     let list: Vec<String> = failures
         .iter()
@@ -467,39 +428,51 @@ pub fn all_failed(state: &AppState, model: &str, failures: &[(String, Fault)]) -
         "all {n} provider{plural} failed for model {model}: {}",
         list.join("; ")
     );
-    let all = |c: FaultClass| failures.iter().all(|(_, f)| f.class == c);
-    if all(FaultClass::Overloaded) {
+    let retry_secs = || {
         let now = Instant::now();
         let shortest = failures
             .iter()
-            .map(|(p, _)| state.health.standing(p, now).remaining)
-            .filter(|d| !d.is_zero())
+            .filter_map(|(_, f)| f.retry_after)
             .min()
+            .or_else(|| {
+                failures
+                    .iter()
+                    .map(|(p, _)| state.health.standing(p, now).remaining)
+                    .filter(|d| !d.is_zero())
+                    .min()
+            })
             .unwrap_or(Duration::from_secs(1));
-        let secs = shortest.as_secs_f64().ceil().max(1.0) as u64;
-        ApiError::new(
+        shortest.as_secs_f64().ceil().max(1.0) as u64
+    };
+    let same_status = failures
+        .first()
+        .and_then(|(_, f)| f.status)
+        .filter(|s| failures.iter().all(|(_, f)| f.status == Some(*s)));
+    let all = |c: FaultClass| failures.iter().all(|(_, f)| f.class == c);
+    match same_status {
+        Some(s @ (429 | 503 | 529)) => {
+            let kind = if s == 429 {
+                "rate_limit_error"
+            } else {
+                "overloaded_error"
+            };
+            let status = StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            ApiError::new(status, kind, message).with_retry_after(retry_secs())
+        }
+        Some(s) if !matches!(s, 401 | 403 | 408) && (400..600).contains(&s) => {
+            let status = StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY);
+            ApiError::new(status, error_type_for_status(s), message)
+        }
+        _ if all(FaultClass::Overloaded) => ApiError::new(
             StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
             "overloaded_error",
             message,
         )
-        .with_retry_after(secs)
-    } else if all(FaultClass::Timeout) {
-        ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", message)
-    } else {
+        .with_retry_after(retry_secs()),
+        _ if all(FaultClass::Timeout) => {
+            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", message)
+        }
         // Credential refusals land here too: never a 401, or Claude Code would blame the user's key.
-        ApiError::new(StatusCode::BAD_GATEWAY, "api_error", message)
+        _ => ApiError::new(StatusCode::BAD_GATEWAY, "api_error", message),
     }
-}
-
-/// `{"type":"error",…}` at the top level.
-pub(crate) fn is_error_body(body: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Probe<'a> {
-        #[serde(borrow, rename = "type")]
-        kind: Option<std::borrow::Cow<'a, str>>,
-    }
-    let trimmed = body.trim_ascii_start();
-    trimmed.starts_with(b"{")
-        && serde_json::from_slice::<Probe<'_>>(trimmed)
-            .is_ok_and(|p| p.kind.as_deref() == Some("error"))
 }

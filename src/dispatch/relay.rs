@@ -5,7 +5,6 @@
 //! ends the stream before `message_stop`, the client gets one `event: error` and the stream ends.
 //! Nothing is ever sent after `message_stop` or `error`.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,10 +15,10 @@ use futures_util::stream::{self, BoxStream, Stream, StreamExt};
 use tokio::time::{Instant, Sleep, sleep_until};
 
 use crate::adapter::openai::stream::{Step, StreamState};
-use crate::routing::health::Verdict;
+use crate::routing::health::{HealthPolicy, Verdict};
 use crate::state::AppState;
 use crate::upstream::TransportError;
-use crate::upstream::sse::{EventKind, PING_EVENT, Splitter, error_event};
+use crate::upstream::sse::{EventKind, PING_EVENT, Splitter, data_payloads, error_event};
 
 /// Silence after which a `ping` event is sent to the client.
 pub const PING_INTERVAL: Duration = Duration::from_secs(15);
@@ -33,8 +32,9 @@ pub struct Relay {
     pub upstream: Upstream,
     pub splitter: Splitter,
     pub read_timeout: Duration,
-    /// Where to report a failure after commit.
+    /// Where to report a failure after commit, and by which policy.
     pub state: Arc<AppState>,
+    pub health: HealthPolicy,
     pub provider: String,
     pub transform: Transform,
 }
@@ -58,7 +58,7 @@ impl Transform {
                 (bytes, done)
             }
             Transform::Openai(state) => {
-                for data in super::attempt::data_payloads(&bytes) {
+                for data in data_payloads(&bytes) {
                     if state.push_data(&data) != Step::Continue {
                         break;
                     }
@@ -87,7 +87,7 @@ impl Transform {
             Transform::Openai(state) => {
                 // A final chunk that lacks its blank line still counts.
                 let mut step = Step::Continue;
-                for data in super::attempt::data_payloads(splitter.pending()) {
+                for data in data_payloads(splitter.pending()) {
                     step = state.push_data(&data);
                     if step != Step::Continue {
                         break;
@@ -134,7 +134,6 @@ struct Running {
 
 impl Running {
     fn record_failure(&self, reason: &str) {
-        let runtime = self.relay.state.runtime();
         self.relay.state.health.record(
             &self.relay.provider,
             Verdict::Fault {
@@ -142,7 +141,7 @@ impl Running {
                 retry_after: None,
             },
             Instant::now(),
-            &runtime.config.settings,
+            &self.relay.health,
         );
         tracing::warn!(provider = %self.relay.provider, %reason, "stream failed after commit");
     }
@@ -237,8 +236,8 @@ impl Running {
     }
 }
 
-/// The client-facing body stream.
-pub fn relay(relay: Relay) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+/// The client-facing event stream: every item is one or more whole events.
+pub fn relay(relay: Relay) -> impl Stream<Item = Bytes> + Send + 'static {
     let now = Instant::now();
     let idle_deadline = now + relay.read_timeout;
     let mut closing = relay.state.closing();
@@ -254,6 +253,6 @@ pub fn relay(relay: Relay) -> impl Stream<Item = Result<Bytes, Infallible>> + Se
         }),
     };
     stream::unfold(running, |mut r| async move {
-        r.next_item().await.map(|b| (Ok(b), r))
+        r.next_item().await.map(|b| (b, r))
     })
 }

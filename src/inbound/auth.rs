@@ -31,16 +31,28 @@ pub fn is_admin(path: &str) -> bool {
     ADMIN_PATHS.contains(&path)
 }
 
-/// The key the client presented, if any.
+/// Every credential a client presented, in order: its `x-api-key`, then the token of an
+/// `Authorization: Bearer …` header (the scheme in any letter case, as HTTP allows). The key check
+/// and redaction both read credentials here and nowhere else.
+pub fn client_credentials(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    let key = headers.get("x-api-key").map(|k| k.as_bytes().trim_ascii());
+    let bearer = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| bearer_token(v.as_bytes()));
+    key.into_iter().chain(bearer).filter(|c| !c.is_empty())
+}
+
+/// The token of a `Bearer` authorization value.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let value = value.trim_ascii();
+    let (scheme, rest) = value.split_at_checked(6)?;
+    (scheme.eq_ignore_ascii_case(b"bearer") && rest.first().is_some_and(u8::is_ascii_whitespace))
+        .then(|| rest.trim_ascii())
+}
+
+/// The key the client presented, if any: the first of [`client_credentials`].
 fn presented(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(k) = headers.get("x-api-key") {
-        return Some(k.as_bytes());
-    }
-    let auth = headers.get(http::header::AUTHORIZATION)?.as_bytes();
-    let token = auth
-        .strip_prefix(b"Bearer ")
-        .or_else(|| auth.strip_prefix(b"bearer "))?;
-    Some(token.trim_ascii())
+    client_credentials(headers).next()
 }
 
 /// Whether `key` equals one of `keys`, without an early exit that would time the comparison.
@@ -107,5 +119,23 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("authorization", "Bearer  key-one ".parse().unwrap());
         assert_eq!(presented(&h), Some(&b"key-one"[..]));
+    }
+
+    #[test]
+    fn credentials_are_read_whatever_the_scheme_case() {
+        for value in ["Bearer k-1", "bearer k-1", "BEARER  k-1 ", "BeArEr\tk-1"] {
+            let mut h = HeaderMap::new();
+            h.insert("authorization", value.parse().unwrap());
+            let got: Vec<&[u8]> = client_credentials(&h).collect();
+            assert_eq!(got, vec![&b"k-1"[..]], "{value:?}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Basic abc".parse().unwrap());
+        h.insert("x-api-key", "k-2".parse().unwrap());
+        let got: Vec<&[u8]> = client_credentials(&h).collect();
+        assert_eq!(got, vec![&b"k-2"[..]]);
+        h.insert("authorization", "bearer k-3".parse().unwrap());
+        let got: Vec<&[u8]> = client_credentials(&h).collect();
+        assert_eq!(got, vec![&b"k-2"[..], &b"k-3"[..]]);
     }
 }

@@ -9,14 +9,16 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Uri};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::sync::Semaphore;
 
-use crate::dispatch::Inbound;
+use crate::dispatch::{Answer, Endpoint, Inbound};
 use crate::error::ApiError;
 use crate::observability::{self, Record};
+use crate::respond::respond;
 use crate::state::AppState;
 use body::Envelope;
 
@@ -92,21 +94,19 @@ fn session_id(headers: &HeaderMap, from_metadata: Option<&str>) -> Option<String
         .or_else(|| from_metadata.map(str::to_owned))
 }
 
-/// Reads and validates a request body; the error is the finished response.
+/// Reads and validates a request body.
 async fn read_envelope(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
     sign: bool,
-) -> Result<(Bytes, Envelope), Response> {
+) -> Result<(Bytes, Envelope), ApiError> {
     let runtime = state.runtime();
     let settings = &runtime.config.settings;
-    let raw = read_body(body, headers, settings.max_request_bytes)
-        .await
-        .map_err(IntoResponse::into_response)?;
+    let raw = read_body(body, headers, settings.max_request_bytes).await?;
     // The signature is only worth computing when coalescing or the cache will use it.
     let sign = sign && (settings.deduplication.enabled || settings.max_cache_size > 0);
-    let envelope = body::parse_with(&raw, sign).map_err(IntoResponse::into_response)?;
+    let envelope = body::parse_with(&raw, sign)?;
     Ok((raw, envelope))
 }
 
@@ -119,40 +119,46 @@ pub async fn messages(
     state.metrics.started();
     let id = observability::request_id(&headers);
     let client = observability::client_secrets(&headers);
-    let max = state.runtime().config.settings.max_concurrent_requests;
-    if max > 0 && state.metrics.in_flight_now() > i64::try_from(max).unwrap_or(i64::MAX) {
-        let busy = ApiError::new(
-            http::StatusCode::from_u16(529).unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE),
-            "overloaded_error",
-            format!("the balancer is serving its maximum of {max} concurrent requests"),
-        )
-        .with_retry_after(1);
-        return observability::observe(
-            &state,
-            Record::new(id, None, String::new(), false),
-            client,
-            busy.into_response(),
-        );
-    }
+    let limit = state.runtime().limit.clone();
+    let permit = match limit.map(Semaphore::try_acquire_owned) {
+        None => None,
+        Some(Ok(permit)) => Some(permit),
+        Some(Err(_)) => {
+            let max = state.runtime().config.settings.max_concurrent_requests;
+            let busy = ApiError::new(
+                http::StatusCode::from_u16(529).unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE),
+                "overloaded_error",
+                format!("the balancer is serving its maximum of {max} concurrent requests"),
+            )
+            .with_retry_after(1);
+            let record = Record::new(id, Endpoint::Messages, None, String::new(), false);
+            return respond(&state, record, client, None, Answer::error(busy));
+        }
+    };
     let (raw, envelope) = match read_envelope(&state, &headers, body, true).await {
         Ok(x) => x,
-        Err(r) => {
-            let record = Record::new(id, None, String::new(), false);
-            return observability::observe(&state, record, client, r);
+        Err(e) => {
+            let record = Record::new(id, Endpoint::Messages, None, String::new(), false);
+            return respond(&state, record, client, permit, Answer::error(e));
         }
     };
     let session = session_id(&headers, envelope.metadata_session.as_deref());
-    let record = Record::new(id, session.clone(), envelope.model.clone(), envelope.stream);
-    let mut inbound = Inbound::new(
+    let record = Record::new(
+        id,
+        Endpoint::Messages,
+        session.clone(),
+        envelope.model.clone(),
+        envelope.stream,
+    );
+    let inbound = Inbound::new(
         envelope,
         raw,
         headers,
         uri.query().map(str::to_owned),
         session,
     );
-    inbound.record = Some(record.clone());
-    let response = crate::dedup::serve(&state, inbound).await;
-    observability::observe(&state, record, client, response)
+    let answer = crate::dedup::serve(&state, inbound).await;
+    respond(&state, record, client, permit, answer)
 }
 
 pub async fn count_tokens(
@@ -161,9 +167,31 @@ pub async fn count_tokens(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    state.metrics.started();
+    let id = observability::request_id(&headers);
+    let client = observability::client_secrets(&headers);
     let (raw, envelope) = match read_envelope(&state, &headers, body, false).await {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(e) => {
+            let record = Record::new(id, Endpoint::CountTokens, None, String::new(), false);
+            return respond(&state, record, client, None, Answer::error(e));
+        }
     };
-    count_tokens::count_tokens(&state, &envelope, raw, &headers, uri.query()).await
+    let session = session_id(&headers, envelope.metadata_session.as_deref());
+    let record = Record::new(
+        id,
+        Endpoint::CountTokens,
+        session.clone(),
+        envelope.model.clone(),
+        false,
+    );
+    let inbound = Inbound::new(
+        envelope,
+        raw,
+        headers,
+        uri.query().map(str::to_owned),
+        session,
+    );
+    let answer = count_tokens::count_tokens(&state, inbound).await;
+    respond(&state, record, client, None, answer)
 }

@@ -175,6 +175,8 @@ static SINK: OnceLock<Sink> = OnceLock::new();
 #[derive(Debug, serde::Serialize)]
 pub struct RequestLine<'a> {
     pub request_id: &'a str,
+    /// `messages` or `count_tokens`.
+    pub endpoint: &'a str,
     pub session_id: &'a str,
     pub model: &'a str,
     pub route: &'a str,

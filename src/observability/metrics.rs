@@ -11,12 +11,20 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use super::RequestRecord;
+use super::Record;
+use crate::dispatch::{AttemptOutcome, CacheStatus, Endpoint, FaultClass};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub route: String,
     pub provider: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CountLabels {
+    /// The provider that counted, `local`, or `none` (the request was refused).
+    pub counted_by: String,
     pub status: String,
 }
 
@@ -65,6 +73,7 @@ fn overhead_buckets() -> impl Iterator<Item = f64> {
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
+    pub count_tokens: Family<CountLabels, Counter>,
     pub attempts: Family<AttemptLabels, Counter>,
     pub failovers: Family<ReasonLabels, Counter>,
     pub ttfb: Histogram,
@@ -88,6 +97,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("claude_balancer");
         let requests = Family::<RequestLabels, Counter>::default();
+        let count_tokens = Family::<CountLabels, Counter>::default();
         let attempts = Family::<AttemptLabels, Counter>::default();
         let failovers = Family::<ReasonLabels, Counter>::default();
         let ttfb = Histogram::new(latency_buckets());
@@ -102,6 +112,11 @@ impl Default for Metrics {
             "requests",
             "Requests by route, serving provider and final status",
             requests.clone(),
+        );
+        registry.register(
+            "count_tokens_requests",
+            "count_tokens requests by who counted (a provider or local) and final status",
+            count_tokens.clone(),
         );
         registry.register(
             "attempts",
@@ -152,6 +167,7 @@ impl Default for Metrics {
         Self {
             registry,
             requests,
+            count_tokens,
             attempts,
             failovers,
             ttfb,
@@ -186,27 +202,38 @@ impl Metrics {
     }
 
     /// Records a finished request.
-    pub fn finish(
-        &self,
-        r: &RequestRecord,
-        total: Duration,
-        ttfb: Option<Duration>,
-        overhead: Duration,
-    ) {
+    pub fn finish(&self, r: &Record, total: Duration, ttfb: Option<Duration>, overhead: Duration) {
         self.in_flight.dec();
         self.in_flight_now.fetch_sub(1, Ordering::Relaxed);
+        if r.endpoint == Endpoint::CountTokens {
+            // Counted apart: a count is not a model request, and its attempts have their own book.
+            self.count_tokens
+                .get_or_create(&CountLabels {
+                    counted_by: match (&r.provider, r.status) {
+                        (Some(p), _) => p.clone(),
+                        (None, 200) => "local".into(),
+                        (None, _) => "none".into(),
+                    },
+                    status: r.status.to_string(),
+                })
+                .inc();
+            return;
+        }
         let provider = r.provider.clone().unwrap_or_default();
         self.requests
             .get_or_create(&RequestLabels {
-                route: r.route.clone().unwrap_or_default(),
+                route: r.route.as_deref().unwrap_or_default().to_owned(),
                 provider: provider.clone(),
                 status: r.status.to_string(),
             })
             .inc();
         for a in &r.attempts {
             let outcome = match (a.outcome, a.class) {
-                ("fault", Some(c)) => format!("fault_{c}"),
-                (o, _) => o.to_owned(),
+                (AttemptOutcome::Fault, Some(c)) => format!("fault_{}", c.as_str()),
+                (AttemptOutcome::Committed, _) => "committed".to_owned(),
+                (AttemptOutcome::ClientFault, _) => "client_fault".to_owned(),
+                (AttemptOutcome::Fault, None) => "fault".to_owned(),
+                (AttemptOutcome::Unsupported, _) => "unsupported".to_owned(),
             };
             self.attempts
                 .get_or_create(&AttemptLabels {
@@ -214,10 +241,10 @@ impl Metrics {
                     outcome,
                 })
                 .inc();
-            if a.outcome == "fault" {
+            if a.outcome == AttemptOutcome::Fault {
                 self.failovers
                     .get_or_create(&ReasonLabels {
-                        reason: a.class.unwrap_or("other").into(),
+                        reason: a.class.unwrap_or(FaultClass::Other).as_str().into(),
                     })
                     .inc();
             }
@@ -243,10 +270,10 @@ impl Metrics {
                     .inc_by(n);
             }
         }
-        if r.cache != "off" {
+        if r.cache != CacheStatus::Off {
             self.cache
                 .get_or_create(&ResultLabels {
-                    result: r.cache.into(),
+                    result: r.cache.as_str().into(),
                 })
                 .inc();
         }

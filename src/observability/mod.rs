@@ -6,119 +6,53 @@ pub mod metrics;
 pub mod recent;
 
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::response::Response;
 use bytes::Bytes;
-use http::HeaderValue;
-use serde::Serialize;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use crate::dispatch::{Answer, Attempt, CacheStatus, Endpoint, Usage};
 use crate::state::AppState;
 
-/// One attempt, as logged.
-#[derive(Debug, Clone, Serialize)]
-pub struct AttemptLog {
-    pub provider: String,
-    pub upstream_model: String,
-    /// `committed`, `client_fault`, `fault`, `unsupported`.
-    pub outcome: &'static str,
-    /// The fault class for a fault (`overloaded`, `credentials`, `timeout`, `transport`, `other`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub class: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<u16>,
-    pub ms: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Usage {
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    pub cache_read_input_tokens: u64,
-    pub cache_creation_input_tokens: u64,
-}
-
-/// The usage fields of an Anthropic `usage` object (read without building a JSON tree).
-#[derive(Debug, Default, serde::Deserialize)]
-struct UsageFields {
-    input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
-    cache_read_input_tokens: Option<u64>,
-    cache_creation_input_tokens: Option<u64>,
-}
-
-/// A message or an event, as far as usage goes: `usage` at the top or inside `message`.
-#[derive(Debug, Default, serde::Deserialize)]
-struct WithUsage {
-    usage: Option<UsageFields>,
-    message: Option<Box<WithUsage>>,
-}
-
-impl Usage {
-    /// Overwrites the fields present in an Anthropic `usage` object.
-    fn merge(&mut self, u: UsageFields) {
-        let set = |field: &mut u64, v: Option<u64>| {
-            if let Some(n) = v {
-                *field = n;
-            }
-        };
-        set(&mut self.input_tokens, u.input_tokens);
-        set(&mut self.output_tokens, u.output_tokens);
-        set(&mut self.cache_read_input_tokens, u.cache_read_input_tokens);
-        set(
-            &mut self.cache_creation_input_tokens,
-            u.cache_creation_input_tokens,
-        );
-    }
-
-    /// Merges the usage of a message or event in JSON text, if it has any.
-    fn merge_json(&mut self, json: &[u8]) {
-        if let Ok(w) = serde_json::from_slice::<WithUsage>(json) {
-            for u in [w.message.and_then(|m| m.usage), w.usage]
-                .into_iter()
-                .flatten()
-            {
-                self.merge(u);
-            }
-        }
-    }
-}
-
-/// Everything the summary line says about one request.
+/// Everything the summary line says about one request: opened when its body has been read, filled
+/// from its typed [`Answer`], finished when the response body ends or the client leaves.
 #[derive(Debug)]
-pub struct RequestRecord {
+pub struct Record {
     pub id: String,
+    pub endpoint: Endpoint,
     pub session: Option<String>,
     pub model: String,
     pub stream: bool,
     pub started: Instant,
-    pub route: Option<String>,
-    pub attempts: Vec<AttemptLog>,
-    /// Time spent waiting on providers before the response was committed.
+    pub route: Option<Arc<str>>,
+    pub attempts: Vec<Attempt>,
+    /// Time spent waiting on providers before the answer was ready.
     pub upstream_wait: Duration,
-    /// When the response headers were ready (the balancer's time to first byte).
+    /// When the response head was ready (the balancer's time to first byte).
     pub headers_at: Option<Instant>,
-    pub cache: &'static str,
+    pub cache: CacheStatus,
     pub status: u16,
     pub usage: Usage,
     /// The provider that served the request.
     pub provider: Option<String>,
-    finished: bool,
+    /// The answer is an event stream (usage is read from its events as they pass).
+    answer_is_stream: bool,
 }
 
-/// A request record shared by the stages that fill it.
-#[derive(Debug, Clone)]
-pub struct Record(Arc<Mutex<RequestRecord>>);
-
 impl Record {
-    pub fn new(id: String, session: Option<String>, model: String, stream: bool) -> Self {
-        Self(Arc::new(Mutex::new(RequestRecord {
+    pub fn new(
+        id: String,
+        endpoint: Endpoint,
+        session: Option<String>,
+        model: String,
+        stream: bool,
+    ) -> Self {
+        Self {
             id,
+            endpoint,
             session,
             model,
             stream,
@@ -127,25 +61,35 @@ impl Record {
             attempts: Vec::new(),
             upstream_wait: Duration::ZERO,
             headers_at: None,
-            cache: "off",
+            cache: CacheStatus::Off,
             status: 0,
             usage: Usage::default(),
             provider: None,
-            finished: false,
-        })))
+            answer_is_stream: false,
+        }
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, RequestRecord> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    /// Takes the facts of an answer (its attempts move into the record).
+    pub fn fill(&mut self, answer: &mut Answer) {
+        self.status = answer.status().as_u16();
+        self.headers_at = Some(Instant::now());
+        self.route = answer.route.clone();
+        self.attempts = std::mem::take(&mut answer.attempts);
+        self.upstream_wait = self.attempts.iter().map(|a| a.took).sum();
+        self.cache = answer.cache;
+        self.provider = answer.source.provider().map(str::to_owned);
+        self.answer_is_stream = answer.is_stream();
+        if let Some(u) = answer.usage {
+            self.usage = u;
+        }
     }
 
     /// The balancer's own time so far: elapsed minus time spent waiting on providers.
     pub fn overhead(&self) -> Duration {
-        let r = self.lock();
-        let until = r.headers_at.unwrap_or_else(Instant::now);
+        let until = self.headers_at.unwrap_or_else(Instant::now);
         until
-            .saturating_duration_since(r.started)
-            .saturating_sub(r.upstream_wait)
+            .saturating_duration_since(self.started)
+            .saturating_sub(self.upstream_wait)
     }
 }
 
@@ -195,47 +139,36 @@ fn secrets(state: &AppState, client: &[String]) -> Vec<String> {
     out
 }
 
-/// The client's credential values (for redaction).
+/// The client's credential values (for redaction), as [`crate::inbound::auth::client_credentials`]
+/// reads them.
 pub fn client_secrets(headers: &http::HeaderMap) -> Vec<String> {
-    let mut out = Vec::new();
-    if let Some(k) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
-        out.push(k.to_owned());
-    }
-    if let Some(a) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
-        out.push(a.trim_start_matches("Bearer ").trim().to_owned());
-    }
-    out
+    crate::inbound::auth::client_credentials(headers)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect()
 }
 
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
-/// Writes the summary line and the metrics of a finished request (once).
-fn finish(state: &AppState, record: &Record, client: &[String]) {
-    let mut r = record.lock();
-    if r.finished {
-        return;
-    }
-    r.finished = true;
+/// Writes the summary line and the metrics of a finished request.
+fn finish(state: &AppState, r: &Record, client: &[String]) {
     let now = Instant::now();
     let total = now.saturating_duration_since(r.started);
     let ttfb = r.headers_at.map(|t| t.saturating_duration_since(r.started));
-    let overhead = r
-        .headers_at
-        .unwrap_or(now)
-        .saturating_duration_since(r.started)
-        .saturating_sub(r.upstream_wait);
-    state.metrics.finish(&r, total, ttfb, overhead);
-    state.recent.record(&r, ttfb, total);
+    let overhead = r.overhead();
+    state.metrics.finish(r, total, ttfb, overhead);
+    if r.endpoint == Endpoint::Messages {
+        state.recent.record(r, ttfb, total);
+    }
     // Only a failure reason can carry a key (a provider echoing it): the list of secrets is built
     // only when there is one to clean.
     let attempts = if r.attempts.iter().any(|a| a.reason.is_some()) {
         let secrets = secrets(state, client);
-        let cleaned: Vec<AttemptLog> = r
+        let cleaned: Vec<Attempt> = r
             .attempts
             .iter()
-            .map(|a| AttemptLog {
+            .map(|a| Attempt {
                 reason: a.reason.as_deref().map(|t| redact(t, &secrets)),
                 ..a.clone()
             })
@@ -247,6 +180,7 @@ fn finish(state: &AppState, record: &Record, client: &[String]) {
     .unwrap_or_default();
     logging::request_line(&logging::RequestLine {
         request_id: &r.id,
+        endpoint: r.endpoint.as_str(),
         session_id: r.session.as_deref().unwrap_or(""),
         model: &r.model,
         route: r.route.as_deref().unwrap_or(""),
@@ -261,15 +195,17 @@ fn finish(state: &AppState, record: &Record, client: &[String]) {
         output_tokens: r.usage.output_tokens,
         cache_read_input_tokens: r.usage.cache_read_input_tokens,
         cache_creation_input_tokens: r.usage.cache_creation_input_tokens,
-        cache: r.cache,
+        cache: r.cache.as_str(),
     });
 }
 
-/// Ends the record when the body is done or dropped.
+/// Ends the record when the body is done or dropped, and releases the request's concurrency
+/// permit with it.
 struct Finisher {
     state: Arc<AppState>,
     record: Record,
     client: Vec<String>,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for Finisher {
@@ -278,92 +214,50 @@ impl Drop for Finisher {
     }
 }
 
-/// Reads usage from Anthropic events or a message passing by.
-fn sniff_usage(record: &Record, chunk: &[u8], sse: bool) {
+/// Reads usage from the whole Anthropic events passing by.
+fn sniff_usage(record: &mut Record, chunk: &[u8]) {
     if memchr::memmem::find(chunk, b"\"usage\"").is_none() {
         return;
     }
-    let mut r = record.lock();
-    if sse {
-        let text = String::from_utf8_lossy(chunk);
-        for (_, data) in crate::upstream::sse::parse_all(&text) {
-            if data.contains("\"usage\"") {
-                r.usage.merge_json(data.as_bytes());
-            }
+    let text = String::from_utf8_lossy(chunk);
+    for (_, data) in crate::upstream::sse::parse_all(&text) {
+        if data.contains("\"usage\"") {
+            record.usage.merge_json(data.as_bytes());
         }
-    } else {
-        r.usage.merge_json(chunk);
     }
 }
 
-/// Stamps the response (`x-request-id`, `x-balancer-overhead-ms`) and wraps its body so that the
-/// record is finished, with the usage seen, when the body ends or the client goes away.
+/// Wraps a response body so that the record is finished, with the usage seen, when the body ends
+/// or the client goes away; the concurrency permit is released at the same moment.
 pub fn observe(
     state: &Arc<AppState>,
     record: Record,
     client: Vec<String>,
-    mut response: Response,
-) -> Response {
-    let status = response.status().as_u16();
-    let cache = response
-        .headers()
-        .get("x-balancer-cache")
-        .and_then(|v| v.to_str().ok())
-        .map(|c| match c {
-            "hit" => "hit",
-            "coalesced" => "coalesced",
-            _ => "miss",
-        });
-    let provider = response
-        .headers()
-        .get("x-provider-used")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    {
-        let mut r = record.lock();
-        r.status = status;
-        r.headers_at.get_or_insert_with(Instant::now);
-        if let Some(c) = cache {
-            r.cache = c;
-        }
-        if provider.is_some() {
-            r.provider = provider;
-        }
-    }
-    let overhead = record.overhead();
-    let id = record.lock().id.clone();
-    let headers = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        headers.insert("x-request-id", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", overhead.as_secs_f64() * 1000.0)) {
-        headers.insert("x-balancer-overhead-ms", v);
-    }
-    let sse = headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    let (parts, body) = response.into_parts();
+    permit: Option<OwnedSemaphorePermit>,
+    body: Body,
+) -> Body {
+    let sniff = record.answer_is_stream;
     let finisher = Finisher {
         state: Arc::clone(state),
         record,
         client,
+        _permit: permit,
     };
-    let observed = Observed {
+    Body::new(Observed {
         inner: body,
         finisher: Some(finisher),
-        sse,
-    };
-    Response::from_parts(parts, Body::new(observed))
+        sniff,
+    })
 }
 
-/// A response body that reads usage from what passes and finishes the record when it ends or is
-/// dropped. It keeps the inner body's size, so a complete JSON answer goes out with its
+/// A response body that reads usage from the events that pass and finishes the record when it
+/// ends or is dropped. It keeps the inner body's size, so a complete JSON answer goes out with its
 /// `content-length` and nothing is polled after its last byte.
 struct Observed {
     inner: Body,
     finisher: Option<Finisher>,
-    sse: bool,
+    /// An event stream, whose usage is read as it passes (a JSON answer's is known already).
+    sniff: bool,
 }
 
 impl hyper::body::Body for Observed {
@@ -379,8 +273,10 @@ impl hyper::body::Body for Observed {
         match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(f)) = (frame.data_ref(), &this.finisher) {
-                    sniff_usage(&f.record, data, this.sse);
+                if let (true, Some(data), Some(f)) =
+                    (this.sniff, frame.data_ref(), &mut this.finisher)
+                {
+                    sniff_usage(&mut f.record, data);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

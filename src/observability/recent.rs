@@ -9,7 +9,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use super::RequestRecord;
+use super::Record;
+use crate::dispatch::{AttemptOutcome, FaultClass};
 
 /// Width of one bucket.
 pub const BUCKET: Duration = Duration::from_secs(10);
@@ -80,7 +81,7 @@ impl Recent {
         self.total.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    pub fn record(&self, r: &RequestRecord, ttfb: Option<Duration>, total: Duration) {
+    pub fn record(&self, r: &Record, ttfb: Option<Duration>, total: Duration) {
         self.total
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let now = Instant::now();
@@ -120,8 +121,11 @@ impl Recent {
         let failed: Vec<String> = r
             .attempts
             .iter()
-            .filter(|a| a.outcome == "fault")
-            .map(|a| format!("{} ({})", a.provider, a.class.unwrap_or("other")))
+            .filter(|a| a.outcome == AttemptOutcome::Fault)
+            .map(|a| {
+                let class = a.class.unwrap_or(FaultClass::Other);
+                format!("{} ({})", a.provider, class.as_str())
+            })
             .collect();
         if !failed.is_empty() {
             inner.failovers.push_back(Failover {

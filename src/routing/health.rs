@@ -11,12 +11,49 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use crate::config::Settings;
+use crate::config::{Settings, TokenCounting};
 
 /// The longest cooldown multiplier after failed probes.
 const MAX_BACKOFF: u32 = 8;
 /// Weight of the newest sample in the latency moving average.
 const EWMA_ALPHA: f64 = 0.3;
+
+/// When faults put a provider into cooldown and when it is forgiven: built once per loaded
+/// configuration, for each book.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthPolicy {
+    /// Consecutive faults that start a cooldown.
+    pub threshold: u32,
+    /// The first cooldown; a failed probe doubles it, up to [`MAX_BACKOFF`] times.
+    pub cooldown: Duration,
+    /// A success clears the fault count even when no cooldown is running.
+    pub reset_on_success: bool,
+    /// A fault count older than this is forgotten.
+    pub forget_after: Duration,
+}
+
+impl HealthPolicy {
+    /// The main book's policy (`unhealthy_threshold`, `failure_cooldown`, `unhealthy_reset_*`).
+    pub fn for_messages(s: &Settings) -> Self {
+        Self {
+            threshold: s.unhealthy_threshold.max(1),
+            cooldown: s.failure_cooldown,
+            reset_on_success: s.unhealthy_reset_on_success,
+            forget_after: s.unhealthy_reset_timeout,
+        }
+    }
+
+    /// The count_tokens book's policy: `failure_threshold` consecutive failures keep a provider
+    /// from being asked for `api_failure_cooldown`; a success forgives everything.
+    pub fn for_count_tokens(t: &TokenCounting) -> Self {
+        Self {
+            threshold: t.failure_threshold.max(1),
+            cooldown: t.api_failure_cooldown,
+            reset_on_success: true,
+            forget_after: Duration::MAX,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HealthState {
@@ -155,7 +192,7 @@ impl HealthBook {
         mut ticket: AttemptTicket,
         verdict: Verdict,
         now: Instant,
-        settings: &Settings,
+        policy: &HealthPolicy,
     ) -> Option<(HealthState, HealthState)> {
         ticket.resolved = true;
         if ticket.probe {
@@ -164,7 +201,7 @@ impl HealthBook {
                 e.probe_in_flight = false;
             }
         }
-        self.record(&ticket.provider, verdict, now, settings)
+        self.record(&ticket.provider, verdict, now, policy)
     }
 
     /// Records a verdict outside an attempt, e.g. a stream that broke after it was committed.
@@ -173,7 +210,7 @@ impl HealthBook {
         provider: &str,
         verdict: Verdict,
         now: Instant,
-        settings: &Settings,
+        policy: &HealthPolicy,
     ) -> Option<(HealthState, HealthState)> {
         let mut map = self.lock();
         let e = map.entry(provider.to_owned()).or_default();
@@ -181,7 +218,7 @@ impl HealthBook {
         match verdict {
             Verdict::Up { ttfb } => {
                 e.successes += 1;
-                if settings.unhealthy_reset_on_success || e.cooldown_until.is_some() {
+                if policy.reset_on_success || e.cooldown_until.is_some() {
                     e.consecutive_faults = 0;
                 }
                 e.cooldown_until = None;
@@ -200,9 +237,9 @@ impl HealthBook {
             } => {
                 e.failures += 1;
                 e.last_error = Some((reason, SystemTime::now()));
-                if e.last_fault_at.is_some_and(|t| {
-                    now.saturating_duration_since(t) > settings.unhealthy_reset_timeout
-                }) {
+                if e.last_fault_at
+                    .is_some_and(|t| now.saturating_duration_since(t) > policy.forget_after)
+                {
                     e.consecutive_faults = 0;
                 }
                 e.consecutive_faults = e.consecutive_faults.saturating_add(1);
@@ -215,11 +252,9 @@ impl HealthBook {
                     // A failed probe (or a failure while waiting for one): back off further.
                     e.backoff = (e.backoff * 2).min(MAX_BACKOFF);
                     e.cooldown_until =
-                        Some(now + retry_after.unwrap_or(settings.failure_cooldown * e.backoff));
-                } else if retry_after.is_some()
-                    || e.consecutive_faults >= settings.unhealthy_threshold
-                {
-                    let base = settings.failure_cooldown * e.backoff;
+                        Some(now + retry_after.unwrap_or(policy.cooldown * e.backoff));
+                } else if retry_after.is_some() || e.consecutive_faults >= policy.threshold {
+                    let base = policy.cooldown * e.backoff;
                     let until = now + retry_after.unwrap_or(base);
                     // Never shorten a cooldown that is already running.
                     e.cooldown_until = Some(e.cooldown_until.map_or(until, |u| u.max(until)));

@@ -138,7 +138,19 @@ pub fn error_event(error_type: &str, message: &str) -> Bytes {
     Bytes::from(format!("event: error\ndata: {body}\n\n"))
 }
 
-/// Splits a finished SSE text into `(event name, data)` pairs; for tests and small bodies.
+/// The `data:` payloads of complete events, comments and `event:` lines ignored, empty ones
+/// skipped.
+pub fn data_payloads(events: &[u8]) -> Vec<String> {
+    parse_all(&String::from_utf8_lossy(events))
+        .into_iter()
+        .map(|(_, d)| d)
+        .filter(|d| !d.trim().is_empty())
+        .collect()
+}
+
+/// Splits complete SSE text into `(event name, data)` pairs. The relay reads whole events with
+/// [`Splitter`]; this is for event text already gathered (the events before commit, a cached or
+/// coalesced stream, tests).
 pub fn parse_all(text: &str) -> Vec<(Option<String>, String)> {
     let mut out = Vec::new();
     let normalized = text.replace("\r\n", "\n");
