@@ -126,13 +126,13 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// After the grace period, streams still open get a moment to flush their final error event.
 const FLUSH_AFTER_GRACE: Duration = Duration::from_secs(2);
 
-/// Serves until `shutdown` resolves, then stops accepting, lets requests in flight finish within
-/// `settings.shutdown_grace_seconds`, and ends the streams still open with an `event: error`.
 /// The most a client connection's read buffer grows to. A buffer keeps its size while its
 /// connection lives, and a streamed answer keeps the connection for minutes: an unbounded buffer
 /// sized to a 40 KB request body would be held by every open stream.
 const READ_BUFFER_BYTES: usize = 16 * 1024;
 
+/// Serves until `shutdown` resolves, then stops accepting, lets requests in flight finish within
+/// `settings.shutdown_grace_seconds`, and ends the streams still open with an `event: error`.
 /// TCP_NODELAY is set on every client connection; slow request headers are cut off.
 pub async fn serve(
     listener: TcpListener,

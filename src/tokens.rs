@@ -2,8 +2,8 @@
 //!
 //! Claude's tokenizer is not public. We count with OpenAI's `o200k_base` BPE (shipped inside
 //! tiktoken-rs, no download) and add a 15 % margin, because Claude's tokenizer produces more
-//! tokens for the same text and Claude Code compacts late when a count is low (see protocol.md
-//! D.6: err high).
+//! tokens for the same text and Claude Code compacts late when a count is low (the protocol
+//! reference's count_tokens-in-practice notes: err high).
 
 use serde_json::Value;
 

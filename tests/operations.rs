@@ -443,3 +443,34 @@ async fn shutdown_lets_streams_finish_then_cuts_the_rest_with_an_error_event() {
     server.await.unwrap();
     assert!(started.elapsed() < 10 * SECS);
 }
+
+/// The concurrency permit is held by the response body: a stream whose head has gone out still
+/// counts until its last byte, and frees its place the moment it ends.
+#[tokio::test(start_paused = true)]
+async fn a_stream_holds_its_concurrency_permit_until_its_body_ends() {
+    let events = mock_provider::split_events(&mock_provider::anthropic_stream("m", "slowly"));
+    let a = MockProvider::start(Reply::sse_chunks(
+        events.into_iter().map(|e| (SECS, e.into_bytes())).collect(),
+        End::Complete,
+    ))
+    .await
+    .unwrap();
+    let bal = Balancer::start(&config_yaml(
+        &[("A", &a.url(), 1)],
+        "  max_concurrent_requests: 1\n  deduplication:\n    enabled: false\n",
+    ))
+    .await;
+    let stream = bal.post("/v1/messages", &request(true)).await;
+    assert_eq!(stream.status(), 200, "the stream's head is out");
+    let mut other = request(false);
+    other["messages"][0]["content"] = json!("another");
+    assert_eq!(
+        bal.post("/v1/messages", &other).await.status(),
+        529,
+        "the open stream still holds the only permit"
+    );
+    let text = stream.text().await.unwrap();
+    assert!(text.contains("message_stop"));
+    a.set_default(Reply::message("m", "ok"));
+    assert_eq!(bal.post("/v1/messages", &other).await.status(), 200);
+}

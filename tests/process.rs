@@ -461,3 +461,36 @@ async fn a_client_key_echoed_by_a_provider_is_redacted_whatever_the_scheme_case(
         "the key reached the console: {console}"
     );
 }
+
+/// count_tokens leaves a summary line like every other request, marked with its endpoint, with
+/// the provider attempts it made before counting locally.
+#[tokio::test]
+async fn count_tokens_leaves_a_summary_line() {
+    let (_a, mut p) = start_with_one(Reply::error(404, "not_found_error", "no count here")).await;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/messages/count_tokens", p.url))
+        .header("x-request-id", "req-count-1")
+        .json(&json!({"model": "claude-sonnet-4-6", "messages": [{"role": "user", "content": "hello there"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-token-count"], "local");
+    assert!(resp.json::<Value>().await.unwrap()["input_tokens"].as_u64().unwrap() > 0);
+    signal(&p, "-TERM");
+    assert_eq!(wait_exit(&mut p).await, 0);
+    let lines = log_lines(&p);
+    let summary = lines
+        .iter()
+        .map(|(_, v)| v)
+        .find(|v| v["message"] == "request" && v["request_id"] == "req-count-1")
+        .unwrap_or_else(|| panic!("no summary line for count_tokens: {lines:?}"));
+    assert_eq!(summary["endpoint"], "count_tokens");
+    assert_eq!(summary["status"], 200);
+    assert_eq!(summary["route"], "*");
+    assert_eq!(summary["provider"], "");
+    let attempts: Value = serde_json::from_str(summary["attempts"].as_str().unwrap()).unwrap();
+    assert_eq!(attempts[0]["provider"], "A");
+    assert_eq!(attempts[0]["outcome"], "fault");
+    assert_eq!(attempts[0]["status"], 404);
+}

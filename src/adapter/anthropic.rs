@@ -1,4 +1,4 @@
-//! Passthrough's one history repair (protocol.md C.1.7): thinking blocks signed by this gateway
+//! Passthrough's one history repair (the protocol reference's passthrough rules): thinking blocks signed by this gateway
 //! (made while the session was on an OpenAI-compatible route) are removed before the request goes
 //! to an Anthropic-native provider, which would answer 400 "Invalid `signature`".
 

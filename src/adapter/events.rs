@@ -1,5 +1,5 @@
-//! An Anthropic event-stream accumulator that enforces the rules clients rely on (protocol.md
-//! A.9.4): `message_start` first and once, dense indices, one block open at a time, deltas that
+//! An Anthropic event-stream accumulator that enforces the rules clients rely on (the protocol
+//! reference's streaming invariants): `message_start` first and once, dense indices, one block open at a time, deltas that
 //! match their block, signed thinking, `message_delta` with usage, nothing after `message_stop`.
 //!
 //! It rebuilds the `Message` the way the SDKs do, so a stream can be compared with the

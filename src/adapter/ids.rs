@@ -1,4 +1,5 @@
-//! Ids and signatures that must survive a session moving between routes (protocol.md C.15, C.8).
+//! Ids and signatures that must survive a session moving between routes (the protocol reference's ids
+//! and thinking ⇄ reasoning sections).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

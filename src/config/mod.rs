@@ -99,7 +99,8 @@ impl std::fmt::Debug for ProviderConfig {
     }
 }
 
-/// The flavour of Chat Completions an openai-type provider speaks (protocol.md B.2, B.8, C.8).
+/// The flavour of Chat Completions an openai-type provider speaks (the protocol reference's request fields, reasoning extensions
+/// and thinking ⇄ reasoning sections).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
     /// OpenAI itself: `max_completion_tokens`, `reasoning_effort`, no reasoning in history.
@@ -198,8 +199,9 @@ impl Strategy {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TimeoutSet {
     pub connect: Duration,
-    /// Non-streaming: the whole attempt after connecting. Streaming: the wait for the first event
-    /// and for every later gap between upstream bytes.
+    /// After connecting, the wait for the answer's headers (and, streaming, its first event), and
+    /// then the longest silence between upstream bytes. A non-streaming attempt as a whole is
+    /// bounded by `timeout_seconds`.
     pub read: Duration,
 }
 

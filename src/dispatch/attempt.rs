@@ -14,7 +14,7 @@ use super::classify::{
     Fault, FaultPolicy, error_payload_fault, is_error_body, status_fault, transport_fault,
 };
 use super::relay::{self, Relay, Transform, Upstream};
-use super::{Endpoint, Inbound, Outcome, Reply, read_body};
+use super::{Endpoint, Inbound, Outcome, Reply};
 use crate::adapter::anthropic::strip_gateway_thinking;
 use crate::adapter::openai::stream::{Step, StreamState, chunk_error};
 use crate::adapter::openai::{self, Options, ReplyContext};
@@ -112,6 +112,36 @@ async fn send(
     }
 }
 
+/// Reads a whole upstream body, each gap between chunks bounded by `gap`, at most `limit` bytes.
+async fn read_upstream_body(
+    mut resp: UpstreamResponse,
+    gap: Duration,
+    limit: usize,
+) -> Result<Bytes, Fault> {
+    let mut out = BytesMut::new();
+    loop {
+        match tokio::time::timeout(gap, resp.chunk()).await {
+            Err(_) => {
+                return Err(Fault::new(
+                    FaultClass::Timeout,
+                    format!("no data for {} s while reading the body", gap.as_secs()),
+                ));
+            }
+            Ok(None) => return Ok(out.freeze()),
+            Ok(Some(Err(e))) => return Err(transport_fault(e)),
+            Ok(Some(Ok(chunk))) => {
+                if out.len() + chunk.len() > limit {
+                    return Err(Fault::new(
+                        FaultClass::Other,
+                        format!("body larger than {limit} bytes"),
+                    ));
+                }
+                out.extend_from_slice(&chunk);
+            }
+        }
+    }
+}
+
 /// A non-2xx answer: a provider fault, or `(status, headers, body)` of a client fault.
 async fn error_status(
     mut resp: UpstreamResponse,
@@ -121,7 +151,7 @@ async fn error_status(
     let status = resp.status;
     let headers = std::mem::take(&mut resp.headers);
     let retry = retry_after(&headers);
-    let body = read_body(resp, deadlines.gap, MAX_ERROR_BODY).await?;
+    let body = read_upstream_body(resp, deadlines.gap, MAX_ERROR_BODY).await?;
     if faults.is_unhealthy(status.as_u16(), &body) {
         return Err(status_fault(status.as_u16(), &body, retry));
     }
@@ -134,7 +164,7 @@ async fn read_whole(
     deadlines: &Deadlines,
     limit: usize,
 ) -> Result<Bytes, Fault> {
-    match timeout_at(deadlines.whole, read_body(resp, deadlines.gap, limit)).await {
+    match timeout_at(deadlines.whole, read_upstream_body(resp, deadlines.gap, limit)).await {
         Err(_) => Err(Fault::new(
             FaultClass::Timeout,
             format!(

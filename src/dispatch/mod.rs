@@ -19,9 +19,9 @@ pub mod relay;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
-use tokio::time::{Instant, timeout};
+use tokio::time::Instant;
 
 pub use answer::{
     Answer, Attempt, AttemptOutcome, Body, CacheStatus, Events, FaultClass, Source, Usage,
@@ -33,7 +33,6 @@ use crate::inbound::body::Envelope;
 use crate::routing::health::{HealthBook, HealthPolicy, HealthState, Verdict};
 use crate::routing::{Candidate, Plan, PlanContext};
 use crate::state::{AppState, Runtime};
-use crate::upstream::UpstreamResponse;
 
 /// One inbound request (`/v1/messages` or `count_tokens`), validated.
 #[derive(Debug, Clone)]
@@ -154,36 +153,6 @@ pub struct Failed {
     pub attempts: Vec<Attempt>,
     pub failures: Vec<(String, Fault)>,
     pub unsupported: Vec<String>,
-}
-
-/// Reads a whole upstream body, each gap between chunks bounded by `gap`, at most `limit` bytes.
-pub(crate) async fn read_body(
-    mut resp: UpstreamResponse,
-    gap: Duration,
-    limit: usize,
-) -> Result<Bytes, Fault> {
-    let mut out = BytesMut::new();
-    loop {
-        match timeout(gap, resp.chunk()).await {
-            Err(_) => {
-                return Err(Fault::new(
-                    FaultClass::Timeout,
-                    format!("no data for {} s while reading the body", gap.as_secs()),
-                ));
-            }
-            Ok(None) => return Ok(out.freeze()),
-            Ok(Some(Err(e))) => return Err(classify::transport_fault(e)),
-            Ok(Some(Ok(chunk))) => {
-                if out.len() + chunk.len() > limit {
-                    return Err(Fault::new(
-                        FaultClass::Other,
-                        format!("body larger than {limit} bytes"),
-                    ));
-                }
-                out.extend_from_slice(&chunk);
-            }
-        }
-    }
 }
 
 /// The ordered candidates for a model name (pure: no I/O).

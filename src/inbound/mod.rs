@@ -30,7 +30,7 @@ pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// The bytes are gathered into one buffer sized from `content-length`, each frame released as soon
 /// as it is copied: gathering all frames first and joining them at the end held every body twice
 /// while a burst of requests was being read.
-pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+pub async fn read_request_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -103,7 +103,7 @@ async fn read_envelope(
 ) -> Result<(Bytes, Envelope), ApiError> {
     let runtime = state.runtime();
     let settings = &runtime.config.settings;
-    let raw = read_body(body, headers, settings.max_request_bytes).await?;
+    let raw = read_request_body(body, headers, settings.max_request_bytes).await?;
     // The signature is only worth computing when coalescing or the cache will use it.
     let sign = sign && (settings.deduplication.enabled || settings.max_cache_size > 0);
     let envelope = body::parse_with(&raw, sign)?;

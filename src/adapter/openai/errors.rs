@@ -1,4 +1,4 @@
-//! OpenAI-style error bodies → Anthropic errors (protocol.md C.14).
+//! OpenAI-style error bodies → Anthropic errors (the protocol reference's error mapping section).
 
 use http::StatusCode;
 use regex::Regex;

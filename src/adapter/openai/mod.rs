@@ -1,4 +1,4 @@
-//! Anthropic Messages ⇄ OpenAI Chat Completions (protocol.md parts B and C).
+//! Anthropic Messages ⇄ OpenAI Chat Completions (the protocol reference's Chat Completions and conversion parts).
 //!
 //! - [`request`]: an Anthropic request body to a Chat Completions body (C.2-C.8).
 //! - [`response`]: a Chat Completions answer to an Anthropic `Message` (C.9-C.11).

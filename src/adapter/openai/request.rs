@@ -1,4 +1,5 @@
-//! Anthropic request → Chat Completions request (protocol.md C.2-C.8).
+//! Anthropic request → Chat Completions request (the protocol reference's request mapping sections:
+//! top level, system prompt, messages, images, tools, limits, thinking).
 
 use serde_json::{Map, Value, json};
 

@@ -1,4 +1,5 @@
-//! Chat Completions answer → Anthropic `Message` (protocol.md C.9-C.11).
+//! Chat Completions answer → Anthropic `Message` (the protocol reference's non-streaming response,
+//! finish reason and usage mapping sections).
 
 use serde_json::{Value, json};
 

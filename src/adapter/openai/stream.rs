@@ -1,5 +1,6 @@
 //! The state machine that turns Chat Completions stream chunks into an Anthropic event stream
-//! (protocol.md C.12-C.13).
+//! (the protocol reference's sections on building an Anthropic stream from
+//! chunks and on upstream failures mid-stream).
 //!
 //! Feed it each upstream `data:` payload in order ([`StreamState::push_data`]), then
 //! [`StreamState::finish`] at end of input, and take the Anthropic SSE bytes it wrote
