@@ -28,6 +28,7 @@ pub use answer::{
 };
 pub use classify::{Fault, FaultPolicy};
 
+use crate::config::ProviderKind;
 use crate::error::{ApiError, error_type_for_status};
 use crate::inbound::body::Envelope;
 use crate::routing::health::{HealthBook, HealthPolicy, HealthState, Verdict};
@@ -103,6 +104,9 @@ struct Lane<'a> {
     /// Skip a provider in cooldown instead of trying it last (count_tokens has the local count to
     /// fall back on).
     skip_cooling: bool,
+    /// Only anthropic-type providers can serve it (count_tokens): the others are passed over
+    /// without an attempt.
+    anthropic_only: bool,
     /// Record session affinity on commit.
     affinity: bool,
 }
@@ -114,12 +118,14 @@ impl<'a> Lane<'a> {
                 book: &state.health,
                 policy: &runtime.health_policy,
                 skip_cooling: false,
+                anthropic_only: false,
                 affinity: runtime.config.settings.sticky_provider_duration > Duration::ZERO,
             },
             Endpoint::CountTokens => Lane {
                 book: &state.count_tokens,
                 policy: &runtime.count_policy,
                 skip_cooling: true,
+                anthropic_only: true,
                 affinity: false,
             },
         }
@@ -221,6 +227,9 @@ pub async fn run(
     let mut unsupported: Vec<String> = Vec::new();
     for candidate in &plan.candidates {
         let name = candidate.provider.config.name.as_str();
+        if lane.anthropic_only && candidate.provider.config.kind != ProviderKind::Anthropic {
+            continue;
+        }
         if lane.skip_cooling && !lane.book.standing(name, Instant::now()).available {
             continue;
         }

@@ -30,7 +30,11 @@ pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// The bytes are gathered into one buffer sized from `content-length`, each frame released as soon
 /// as it is copied: gathering all frames first and joining them at the end held every body twice
 /// while a burst of requests was being read.
-pub async fn read_request_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+pub async fn read_request_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -110,6 +114,33 @@ async fn read_envelope(
     Ok((raw, envelope))
 }
 
+/// Reads and validates the body of a request to `endpoint`: its record and its [`Inbound`], or
+/// its record and the refusal.
+async fn accept(
+    state: &AppState,
+    endpoint: Endpoint,
+    id: String,
+    uri: &Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(Record, Inbound), (Record, ApiError)> {
+    let messages = endpoint == Endpoint::Messages;
+    let (raw, envelope) = match read_envelope(state, &headers, body, messages).await {
+        Ok(x) => x,
+        Err(e) => return Err((Record::new(id, endpoint, None, String::new(), false), e)),
+    };
+    let session = session_id(&headers, envelope.metadata_session.as_deref());
+    let record = Record::new(
+        id,
+        endpoint,
+        session.clone(),
+        envelope.model.clone(),
+        messages && envelope.stream,
+    );
+    let query = uri.query().map(str::to_owned);
+    Ok((record, Inbound::new(envelope, raw, headers, query, session)))
+}
+
 pub async fn messages(
     State(state): State<Arc<AppState>>,
     uri: Uri,
@@ -135,30 +166,13 @@ pub async fn messages(
             return respond(&state, record, client, None, Answer::error(busy));
         }
     };
-    let (raw, envelope) = match read_envelope(&state, &headers, body, true).await {
-        Ok(x) => x,
-        Err(e) => {
-            let record = Record::new(id, Endpoint::Messages, None, String::new(), false);
-            return respond(&state, record, client, permit, Answer::error(e));
+    match accept(&state, Endpoint::Messages, id, &uri, headers, body).await {
+        Ok((record, inbound)) => {
+            let answer = crate::dedup::serve(&state, inbound).await;
+            respond(&state, record, client, permit, answer)
         }
-    };
-    let session = session_id(&headers, envelope.metadata_session.as_deref());
-    let record = Record::new(
-        id,
-        Endpoint::Messages,
-        session.clone(),
-        envelope.model.clone(),
-        envelope.stream,
-    );
-    let inbound = Inbound::new(
-        envelope,
-        raw,
-        headers,
-        uri.query().map(str::to_owned),
-        session,
-    );
-    let answer = crate::dedup::serve(&state, inbound).await;
-    respond(&state, record, client, permit, answer)
+        Err((record, refusal)) => respond(&state, record, client, permit, Answer::error(refusal)),
+    }
 }
 
 pub async fn count_tokens(
@@ -170,28 +184,11 @@ pub async fn count_tokens(
     state.metrics.started();
     let id = observability::request_id(&headers);
     let client = observability::client_secrets(&headers);
-    let (raw, envelope) = match read_envelope(&state, &headers, body, false).await {
-        Ok(x) => x,
-        Err(e) => {
-            let record = Record::new(id, Endpoint::CountTokens, None, String::new(), false);
-            return respond(&state, record, client, None, Answer::error(e));
+    match accept(&state, Endpoint::CountTokens, id, &uri, headers, body).await {
+        Ok((record, inbound)) => {
+            let answer = count_tokens::count_tokens(&state, inbound).await;
+            respond(&state, record, client, None, answer)
         }
-    };
-    let session = session_id(&headers, envelope.metadata_session.as_deref());
-    let record = Record::new(
-        id,
-        Endpoint::CountTokens,
-        session.clone(),
-        envelope.model.clone(),
-        false,
-    );
-    let inbound = Inbound::new(
-        envelope,
-        raw,
-        headers,
-        uri.query().map(str::to_owned),
-        session,
-    );
-    let answer = count_tokens::count_tokens(&state, inbound).await;
-    respond(&state, record, client, None, answer)
+        Err((record, refusal)) => respond(&state, record, client, None, Answer::error(refusal)),
+    }
 }
