@@ -476,7 +476,12 @@ async fn count_tokens_leaves_a_summary_line() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-token-count"], "local");
-    assert!(resp.json::<Value>().await.unwrap()["input_tokens"].as_u64().unwrap() > 0);
+    assert!(
+        resp.json::<Value>().await.unwrap()["input_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     signal(&p, "-TERM");
     assert_eq!(wait_exit(&mut p).await, 0);
     let lines = log_lines(&p);

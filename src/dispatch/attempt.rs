@@ -164,7 +164,12 @@ async fn read_whole(
     deadlines: &Deadlines,
     limit: usize,
 ) -> Result<Bytes, Fault> {
-    match timeout_at(deadlines.whole, read_upstream_body(resp, deadlines.gap, limit)).await {
+    match timeout_at(
+        deadlines.whole,
+        read_upstream_body(resp, deadlines.gap, limit),
+    )
+    .await
+    {
         Err(_) => Err(Fault::new(
             FaultClass::Timeout,
             format!(

@@ -195,13 +195,15 @@ impl HealthBook {
         policy: &HealthPolicy,
     ) -> Option<(HealthState, HealthState)> {
         ticket.resolved = true;
+        // One lock for freeing the probe slot and recording the verdict: between the two, another
+        // request would see a probing provider with no probe under way and start a second one.
+        let mut map = self.lock();
         if ticket.probe {
-            let mut map = self.lock();
             if let Some(e) = map.get_mut(&ticket.provider) {
                 e.probe_in_flight = false;
             }
         }
-        self.record(&ticket.provider, verdict, now, policy)
+        Self::record_in(&mut map, &ticket.provider, verdict, now, policy)
     }
 
     /// Records a verdict outside an attempt, e.g. a stream that broke after it was committed.
@@ -212,7 +214,16 @@ impl HealthBook {
         now: Instant,
         policy: &HealthPolicy,
     ) -> Option<(HealthState, HealthState)> {
-        let mut map = self.lock();
+        Self::record_in(&mut self.lock(), provider, verdict, now, policy)
+    }
+
+    fn record_in(
+        map: &mut HashMap<String, Entry>,
+        provider: &str,
+        verdict: Verdict,
+        now: Instant,
+        policy: &HealthPolicy,
+    ) -> Option<(HealthState, HealthState)> {
         let e = map.entry(provider.to_owned()).or_default();
         let before = e.state(now);
         match verdict {
@@ -306,5 +317,361 @@ impl Drop for AttemptTicket {
                 e.probe_in_flight = false;
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use tokio::time::advance;
+
+    const P: &str = "p";
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    /// Threshold as given, a 10 s cooldown, reset on success, faults forgotten after 300 s.
+    fn policy(threshold: u32) -> HealthPolicy {
+        HealthPolicy {
+            threshold,
+            cooldown: secs(10),
+            reset_on_success: true,
+            forget_after: secs(300),
+        }
+    }
+
+    fn fault() -> Verdict {
+        Verdict::Fault {
+            reason: "boom".into(),
+            retry_after: None,
+        }
+    }
+
+    fn fault_retry_after(d: Duration) -> Verdict {
+        Verdict::Fault {
+            reason: "busy".into(),
+            retry_after: Some(d),
+        }
+    }
+
+    fn up() -> Verdict {
+        Verdict::Up { ttfb: None }
+    }
+
+    fn record(
+        book: &HealthBook,
+        verdict: Verdict,
+        policy: &HealthPolicy,
+    ) -> Option<(HealthState, HealthState)> {
+        book.record(P, verdict, Instant::now(), policy)
+    }
+
+    fn report(book: &HealthBook) -> HealthReport {
+        book.report(P, Instant::now())
+    }
+
+    fn standing(book: &HealthBook) -> Standing {
+        book.standing(P, Instant::now())
+    }
+
+    /// Records `threshold` faults: the provider starts its first cooldown.
+    fn trip(book: &HealthBook, policy: &HealthPolicy) {
+        for _ in 0..policy.threshold {
+            record(book, fault(), policy);
+        }
+        assert_eq!(report(book).state, HealthState::CoolingDown);
+    }
+
+    /// Starts the probe (asserting it is one) and resolves it with `verdict`.
+    fn probe(
+        book: &Arc<HealthBook>,
+        verdict: Verdict,
+        policy: &HealthPolicy,
+    ) -> Option<(HealthState, HealthState)> {
+        let ticket = book.begin(P, Instant::now());
+        assert!(ticket.is_probe());
+        book.resolve(ticket, verdict, Instant::now(), policy)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn faults_below_the_threshold_keep_the_provider_healthy_and_the_nth_starts_the_cooldown()
+    {
+        let book = HealthBook::new();
+        let policy = policy(3);
+        for n in 1..3 {
+            assert_eq!(record(&book, fault(), &policy), None);
+            let r = report(&book);
+            assert_eq!(r.state, HealthState::Healthy);
+            assert_eq!(r.consecutive_faults, n);
+            assert!(standing(&book).available);
+        }
+        assert_eq!(
+            record(&book, fault(), &policy),
+            Some((HealthState::Healthy, HealthState::CoolingDown))
+        );
+        let s = standing(&book);
+        assert!(!s.available);
+        assert_eq!(s.remaining, policy.cooldown);
+        assert_eq!(report(&book).cooldown_remaining, policy.cooldown);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cooldown_counts_down_and_then_turns_into_probing() {
+        let book = HealthBook::new();
+        let policy = policy(1);
+        trip(&book, &policy);
+        advance(secs(4)).await;
+        assert!(!standing(&book).available);
+        assert_eq!(standing(&book).remaining, secs(6));
+        advance(secs(6) - Duration::from_millis(1)).await;
+        assert_eq!(report(&book).state, HealthState::CoolingDown);
+        assert_eq!(standing(&book).remaining, Duration::from_millis(1));
+        advance(Duration::from_millis(1)).await;
+        let s = standing(&book);
+        assert_eq!(report(&book).state, HealthState::Probing);
+        assert!(s.available);
+        assert_eq!(s.remaining, Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_one_attempt_gets_the_probe_while_it_is_in_flight() {
+        let book = HealthBook::new();
+        let policy = policy(1);
+        trip(&book, &policy);
+        advance(policy.cooldown).await;
+        let first = book.begin(P, Instant::now());
+        assert!(first.is_probe());
+        assert!(!standing(&book).available);
+        let second = book.begin(P, Instant::now());
+        assert!(!second.is_probe());
+        // Dropping a non-probe ticket leaves the probe slot taken.
+        drop(second);
+        assert!(!standing(&book).available);
+        assert_eq!(report(&book).state, HealthState::Probing);
+        book.resolve(first, up(), Instant::now(), &policy);
+        assert!(standing(&book).available);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_successful_probe_heals_and_resets_the_fault_count() {
+        let book = HealthBook::new();
+        let policy = policy(2);
+        trip(&book, &policy);
+        advance(policy.cooldown).await;
+        assert_eq!(
+            probe(&book, up(), &policy),
+            Some((HealthState::Probing, HealthState::Healthy))
+        );
+        let r = report(&book);
+        assert_eq!(r.state, HealthState::Healthy);
+        assert_eq!(r.consecutive_faults, 0);
+        assert_eq!(r.cooldown_remaining, Duration::ZERO);
+        assert!(standing(&book).available);
+        // The count starts again from zero.
+        record(&book, fault(), &policy);
+        assert_eq!(report(&book).state, HealthState::Healthy);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_failed_probe_doubles_the_cooldown_up_to_eight_times() {
+        let book = HealthBook::new();
+        let policy = policy(1);
+        trip(&book, &policy);
+        assert_eq!(standing(&book).remaining, secs(10));
+        for expected in [20, 40, 80, 80, 80] {
+            advance(standing(&book).remaining).await;
+            assert_eq!(
+                probe(&book, fault(), &policy),
+                Some((HealthState::Probing, HealthState::CoolingDown))
+            );
+            assert_eq!(standing(&book).remaining, secs(expected));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn healing_brings_the_next_cooldown_back_to_the_configured_one() {
+        let book = HealthBook::new();
+        let policy = policy(1);
+        trip(&book, &policy);
+        advance(secs(10)).await;
+        probe(&book, fault(), &policy);
+        assert_eq!(standing(&book).remaining, secs(20));
+        advance(secs(20)).await;
+        probe(&book, up(), &policy);
+        trip(&book, &policy);
+        assert_eq!(standing(&book).remaining, secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_starts_a_cooldown_of_its_own_length_below_the_threshold() {
+        let book = HealthBook::new();
+        let policy = policy(3);
+        assert_eq!(
+            record(&book, fault_retry_after(secs(30)), &policy),
+            Some((HealthState::Healthy, HealthState::CoolingDown))
+        );
+        assert_eq!(report(&book).consecutive_faults, 1);
+        assert!(!standing(&book).available);
+        assert_eq!(standing(&book).remaining, secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_never_shortens_a_running_cooldown() {
+        let book = HealthBook::new();
+        let policy = policy(3);
+        record(&book, fault_retry_after(secs(30)), &policy);
+        advance(secs(10)).await;
+        record(&book, fault_retry_after(secs(5)), &policy);
+        assert_eq!(standing(&book).remaining, secs(20));
+        // The third fault reaches the threshold: its 10 s cooldown does not shorten it either.
+        record(&book, fault(), &policy);
+        assert_eq!(standing(&book).remaining, secs(20));
+        // A longer hint extends it.
+        record(&book, fault_retry_after(secs(60)), &policy);
+        assert_eq!(standing(&book).remaining, secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fault_older_than_forget_after_is_forgotten() {
+        let policy = HealthPolicy {
+            forget_after: secs(60),
+            ..policy(2)
+        };
+        let recent = HealthBook::new();
+        record(&recent, fault(), &policy);
+        let old = HealthBook::new();
+        record(&old, fault(), &policy);
+        advance(secs(59)).await;
+        record(&recent, fault(), &policy);
+        assert_eq!(report(&recent).state, HealthState::CoolingDown);
+        advance(secs(2)).await;
+        record(&old, fault(), &policy);
+        let r = report(&old);
+        assert_eq!(r.state, HealthState::Healthy);
+        assert_eq!(r.consecutive_faults, 1);
+        // The count restarted: the next fault at once reaches the threshold.
+        record(&old, fault(), &policy);
+        assert_eq!(report(&old).state, HealthState::CoolingDown);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_reset_on_success_a_success_clears_the_count() {
+        let book = HealthBook::new();
+        let policy = policy(3);
+        record(&book, fault(), &policy);
+        record(&book, fault(), &policy);
+        record(&book, up(), &policy);
+        assert_eq!(report(&book).consecutive_faults, 0);
+        record(&book, fault(), &policy);
+        record(&book, fault(), &policy);
+        assert_eq!(report(&book).state, HealthState::Healthy);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_reset_on_success_only_a_success_ending_a_cooldown_clears_the_count() {
+        let book = HealthBook::new();
+        let policy = HealthPolicy {
+            reset_on_success: false,
+            ..policy(3)
+        };
+        record(&book, fault(), &policy);
+        record(&book, fault(), &policy);
+        assert_eq!(record(&book, up(), &policy), None);
+        let r = report(&book);
+        assert_eq!(r.state, HealthState::Healthy);
+        assert_eq!(r.consecutive_faults, 2);
+        record(&book, fault(), &policy);
+        assert_eq!(report(&book).state, HealthState::CoolingDown);
+        advance(policy.cooldown).await;
+        probe(&book, up(), &policy);
+        let r = report(&book);
+        assert_eq!(r.state, HealthState::Healthy);
+        assert_eq!(r.consecutive_faults, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_ticket_dropped_unresolved_frees_the_probe_slot() {
+        let book = HealthBook::new();
+        let policy = policy(1);
+        trip(&book, &policy);
+        advance(policy.cooldown).await;
+        let ticket = book.begin(P, Instant::now());
+        assert!(ticket.is_probe());
+        assert!(!standing(&book).available);
+        drop(ticket);
+        assert!(standing(&book).available);
+        assert_eq!(report(&book).state, HealthState::Probing);
+        assert!(book.begin(P, Instant::now()).is_probe());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn report_counts_requests_successes_failures_and_keeps_the_last_error() {
+        let book = HealthBook::new();
+        let policy = policy(10);
+        let empty = report(&book);
+        assert_eq!(empty.state, HealthState::Healthy);
+        assert_eq!((empty.requests, empty.successes, empty.failures), (0, 0, 0));
+        assert!(empty.last_error.is_none());
+        assert!(standing(&book).available);
+
+        for verdict in [up(), fault(), up()] {
+            let ticket = book.begin(P, Instant::now());
+            book.resolve(ticket, verdict, Instant::now(), &policy);
+        }
+        drop(book.begin(P, Instant::now()));
+        let r = report(&book);
+        assert_eq!((r.requests, r.successes, r.failures), (4, 2, 1));
+        assert_eq!(r.last_error.as_ref().map(|(e, _)| e.as_str()), Some("boom"));
+
+        // A verdict recorded outside an attempt counts, but not as a request.
+        book.record(
+            P,
+            Verdict::Fault {
+                reason: "stream broke".into(),
+                retry_after: None,
+            },
+            Instant::now(),
+            &policy,
+        );
+        let r = report(&book);
+        assert_eq!((r.requests, r.successes, r.failures), (4, 2, 2));
+        assert_eq!(
+            r.last_error.as_ref().map(|(e, _)| e.as_str()),
+            Some("stream broke")
+        );
+        // Other providers are untouched.
+        assert_eq!(book.report("other", Instant::now()).requests, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_is_a_moving_average_of_the_ttfb_of_successes() {
+        let book = HealthBook::new();
+        let policy = policy(1);
+        let ttfb = |ms| Verdict::Up {
+            ttfb: Some(Duration::from_millis(ms)),
+        };
+        record(&book, ttfb(100), &policy);
+        assert_eq!(standing(&book).ttfb_ewma_ms, Some(100.0));
+        record(&book, up(), &policy);
+        assert_eq!(standing(&book).ttfb_ewma_ms, Some(100.0));
+        record(&book, ttfb(200), &policy);
+        let avg = report(&book).ttfb_ewma_ms.unwrap();
+        assert!((avg - 130.0).abs() < 1e-9, "{avg}");
+    }
+
+    #[test]
+    fn the_count_tokens_policy_trips_on_at_least_one_failure_and_never_forgets() {
+        let p = HealthPolicy::for_count_tokens(&TokenCounting {
+            always_use_local: false,
+            failure_threshold: 0,
+            api_failure_cooldown: secs(300),
+            timeout: secs(5),
+        });
+        assert_eq!(p.threshold, 1);
+        assert_eq!(p.cooldown, secs(300));
+        assert!(p.reset_on_success);
+        assert_eq!(p.forget_after, Duration::MAX);
     }
 }

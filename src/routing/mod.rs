@@ -1,7 +1,9 @@
 //! Routing: which providers may serve a model name, and in which order to try them.
 //!
-//! Pure decisions, no I/O: [`RouteTable::plan`] turns a model name plus the health book and the
-//! session's affinity into an ordered list of [`Candidate`]s. Only the dispatcher acts on it.
+//! Pure decisions, no I/O: [`RouteTable::plan`] turns a model name, the health book and the
+//! selection strategy into an ordered list of [`Candidate`]s. Only the dispatcher acts on it; it
+//! then moves the session's sticky provider and the body's `provider` field to the front with
+//! [`Plan::promote`].
 
 pub mod affinity;
 pub mod health;
@@ -279,5 +281,444 @@ fn order_tier(idx: &mut [usize], tier: &Tier, route: &Route, ctx: &PlanContext<'
             };
             idx.sort_by(|a, b| key(a).total_cmp(&key(b)));
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{Auth, Dialect, ProviderConfig, ProviderKind};
+    use crate::upstream::ClientPool;
+    use health::{HealthPolicy, Verdict};
+
+    const ALL: [Strategy; 5] = [
+        Strategy::Priority,
+        Strategy::RoundRobin,
+        Strategy::Random,
+        Strategy::Weighted,
+        Strategy::LeastLatency,
+    ];
+
+    fn config(name: &str) -> ProviderConfig {
+        ProviderConfig {
+            name: name.into(),
+            kind: ProviderKind::Anthropic,
+            base_url: format!("https://{name}.example"),
+            auth: Auth::None,
+            enabled: true,
+            disabled_reason: None,
+            proxy: None,
+            max_tokens_cap: None,
+            dialect: Dialect::Generic,
+            sanitize_schemas: false,
+        }
+    }
+
+    fn providers(configs: Vec<ProviderConfig>) -> HashMap<String, Arc<Provider>> {
+        let client = ClientPool::default()
+            .get(None, Duration::from_secs(1))
+            .unwrap();
+        configs
+            .into_iter()
+            .map(|c| (c.name.clone(), Arc::new(Provider::new(c, client.clone()))))
+            .collect()
+    }
+
+    fn entry(provider: &str, priority: i64) -> RouteEntry {
+        RouteEntry {
+            provider: provider.into(),
+            model: ModelMapping::Passthrough,
+            priority,
+            enabled: true,
+            weight: 1,
+        }
+    }
+
+    fn weighted(provider: &str, priority: i64, weight: u32) -> RouteEntry {
+        RouteEntry {
+            weight,
+            ..entry(provider, priority)
+        }
+    }
+
+    fn mapped(provider: &str, priority: i64, model: &str) -> RouteEntry {
+        RouteEntry {
+            model: ModelMapping::Name(model.into()),
+            ..entry(provider, priority)
+        }
+    }
+
+    fn route(pattern: &str, entries: Vec<RouteEntry>) -> RouteConfig {
+        RouteConfig {
+            pattern: pattern.into(),
+            entries,
+        }
+    }
+
+    fn policy() -> HealthPolicy {
+        HealthPolicy {
+            threshold: 1,
+            cooldown: Duration::from_secs(60),
+            reset_on_success: true,
+            forget_after: Duration::from_secs(300),
+        }
+    }
+
+    /// A route table, its providers and a health book.
+    struct World {
+        table: RouteTable,
+        providers: HashMap<String, Arc<Provider>>,
+        health: Arc<HealthBook>,
+    }
+
+    impl World {
+        /// Every provider the routes name exists and is usable.
+        fn new(routes: Vec<RouteConfig>) -> Self {
+            let names: HashSet<String> = routes
+                .iter()
+                .flat_map(|r| r.entries.iter().map(|e| e.provider.clone()))
+                .collect();
+            let configs = names.iter().map(|n| config(n)).collect();
+            Self::with_providers(routes, configs)
+        }
+
+        fn with_providers(routes: Vec<RouteConfig>, configs: Vec<ProviderConfig>) -> Self {
+            Self {
+                table: RouteTable::new(&routes),
+                providers: providers(configs),
+                health: HealthBook::new(),
+            }
+        }
+
+        fn try_plan(&self, model: &str, strategy: Strategy, now: Instant) -> Option<Plan> {
+            let ctx = PlanContext {
+                providers: &self.providers,
+                health: &self.health,
+                strategy,
+                now,
+            };
+            self.table.plan(model, &ctx)
+        }
+
+        fn plan(&self, model: &str, strategy: Strategy) -> Plan {
+            self.try_plan(model, strategy, Instant::now()).unwrap()
+        }
+
+        fn order(&self, model: &str, strategy: Strategy) -> Vec<String> {
+            names(&self.plan(model, strategy))
+        }
+    }
+
+    fn names(plan: &Plan) -> Vec<String> {
+        plan.candidates
+            .iter()
+            .map(|c| c.provider.config.name.clone())
+            .collect()
+    }
+
+    fn sorted(names: &[String]) -> Vec<&str> {
+        let mut v: Vec<&str> = names.iter().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn lower_priority_numbers_come_first_and_a_whole_tier_before_the_next() {
+        let w = World::new(vec![route(
+            "m",
+            vec![entry("c", 2), entry("a", 1), entry("d", 3), entry("b", 1)],
+        )]);
+        let plan = w.plan("m", Strategy::Priority);
+        assert_eq!(names(&plan), ["a", "b", "c", "d"]);
+        let priorities: Vec<i64> = plan.candidates.iter().map(|c| c.priority).collect();
+        assert_eq!(priorities, [1, 1, 2, 3]);
+        for strategy in ALL {
+            for _ in 0..20 {
+                let order = w.order("m", strategy);
+                assert_eq!(sorted(&order[..2]), ["a", "b"], "{strategy:?}");
+                assert_eq!(order[2..], ["c", "d"], "{strategy:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn round_robin_rotates_within_a_tier_across_calls() {
+        let w = World::new(vec![route(
+            "m",
+            vec![entry("a", 1), entry("b", 1), entry("c", 1), entry("d", 2)],
+        )]);
+        let rr = Strategy::RoundRobin;
+        assert_eq!(w.order("m", rr), ["a", "b", "c", "d"]);
+        assert_eq!(w.order("m", rr), ["b", "c", "a", "d"]);
+        assert_eq!(w.order("m", rr), ["c", "a", "b", "d"]);
+        assert_eq!(w.order("m", rr), ["a", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn round_robin_rotates_only_among_providers_not_already_planned() {
+        let w = World::new(vec![
+            route("m", vec![entry("a", 1)]),
+            route("m*", vec![entry("a", 1), entry("b", 1), entry("c", 1)]),
+        ]);
+        let rr = Strategy::RoundRobin;
+        assert_eq!(w.order("m", rr), ["a", "b", "c"]);
+        assert_eq!(w.order("m", rr), ["a", "c", "b"]);
+        assert_eq!(w.order("m", rr), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn random_and_weighted_keep_every_candidate_of_a_tier_exactly_once() {
+        let w = World::new(vec![route(
+            "m",
+            vec![
+                weighted("a", 1, 1),
+                weighted("b", 1, 2),
+                weighted("c", 1, 3),
+                weighted("d", 2, 1),
+                weighted("e", 2, 1),
+            ],
+        )]);
+        for strategy in [Strategy::Random, Strategy::Weighted] {
+            let mut firsts = HashSet::new();
+            for _ in 0..300 {
+                let order = w.order("m", strategy);
+                assert_eq!(sorted(&order[..3]), ["a", "b", "c"], "{strategy:?}");
+                assert_eq!(sorted(&order[3..]), ["d", "e"], "{strategy:?}");
+                firsts.insert(order[0].clone());
+            }
+            // Each candidate gets its turn at the front.
+            assert_eq!(firsts.len(), 3, "{strategy:?}: {firsts:?}");
+        }
+    }
+
+    #[test]
+    fn weighted_order_follows_the_weights() {
+        let w = World::new(vec![
+            route("zero", vec![weighted("a", 1, 0), weighted("b", 1, 1)]),
+            route(
+                "skewed",
+                vec![weighted("light", 1, 1), weighted("heavy", 1, 99)],
+            ),
+        ]);
+        let mut heavy_first = 0;
+        for _ in 0..400 {
+            assert_eq!(w.order("zero", Strategy::Weighted), ["b", "a"]);
+            if w.order("skewed", Strategy::Weighted)[0] == "heavy" {
+                heavy_first += 1;
+            }
+        }
+        // 99 % expected.
+        assert!(heavy_first > 300, "{heavy_first}");
+    }
+
+    #[test]
+    fn least_latency_tries_unmeasured_providers_first_then_the_fastest() {
+        let w = World::new(vec![route(
+            "m",
+            vec![
+                entry("slow", 1),
+                entry("fast", 1),
+                entry("new", 1),
+                entry("mid", 1),
+                entry("fastest_but_tier_2", 2),
+            ],
+        )]);
+        for (name, ms) in [
+            ("slow", 300),
+            ("fast", 100),
+            ("mid", 200),
+            ("fastest_but_tier_2", 1),
+        ] {
+            let ttfb = Some(Duration::from_millis(ms));
+            w.health
+                .record(name, Verdict::Up { ttfb }, Instant::now(), &policy());
+        }
+        assert_eq!(
+            w.order("m", Strategy::LeastLatency),
+            ["new", "fast", "mid", "slow", "fastest_but_tier_2"]
+        );
+    }
+
+    #[test]
+    fn cooling_providers_go_last_the_one_recovering_soonest_first() {
+        let w = World::new(vec![route(
+            "m",
+            vec![entry("a", 1), entry("b", 1), entry("c", 2), entry("d", 2)],
+        )]);
+        let now = Instant::now();
+        for (name, secs) in [("a", 30), ("c", 10)] {
+            let verdict = Verdict::Fault {
+                reason: "busy".into(),
+                retry_after: Some(Duration::from_secs(secs)),
+            };
+            w.health.record(name, verdict, now, &policy());
+        }
+        let plan = w.try_plan("m", Strategy::Priority, now).unwrap();
+        assert_eq!(names(&plan), ["b", "d", "c", "a"]);
+        // Once c's cooldown is over it may be probed: back in its place.
+        let later = now + Duration::from_secs(10);
+        let plan = w.try_plan("m", Strategy::Priority, later).unwrap();
+        assert_eq!(names(&plan), ["b", "c", "d", "a"]);
+    }
+
+    #[test]
+    fn disabled_entries_and_unusable_providers_are_left_out() {
+        let off = ProviderConfig {
+            enabled: false,
+            ..config("provider_off")
+        };
+        let oauth = ProviderConfig {
+            disabled_reason: Some("oauth".into()),
+            ..config("oauth")
+        };
+        let w = World::with_providers(
+            vec![
+                route(
+                    "m",
+                    vec![
+                        RouteEntry {
+                            enabled: false,
+                            ..entry("entry_off", 1)
+                        },
+                        entry("provider_off", 1),
+                        entry("oauth", 1),
+                        entry("unknown", 1),
+                        entry("ok", 2),
+                    ],
+                ),
+                route("none", vec![entry("provider_off", 1)]),
+            ],
+            vec![config("entry_off"), off, oauth, config("ok")],
+        );
+        for strategy in ALL {
+            assert_eq!(w.order("m", strategy), ["ok"], "{strategy:?}");
+        }
+        // A matching route without a usable provider gives an empty plan; no route gives none.
+        let empty = w.plan("none", Strategy::Priority);
+        assert_eq!(&*empty.route, "none");
+        assert!(empty.candidates.is_empty());
+        assert!(
+            w.try_plan("other", Strategy::Priority, Instant::now())
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_mapped_model_is_sent_as_named_and_passthrough_keeps_the_client_name() {
+        let w = World::new(vec![route(
+            "claude-opus",
+            vec![mapped("a", 1, "anthropic/claude-opus-4"), entry("b", 2)],
+        )]);
+        let plan = w.plan("Claude-Opus", Strategy::Priority);
+        let sent: Vec<(&str, bool)> = plan
+            .candidates
+            .iter()
+            .map(|c| (c.upstream_model.as_str(), c.passthrough))
+            .collect();
+        assert_eq!(
+            sent,
+            [("anthropic/claude-opus-4", false), ("Claude-Opus", true)]
+        );
+    }
+
+    #[test]
+    fn an_exact_route_wins_over_globs_and_later_matches_are_appended_as_fallbacks() {
+        let w = World::new(vec![
+            route(
+                "claude-*",
+                vec![entry("glob", 1), mapped("shared", 1, "from-glob")],
+            ),
+            route(
+                "claude-opus",
+                vec![entry("exact", 5), mapped("shared", 6, "from-exact")],
+            ),
+            route("*opus*", vec![entry("opus", 1)]),
+        ]);
+        let plan = w.plan("CLAUDE-OPUS", Strategy::Priority);
+        assert_eq!(&*plan.route, "claude-opus");
+        // Whole routes in match order: a later route's tier 1 comes after an earlier one's tier 6;
+        // a provider already planned is not repeated.
+        let got: Vec<(String, &str, &str, i64)> = plan
+            .candidates
+            .iter()
+            .map(|c| {
+                (
+                    c.provider.config.name.clone(),
+                    &*c.route,
+                    c.upstream_model.as_str(),
+                    c.priority,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("exact".to_owned(), "claude-opus", "CLAUDE-OPUS", 5),
+                ("shared".to_owned(), "claude-opus", "from-exact", 6),
+                ("glob".to_owned(), "claude-*", "CLAUDE-OPUS", 1),
+                ("opus".to_owned(), "*opus*", "CLAUDE-OPUS", 1),
+            ]
+        );
+        assert_eq!(
+            w.table.matching_patterns("claude-opus"),
+            [
+                Arc::from("claude-opus"),
+                Arc::from("claude-*"),
+                Arc::from("*opus*")
+            ]
+        );
+        let plan = w.plan("claude-haiku", Strategy::Priority);
+        assert_eq!(&*plan.route, "claude-*");
+        assert_eq!(names(&plan), ["glob", "shared"]);
+    }
+
+    #[test]
+    fn glob_wildcards_match_case_insensitively_and_other_characters_literally() {
+        let w = World::new(vec![
+            route("gpt-4.?", vec![entry("a", 1)]),
+            route("claude-*", vec![entry("b", 1)]),
+        ]);
+        assert!(!w.table.matching_patterns("GPT-4.1").is_empty());
+        assert!(w.table.matching_patterns("gpt-4x1").is_empty());
+        assert!(w.table.matching_patterns("gpt-4.10").is_empty());
+        assert!(!w.table.matching_patterns("claude-").is_empty());
+        assert!(w.table.matching_patterns("my-claude-x").is_empty());
+    }
+
+    #[test]
+    fn a_provider_listed_twice_is_planned_once() {
+        let w = World::new(vec![
+            route(
+                "same-tier",
+                vec![entry("a", 1), entry("a", 1), entry("b", 1)],
+            ),
+            route(
+                "two-tiers",
+                vec![entry("a", 1), entry("b", 2), entry("a", 3)],
+            ),
+        ]);
+        for strategy in ALL {
+            assert_eq!(sorted(&w.order("same-tier", strategy)), ["a", "b"]);
+            assert_eq!(w.order("two-tiers", strategy), ["a", "b"]);
+        }
+    }
+
+    #[test]
+    fn promote_moves_the_named_provider_to_the_front() {
+        let w = World::new(vec![route(
+            "m",
+            vec![entry("a", 1), entry("b", 2), entry("c", 3)],
+        )]);
+        let mut plan = w.plan("m", Strategy::Priority);
+        assert!(plan.promote("c"));
+        assert_eq!(names(&plan), ["c", "a", "b"]);
+        assert!(plan.promote("c"));
+        assert_eq!(names(&plan), ["c", "a", "b"]);
+        assert!(!plan.promote("absent"));
+        assert_eq!(names(&plan), ["c", "a", "b"]);
     }
 }

@@ -283,7 +283,9 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<f64>().ok())
     {
-        if ms.is_finite() && ms >= 0.0 {
+        // The same bound as the seconds form: a huge hint must neither overflow a deadline nor
+        // keep a provider out for good.
+        if ms.is_finite() && ms >= 0.0 && ms < 86_400_000.0 {
             return Some(Duration::from_secs_f64(ms / 1000.0));
         }
     }
@@ -298,6 +300,27 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_hints_are_bounded_to_a_day() {
+        let hint = |name: &str, value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+            retry_after(&h)
+        };
+        assert_eq!(
+            hint("retry-after-ms", "1500"),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(hint("retry-after", "7"), Some(Duration::from_secs(7)));
+        assert_eq!(hint("retry-after-ms", "1e30"), None);
+        assert_eq!(hint("retry-after-ms", "86400000"), None);
+        assert_eq!(hint("retry-after", "86400"), None);
+        assert_eq!(hint("retry-after", "-1"), None);
+    }
 
     fn provider(kind: ProviderKind, base: &str) -> Provider {
         let config = ProviderConfig {
