@@ -285,7 +285,7 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     {
         // The same bound as the seconds form: a huge hint must neither overflow a deadline nor
         // keep a provider out for good.
-        if ms.is_finite() && ms >= 0.0 && ms < 86_400_000.0 {
+        if (0.0..86_400_000.0).contains(&ms) {
             return Some(Duration::from_secs_f64(ms / 1000.0));
         }
     }
