@@ -320,3 +320,35 @@ async fn a_non_streaming_200_with_an_error_or_garbage_fails_over() {
     assert_eq!(resp.headers()["x-provider-used"], "B");
     assert_eq!(o.request_count() + o2.request_count(), 2);
 }
+
+/// A converted stream whose chunks all arrive in one read ends with `message_stop` and nothing
+/// after it, and the provider stays healthy.
+#[tokio::test]
+async fn a_converted_stream_that_arrives_in_one_read_ends_cleanly() {
+    let chunks = vec![
+        openai_chunk(json!({"role": "assistant", "content": "Hi"}), None),
+        openai_chunk(json!({"content": " there"}), Some("stop")),
+    ];
+    let body = openai_sse(&chunks, true);
+    let p = MockProvider::start(Reply::sse_chunks(
+        vec![(Duration::ZERO, body.into_bytes())],
+        End::Hang,
+    ))
+    .await
+    .unwrap();
+    let bal = Balancer::start(&openai_yaml(&p.url(), "")).await;
+    let resp = bal.post("/v1/messages", &request(true)).await;
+    assert_eq!(resp.status(), 200);
+    let text = tokio::time::timeout(Duration::from_secs(20), resp.text())
+        .await
+        .expect("the stream never ended")
+        .unwrap();
+    let names: Vec<String> = events(&text).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names.last().map(String::as_str),
+        Some("message_stop"),
+        "{text}"
+    );
+    assert!(!names.iter().any(|n| n == "error"), "{text}");
+    assert_eq!(bal.provider("O").await["consecutive_failures"], 0);
+}

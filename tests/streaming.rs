@@ -285,3 +285,28 @@ async fn a_provider_silent_before_its_first_event_fails_over() {
     assert!(started.elapsed() >= 20 * SECS);
     assert_eq!(b.request_count(), 1);
 }
+
+/// A provider whose whole stream arrives in one read (a short answer, a buffering relay): the
+/// events read before commit count toward the ending, so the client gets the stream exactly as
+/// sent, with no error after `message_stop`, and the provider is not put into cooldown.
+#[tokio::test]
+async fn a_stream_that_arrives_in_one_read_ends_cleanly() {
+    for end in [End::Complete, End::Hang] {
+        let (a, _b, bal) = two("  failure_cooldown: 600\n").await;
+        let full = anthropic_stream("claude-sonnet-4-6", "short");
+        a.push(Reply::sse_chunks(
+            vec![(Duration::ZERO, full.clone().into_bytes())],
+            end.clone(),
+        ));
+        let resp = bal.post("/v1/messages", &request(true)).await;
+        assert_eq!(resp.headers()["x-provider-used"], "A");
+        let text = tokio::time::timeout(Duration::from_secs(20), resp.text())
+            .await
+            .unwrap_or_else(|_| panic!("{end:?}: the stream never ended"))
+            .unwrap();
+        assert_eq!(text, full, "{end:?}: the stream as sent, nothing added");
+        let p = bal.provider("A").await;
+        assert_eq!(p["state"], "healthy", "{end:?}: {p}");
+        assert_eq!(p["consecutive_failures"], 0, "{end:?}: {p}");
+    }
+}

@@ -197,7 +197,16 @@ fn commit_json(
     })
 }
 
-/// Commits a stream: `first` goes out at once, the rest through the relay.
+/// What a stream's client gets at commit.
+struct Committed {
+    /// The client bytes for the events read before commit, sent at once.
+    first: Bytes,
+    /// Those events already ended the stream: nothing more is read.
+    ended: bool,
+    splitter: Splitter,
+}
+
+/// Commits a stream: the first bytes go out at once, the rest through the relay.
 #[allow(clippy::too_many_arguments)]
 fn commit_stream(
     state: &Arc<AppState>,
@@ -206,16 +215,16 @@ fn commit_stream(
     status: StatusCode,
     upstream_headers: &HeaderMap,
     name: &str,
-    first: Bytes,
+    committed: Committed,
     upstream: Upstream,
-    splitter: Splitter,
     transform: Transform,
 ) -> Outcome {
     let ttfb = deadlines.started.elapsed();
     let relay = Relay {
-        first: Some(first),
+        first: Some(committed.first),
+        ended: committed.ended,
         upstream,
-        splitter,
+        splitter: committed.splitter,
         read_timeout: deadlines.gap,
         state: Arc::clone(state),
         health: runtime.health_policy,
@@ -242,15 +251,24 @@ fn client_fault(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Outcome
     })
 }
 
-/// Reads upstream events until `decide` accepts or rejects them. Returns the events read so far
-/// and the splitter holding any partial event.
+/// The events read before commit.
+struct Prefix {
+    bytes: BytesMut,
+    /// The splitter, holding any partial event.
+    splitter: Splitter,
+    /// A `message_stop` or `error` was among them: the stream has ended.
+    ended: bool,
+}
+
+/// Reads upstream events until `decide` accepts or rejects them.
 async fn first_events(
     upstream: &mut Upstream,
     deadlines: &Deadlines,
     mut decide: impl FnMut(&Bytes, &[EventKind]) -> Option<Result<(), Fault>>,
-) -> Result<(BytesMut, Splitter), Fault> {
+) -> Result<Prefix, Fault> {
     let mut splitter = Splitter::new();
     let mut prefix = BytesMut::new();
+    let mut ended = false;
     let deadline = deadlines.first_byte;
     loop {
         match timeout_at(deadline, upstream.next()).await {
@@ -281,10 +299,20 @@ async fn first_events(
                     continue;
                 }
                 prefix.extend_from_slice(&events.bytes);
+                ended |= events
+                    .kinds
+                    .iter()
+                    .any(|k| matches!(k, EventKind::MessageStop | EventKind::Error));
                 let all = prefix.clone().freeze();
                 match decide(&all, &events.kinds) {
                     None => continue,
-                    Some(Ok(())) => return Ok((prefix, splitter)),
+                    Some(Ok(())) => {
+                        return Ok(Prefix {
+                            bytes: prefix,
+                            splitter,
+                            ended,
+                        });
+                    }
                     Some(Err(f)) => return Err(f),
                 }
             }
@@ -400,7 +428,7 @@ async fn anthropic(
         }
     })
     .await;
-    let (prefix, splitter) = match decided {
+    let prefix = match decided {
         Ok(x) => x,
         Err(f) => return Outcome::Fault(f),
     };
@@ -411,9 +439,12 @@ async fn anthropic(
         status,
         &upstream_headers,
         name,
-        prefix.freeze(),
+        Committed {
+            first: prefix.bytes.freeze(),
+            ended: prefix.ended,
+            splitter: prefix.splitter,
+        },
         upstream,
-        splitter,
         Transform::Passthrough,
     )
 }
@@ -559,19 +590,23 @@ async fn openai(
         Some(faults.body_fault(all).map_or(Ok(()), Err))
     })
     .await;
-    let (prefix, splitter) = match decided {
+    let prefix = match decided {
         Ok(x) => x,
         Err(f) => return Outcome::Fault(f),
     };
     let mut converter = StreamState::new(ctx);
     converter.start();
-    for data in data_payloads(&prefix) {
+    for data in data_payloads(&prefix.bytes) {
         if converter.push_data(&data) != Step::Continue {
             break;
         }
     }
-    let first = Bytes::from(converter.take());
-    let transform = Transform::Openai(Box::new(converter));
+    let committed = Committed {
+        first: Bytes::from(converter.take()),
+        // The chunks read before commit may hold the whole answer.
+        ended: converter.is_finished(),
+        splitter: prefix.splitter,
+    };
     commit_stream(
         state,
         runtime,
@@ -579,10 +614,9 @@ async fn openai(
         StatusCode::OK,
         &upstream_headers,
         name,
-        first,
+        committed,
         upstream,
-        splitter,
-        transform,
+        Transform::Openai(Box::new(converter)),
     )
 }
 

@@ -29,6 +29,8 @@ pub type Upstream = BoxStream<'static, Result<Bytes, TransportError>>;
 pub struct Relay {
     /// Events already read before commit, sent first.
     pub first: Option<Bytes>,
+    /// Those events ended the stream (`message_stop` or `error`): nothing more is read.
+    pub ended: bool,
     pub upstream: Upstream,
     pub splitter: Splitter,
     pub read_timeout: Duration,
@@ -242,8 +244,8 @@ pub fn relay(relay: Relay) -> impl Stream<Item = Bytes> + Send + 'static {
     let idle_deadline = now + relay.read_timeout;
     let mut closing = relay.state.closing();
     let running = Running {
+        finished: relay.ended,
         relay,
-        finished: false,
         last_output: now,
         idle_deadline,
         timer: Box::pin(sleep_until(idle_deadline.min(now + PING_INTERVAL))),
