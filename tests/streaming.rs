@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use claude_balancer::adapter::events::accumulate_sse;
 use common::*;
 use futures_util::StreamExt;
 use mock_provider::anthropic_stream;
@@ -309,4 +310,55 @@ async fn a_stream_that_arrives_in_one_read_ends_cleanly() {
         assert_eq!(p["state"], "healthy", "{end:?}: {p}");
         assert_eq!(p["consecutive_failures"], 0, "{end:?}: {p}");
     }
+}
+
+/// Pings and comments before the first event decide nothing: a comment does not commit the
+/// stream (the error that follows it still fails over), and a flood of them past the prefix bound
+/// is a provider fault instead of a buffer that grows for the whole first-event timeout.
+#[tokio::test]
+async fn keep_alives_before_the_first_event_never_commit_and_are_bounded() {
+    let (a, _b, bal) = two("").await;
+    a.push(Reply::sse_chunks(
+        vec![
+            (Duration::ZERO, b": OPENROUTER PROCESSING\n\n".to_vec()),
+            (
+                Duration::from_millis(5),
+                b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"busy\"}}\n\n".to_vec(),
+            ),
+        ],
+        End::Complete,
+    ));
+    let resp = bal.post("/v1/messages", &request(true)).await;
+    assert_eq!(
+        resp.headers()["x-provider-used"],
+        "B",
+        "the comment did not commit A"
+    );
+    let text = resp.text().await.unwrap();
+    assert_eq!(
+        accumulate_sse(&text).unwrap()["content"][0]["text"],
+        "from B"
+    );
+
+    let ping = "event: ping\ndata: {\"type\": \"ping\"}\n\n";
+    let flood = ping.repeat(claude_balancer::dispatch::attempt::MAX_PREFIX_BYTES / ping.len() + 10);
+    let mut chunks: Vec<(Duration, Vec<u8>)> = flood
+        .as_bytes()
+        .chunks(64 * 1024)
+        .map(|c| (Duration::ZERO, c.to_vec()))
+        .collect();
+    chunks.push((Duration::ZERO, anthropic_stream("m", "late").into_bytes()));
+    a.push(Reply::sse_chunks(chunks, End::Complete));
+    let resp = bal.post("/v1/messages", &request(true)).await;
+    assert_eq!(resp.headers()["x-provider-used"], "B");
+    let text = resp.text().await.unwrap();
+    assert_eq!(
+        accumulate_sse(&text).unwrap()["content"][0]["text"],
+        "from B"
+    );
+    let last_error = bal.provider("A").await["last_error"].to_string();
+    assert!(
+        last_error.contains("before the first event"),
+        "{last_error}"
+    );
 }

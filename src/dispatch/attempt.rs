@@ -32,6 +32,9 @@ use crate::upstream::{
 const MAX_ERROR_BODY: usize = 1024 * 1024;
 /// A non-streaming answer larger than this is a provider fault.
 const MAX_RESPONSE_BODY: usize = 256 * 1024 * 1024;
+/// The most a stream may send before its first event that decides the commit (pings and
+/// comments count): past it, a provider fault.
+pub const MAX_PREFIX_BYTES: usize = 1024 * 1024;
 /// A count_tokens answer larger than this is not an answer.
 const MAX_COUNT_BODY: usize = 64 * 1024;
 
@@ -298,7 +301,21 @@ async fn first_events(
                 if events.bytes.is_empty() {
                     continue;
                 }
+                if prefix.len() + events.bytes.len() > MAX_PREFIX_BYTES {
+                    return Err(Fault::new(
+                        FaultClass::Other,
+                        format!(
+                            "more than {} KiB of pings or unreadable events before the first event",
+                            MAX_PREFIX_BYTES / 1024
+                        ),
+                    ));
+                }
                 prefix.extend_from_slice(&events.bytes);
+                // Keep-alives decide nothing: only events with content are looked at, so a flood
+                // of pings costs what reading them costs, not a re-scan of all before them.
+                if events.kinds.iter().all(|k| k.is_keepalive()) {
+                    continue;
+                }
                 ended |= events
                     .kinds
                     .iter()
@@ -398,7 +415,7 @@ async fn anthropic(
     // Streaming: commit on the first complete event that is not a ping.
     let mut upstream: Upstream = resp.into_stream();
     let decided = first_events(&mut upstream, &deadlines, |all, kinds| {
-        match kinds.iter().find(|k| **k != EventKind::Ping) {
+        match kinds.iter().find(|k| !k.is_keepalive()) {
             None => None,
             Some(EventKind::Error) => {
                 let text = String::from_utf8_lossy(all);

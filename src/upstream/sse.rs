@@ -12,7 +12,16 @@ pub enum EventKind {
     MessageStop,
     Error,
     Ping,
+    /// An event with neither an `event:` nor a `data:` line: only comments (`: keep-alive`).
+    Comment,
     Other,
+}
+
+impl EventKind {
+    /// Carries nothing for the client to read: a ping or a comment.
+    pub fn is_keepalive(self) -> bool {
+        matches!(self, EventKind::Ping | EventKind::Comment)
+    }
 }
 
 impl EventKind {
@@ -48,6 +57,8 @@ pub struct Splitter {
     current: Option<EventKind>,
     /// Whether the event being read has any line yet.
     current_has_lines: bool,
+    /// Whether the event being read has a `data:` line.
+    current_has_data: bool,
     kinds: Vec<EventKind>,
 }
 
@@ -101,15 +112,18 @@ impl Splitter {
             }
             if line.is_empty() {
                 if self.current_has_lines {
-                    self.kinds.push(self.current.unwrap_or(EventKind::Other));
+                    self.kinds.push(self.current_kind());
                 }
                 self.current = None;
                 self.current_has_lines = false;
+                self.current_has_data = false;
                 self.complete_end = line_end + 1;
             } else {
                 self.current_has_lines = true;
                 if let Some(name) = line.strip_prefix(b"event:") {
                     self.current = Some(EventKind::from_name(name.trim_ascii()));
+                } else if line.starts_with(b"data:") {
+                    self.current_has_data = true;
                 }
             }
             self.scanned = line_end + 1;
@@ -123,8 +137,15 @@ impl Splitter {
 
     /// Whether the pending bytes hold a final event that only lacks its blank line, and its kind.
     pub fn unterminated_kind(&self) -> Option<EventKind> {
-        self.current_has_lines
-            .then(|| self.current.unwrap_or(EventKind::Other))
+        self.current_has_lines.then(|| self.current_kind())
+    }
+
+    fn current_kind(&self) -> EventKind {
+        match (self.current, self.current_has_data) {
+            (Some(kind), _) => kind,
+            (None, true) => EventKind::Other,
+            (None, false) => EventKind::Comment,
+        }
     }
 }
 
