@@ -273,3 +273,32 @@ async fn the_same_status_from_every_provider_is_answered_with_that_status() {
         }
     }
 }
+
+/// A redirect from a provider is never followed nor passed on: it is a provider fault, named with
+/// its location, and the next candidate serves.
+#[tokio::test]
+async fn redirects_are_provider_faults() {
+    for status in [301, 302, 307, 308] {
+        let (a, b, bal) = two("").await;
+        a.push(
+            Reply::json(status, &serde_json::json!({}))
+                .with_header("location", "https://user:pw@elsewhere.example/v1/messages"),
+        );
+        let resp = bal.post("/v1/messages", &request(false)).await;
+        assert_eq!(resp.status(), 200, "{status}");
+        assert_eq!(text_of(resp).await, "from B", "{status}");
+        assert_eq!(b.request_count(), 1);
+        let last_error = bal.provider("A").await["last_error"].to_string();
+        assert!(
+            last_error.contains(&format!("HTTP {status}")) && last_error.contains("elsewhere.example"),
+            "{last_error}"
+        );
+        assert!(!last_error.contains("pw@"), "{last_error}");
+        a.push(Reply::json(status, &serde_json::json!({})).with_header("location", "/x"));
+        b.push(Reply::json(status, &serde_json::json!({})).with_header("location", "/y"));
+        let resp = bal.post("/v1/messages", &request(true)).await;
+        assert_eq!(resp.status(), 502, "{status}: both redirected");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "api_error");
+    }
+}

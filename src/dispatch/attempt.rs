@@ -153,6 +153,23 @@ async fn error_status(
 ) -> Result<(StatusCode, HeaderMap, Bytes), Fault> {
     let status = resp.status;
     let headers = std::mem::take(&mut resp.headers);
+    if status.is_redirection() {
+        // Never followed (the request would go where the configuration did not send it) and never
+        // passed on (a bare redirect means nothing to an API client): the provider is misconfigured
+        // or moved. The location is redacted with every reason.
+        let location = headers
+            .get(http::header::LOCATION)
+            .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned())
+            .unwrap_or_default();
+        let location = crate::secret::mask_url_credentials(&location);
+        return Err(Fault {
+            status: Some(status.as_u16()),
+            ..Fault::new(
+                FaultClass::Other,
+                format!("HTTP {}: redirected to {location:?}, not followed", status.as_u16()),
+            )
+        });
+    }
     let retry = retry_after(&headers);
     let body = read_upstream_body(resp, deadlines.gap, MAX_ERROR_BODY).await?;
     if faults.is_unhealthy(status.as_u16(), &body) {
