@@ -290,7 +290,8 @@ async fn redirects_are_provider_faults() {
         assert_eq!(b.request_count(), 1);
         let last_error = bal.provider("A").await["last_error"].to_string();
         assert!(
-            last_error.contains(&format!("HTTP {status}")) && last_error.contains("elsewhere.example"),
+            last_error.contains(&format!("HTTP {status}"))
+                && last_error.contains("elsewhere.example"),
             "{last_error}"
         );
         assert!(!last_error.contains("pw@"), "{last_error}");

@@ -362,3 +362,52 @@ async fn keep_alives_before_the_first_event_never_commit_and_are_bounded() {
         "{last_error}"
     );
 }
+
+/// One upstream event that never ends is cut off at the event bound: before commit a provider
+/// fault (the next candidate serves), after commit one `event: error`, instead of a buffer that
+/// grows without bound.
+#[tokio::test]
+async fn an_event_without_an_end_is_bounded() {
+    let (a, _b, bal) = two("").await;
+    let endless = |head: &str| {
+        let mut chunks = vec![(Duration::ZERO, head.as_bytes().to_vec())];
+        let mb = vec![b'a'; 1 << 20];
+        let n = claude_balancer::dispatch::relay::MAX_EVENT_BYTES / (1 << 20) + 2;
+        chunks.extend((0..n).map(|_| (Duration::ZERO, mb.clone())));
+        Reply::sse_chunks(chunks, End::Hang)
+    };
+    a.push(endless("event: message_start\ndata: "));
+    let resp = bal.post("/v1/messages", &request(true)).await;
+    assert_eq!(
+        resp.headers()["x-provider-used"],
+        "B",
+        "before commit: failed over"
+    );
+    resp.text().await.unwrap();
+
+    let (a, _b, bal) = two("").await;
+    let full = anthropic_stream("m", "x");
+    let start = full.split_inclusive("\n\n").next().unwrap().to_owned();
+    a.push(endless(&format!(
+        "{start}event: content_block_delta\ndata: "
+    )));
+    let resp = bal.post("/v1/messages", &request(true)).await;
+    assert_eq!(resp.headers()["x-provider-used"], "A");
+    let text = tokio::time::timeout(Duration::from_secs(30), resp.text())
+        .await
+        .expect("the stream never ended")
+        .unwrap();
+    let evs = events(&text);
+    assert_eq!(
+        names(&evs),
+        vec!["message_start", "error"],
+        "{}",
+        &text[..200.min(text.len())]
+    );
+    assert!(
+        evs[1].1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("larger than 16 MiB")
+    );
+}

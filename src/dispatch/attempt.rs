@@ -166,7 +166,10 @@ async fn error_status(
             status: Some(status.as_u16()),
             ..Fault::new(
                 FaultClass::Other,
-                format!("HTTP {}: redirected to {location:?}, not followed", status.as_u16()),
+                format!(
+                    "HTTP {}: redirected to {location:?}, not followed",
+                    status.as_u16()
+                ),
             )
         });
     }
@@ -315,17 +318,18 @@ async fn first_events(
             Ok(Some(Err(e))) => return Err(transport_fault(e)),
             Ok(Some(Ok(chunk))) => {
                 let events = splitter.push(chunk);
-                if events.bytes.is_empty() {
-                    continue;
-                }
-                if prefix.len() + events.bytes.len() > MAX_PREFIX_BYTES {
+                // An incomplete event counts too: one without an end must not grow unbounded.
+                if prefix.len() + events.bytes.len() + splitter.pending().len() > MAX_PREFIX_BYTES {
                     return Err(Fault::new(
                         FaultClass::Other,
                         format!(
-                            "more than {} KiB of pings or unreadable events before the first event",
+                            "more than {} KiB before the first event (pings, comments or an event without an end)",
                             MAX_PREFIX_BYTES / 1024
                         ),
                     ));
+                }
+                if events.bytes.is_empty() {
+                    continue;
                 }
                 prefix.extend_from_slice(&events.bytes);
                 // Keep-alives decide nothing: only events with content are looked at, so a flood

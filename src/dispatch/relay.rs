@@ -23,6 +23,10 @@ use crate::upstream::sse::{EventKind, PING_EVENT, Splitter, data_payloads, error
 /// Silence after which a `ping` event is sent to the client.
 pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 
+/// The largest single event relayed after commit: an event that grows past it without ending is
+/// a provider failure (one `event: error`), not a buffer that grows without bound.
+pub const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
+
 /// The upstream body as a stream of chunks.
 pub type Upstream = BoxStream<'static, Result<Bytes, TransportError>>;
 
@@ -186,6 +190,13 @@ impl Running {
                 Wake::Chunk(Some(Ok(data))) => {
                     self.idle_deadline = Instant::now() + self.relay.read_timeout;
                     let events = self.relay.splitter.push(data);
+                    if self.relay.splitter.pending().len() > MAX_EVENT_BYTES {
+                        let reason = format!(
+                            "an event larger than {} MiB (no end in sight)",
+                            MAX_EVENT_BYTES >> 20
+                        );
+                        return Some(self.fail(reason));
+                    }
                     if events.bytes.is_empty() {
                         continue;
                     }
