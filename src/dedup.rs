@@ -429,6 +429,22 @@ impl Dedup {
         Role::Started(flight, sub)
     }
 
+    /// Drops the expired cache entries.
+    pub fn sweep_cache(&self, now: Instant) -> usize {
+        let mut c = self.cache();
+        let before = c.map.len();
+        let Cache { map, order, bytes } = &mut *c;
+        map.retain(|_, e| {
+            let keep = e.expires > now;
+            if !keep {
+                *bytes -= e.size;
+            }
+            keep
+        });
+        order.retain(|k| map.contains_key(k));
+        before - c.map.len()
+    }
+
     pub fn clear_cache(&self) -> usize {
         let mut c = self.cache();
         let n = c.map.len();
@@ -1236,6 +1252,22 @@ mod tests {
         assert!(cache.order.is_empty());
         assert_eq!(cache.bytes, 0);
         assert!(cache.get(&2, Instant::now()).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_drops_expired_entries_without_a_lookup() {
+        let book = Dedup::default();
+        let now = Instant::now();
+        book.cache()
+            .insert(1, entry(100, now + Duration::from_secs(10)), 10);
+        book.cache()
+            .insert(2, entry(50, now + Duration::from_secs(100)), 10);
+        assert_eq!(book.sweep_cache(now), 0);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(book.sweep_cache(Instant::now()), 1);
+        let c = book.cache();
+        assert_eq!((c.map.len(), c.bytes, c.order.len()), (1, 50, 1));
+        assert!(c.map.contains_key(&2));
     }
 
     #[tokio::test(start_paused = true)]

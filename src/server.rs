@@ -113,6 +113,21 @@ async fn timer_ticker() {
 /// The period of [`timer_ticker`].
 const TICK: Duration = Duration::from_secs(1);
 
+/// Drops what has expired from the books that would otherwise keep it until they fill: session
+/// affinity and the response cache.
+async fn housekeeping(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING);
+    loop {
+        tick.tick().await;
+        let now = tokio::time::Instant::now();
+        state.affinity.sweep(now);
+        state.dedup.sweep_cache(now);
+    }
+}
+
+/// The period of [`housekeeping`].
+const HOUSEKEEPING: Duration = Duration::from_secs(60);
+
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -150,6 +165,7 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     // Aborted when `serve` returns or is dropped.
     let _ticker = AbortOnDrop(tokio::spawn(timer_ticker()));
+    let _housekeeping = AbortOnDrop(tokio::spawn(housekeeping(Arc::clone(&state))));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

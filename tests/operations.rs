@@ -474,3 +474,33 @@ async fn a_stream_holds_its_concurrency_permit_until_its_body_ends() {
     a.set_default(Reply::message("m", "ok"));
     assert_eq!(bal.post("/v1/messages", &other).await.status(), 200);
 }
+
+/// Client strings are bounded: a model or provider name past 256 bytes is refused with a 400
+/// naming the field; a huge session id is accepted (hashed to a bounded key).
+#[tokio::test]
+async fn oversized_client_strings_are_bounded() {
+    let (_a, _b, bal) = two("").await;
+    let mut body = request(false);
+    body["model"] = json!("m".repeat(257));
+    let resp = bal.post("/v1/messages", &body).await;
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("model: longer than 256"),
+        "{v}"
+    );
+    let mut body = request(false);
+    body["provider"] = json!("p".repeat(257));
+    assert_eq!(bal.post("/v1/messages", &body).await.status(), 400);
+    for round in 0..3 {
+        let mut body = request(false);
+        body["metadata"] =
+            json!({"user_id": format!("user_x_account__session_{}", "s".repeat(4 << 20))});
+        body["messages"][0]["content"] = json!(format!("round {round}"));
+        assert_eq!(bal.post("/v1/messages", &body).await.status(), 200);
+    }
+    assert_eq!(bal.state.affinity.len(), 1, "one (hashed) session");
+}

@@ -32,6 +32,10 @@ pub struct Envelope {
 }
 
 /// Validates a `/v1/messages` or `count_tokens` body and extracts its envelope and signature.
+/// The longest `model` (and non-standard `provider`) a request may name. Real model names are
+/// far shorter; the bound keeps client strings out of the logs and books at a known size.
+pub const MAX_NAME_BYTES: usize = 256;
+
 pub fn parse(body: &[u8]) -> Result<Envelope, ApiError> {
     parse_with(body, true)
 }
@@ -45,6 +49,11 @@ pub fn parse_with(body: &[u8], sign: bool) -> Result<Envelope, ApiError> {
         }
     })?;
     let model = match (head.model, head.model_present) {
+        (Some(m), _) if m.len() > MAX_NAME_BYTES => {
+            return Err(ApiError::invalid_request(format!(
+                "model: longer than {MAX_NAME_BYTES} bytes"
+            )));
+        }
         (Some(m), _) if !m.trim().is_empty() => m,
         (Some(_), _) => return Err(ApiError::invalid_request("model: must not be empty")),
         (None, true) => {
@@ -69,6 +78,15 @@ pub fn parse_with(body: &[u8], sign: bool) -> Result<Envelope, ApiError> {
         .and_then(|m| m.get("user_id"))
         .and_then(|u| u.as_str())
         .and_then(session_from_user_id);
+    if head
+        .provider
+        .as_ref()
+        .is_some_and(|p| p.len() > MAX_NAME_BYTES)
+    {
+        return Err(ApiError::invalid_request(format!(
+            "provider: longer than {MAX_NAME_BYTES} bytes"
+        )));
+    }
     Ok(Envelope {
         model,
         stream: head.stream.unwrap_or(false),

@@ -89,13 +89,21 @@ pub async fn read_request_body(
 }
 
 /// The Claude Code session id of a request, from its header or from `metadata.user_id`.
+/// A session id longer than this is replaced by a hash of itself: affinity still works, and the
+/// affinity book and the log lines hold a bounded string (Claude Code's ids are 36-byte UUIDs).
+pub const MAX_SESSION_ID_BYTES: usize = 128;
+
 fn session_id(headers: &HeaderMap, from_metadata: Option<&str>) -> Option<String> {
-    headers
+    let id = headers
         .get("x-claude-code-session-id")
         .and_then(|v| v.to_str().ok())
         .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .or_else(|| from_metadata.map(str::to_owned))
+        .or(from_metadata)?;
+    Some(if id.len() <= MAX_SESSION_ID_BYTES {
+        id.to_owned()
+    } else {
+        format!("hashed-{:032x}", xxhash_rust::xxh3::xxh3_128(id.as_bytes()))
+    })
 }
 
 /// Reads and validates a request body.
@@ -190,5 +198,30 @@ pub async fn count_tokens(
             respond(&state, record, client, None, answer)
         }
         Err((record, refusal)) => respond(&state, record, client, None, Answer::error(refusal)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_session_ids_are_hashed_to_a_bounded_string() {
+        let mut h = HeaderMap::new();
+        assert_eq!(session_id(&h, Some("abc")), Some("abc".into()));
+        h.insert("x-claude-code-session-id", "from-header".parse().unwrap());
+        assert_eq!(session_id(&h, Some("abc")), Some("from-header".into()));
+        let long = "s".repeat(20 * 1024 * 1024);
+        let a = session_id(&HeaderMap::new(), Some(&long)).unwrap();
+        let b = session_id(&HeaderMap::new(), Some(&long)).unwrap();
+        assert!(a.len() <= MAX_SESSION_ID_BYTES, "{}", a.len());
+        assert_eq!(a, b, "the same session keeps the same key");
+        let other = session_id(&HeaderMap::new(), Some(&"t".repeat(200))).unwrap();
+        assert_ne!(a, other);
+        let edge = "e".repeat(MAX_SESSION_ID_BYTES);
+        assert_eq!(
+            session_id(&HeaderMap::new(), Some(&edge)),
+            Some(edge.clone())
+        );
     }
 }
