@@ -104,6 +104,12 @@ async fn run(cli: Cli, config: Config) -> Result<(), String> {
     let host = cli.host.unwrap_or_else(|| config.settings.host.clone());
     let port = cli.port.unwrap_or(config.settings.port);
     upstream::install_crypto_provider();
+    // Every client connection holds a descriptor: the soft limit (often 1,024) is raised to the
+    // hard one, so many Claude Code sessions and their streams fit.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open file limit"),
+        Err(e) => tracing::warn!("cannot raise the open file limit: {e}"),
+    }
     let state = AppState::new(config, Some(cli.config.clone()))
         .map_err(|e| format!("configuration: {e}"))?;
     let listener = TcpListener::bind((host.as_str(), port))

@@ -23,7 +23,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceExt;
 use tower_http::catch_panic::CatchPanicLayer;
 
@@ -67,10 +72,12 @@ fn panic_response(_: Box<dyn Any + Send + 'static>) -> Response {
     ApiError::internal("internal error in the balancer").into_response()
 }
 
-/// The service for one client connection.
+/// The service for one client connection. Each request counts as activity on the connection
+/// until its response head is ready (after that, its body's bytes do).
 fn front(
     state: Arc<AppState>,
     app: Router,
+    activity: Arc<Activity>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response,
@@ -79,7 +86,9 @@ fn front(
 > + Clone {
     service_fn(move |request: Request<Incoming>| {
         let (state, app) = (Arc::clone(&state), app.clone());
+        let busy = Busy::new(&activity);
         async move {
+            let _busy = busy;
             // Boxed: hyper keeps one slot the size of this future for every connection's whole life
             // (streams included), while a box is freed as soon as the answer's head is ready.
             if request.method() == Method::POST && request.uri().path() == "/v1/messages" {
@@ -136,6 +145,112 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// A new connection must send its first bytes within this time.
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection with no request being answered and no byte in either direction for this long is
+/// closed (checked this often, so it goes within twice this time). HTTP/1 keep-alive and HTTP/2
+/// alike: idle sockets must not pile up until the process runs out of descriptors.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the idle check of one connection sees: bytes moved and requests being answered.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Bumped by every read or write that moved bytes.
+    moved: AtomicU64,
+    /// Requests whose response head is not ready yet.
+    busy: AtomicUsize,
+}
+
+/// One request being answered on a connection.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.busy.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(activity))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Resolves when the connection should be closed: nothing arrived within
+/// [`FIRST_REQUEST_TIMEOUT`], or later nothing moved for [`IDLE_TIMEOUT`] with no request being
+/// answered.
+async fn idle(activity: Arc<Activity>) {
+    tokio::time::sleep(FIRST_REQUEST_TIMEOUT).await;
+    let mut seen = 0;
+    loop {
+        let moved = activity.moved.load(Ordering::Relaxed);
+        if moved == seen && activity.busy.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        seen = moved;
+        tokio::time::sleep(IDLE_TIMEOUT).await;
+    }
+}
+
+/// A client connection's socket, counting the reads and writes that move bytes.
+struct Watched {
+    tcp: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl Watched {
+    fn moved<T>(&self, r: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if matches!(r, Poll::Ready(Ok(_))) {
+            self.activity.moved.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        self.moved(r)
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        self.moved(r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        self.moved(r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
 /// A client must send its request headers within this time.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// After the grace period, streams still open get a moment to flush their final error event.
@@ -182,11 +297,17 @@ pub async fn serve(
                 if let Err(e) = tcp.set_nodelay(true) {
                     tracing::debug!("cannot set TCP_NODELAY: {e}");
                 }
-                let service = front(Arc::clone(&state), app.clone());
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service).into_owned();
+                let activity = Arc::new(Activity::default());
+                let service = front(Arc::clone(&state), app.clone(), Arc::clone(&activity));
+                let io = Watched { tcp, activity: Arc::clone(&activity) };
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    // Dropping an idle connection closes its socket.
+                    tokio::select! {
+                        _ = conn => {}
+                        () = idle(activity) => {}
+                    }
                 });
             }
             () = &mut shutdown => break,

@@ -499,3 +499,58 @@ async fn count_tokens_leaves_a_summary_line() {
     assert_eq!(attempts[0]["outcome"], "fault");
     assert_eq!(attempts[0]["status"], 404);
 }
+
+/// The soft limit on open files is raised to the hard one at start: every client connection holds
+/// a descriptor.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    claude_balancer::upstream::install_crypto_provider();
+    let a = MockProvider::start(Reply::message("m", "ok"))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        yaml(&[("A", &a.url())], "A", "", &dir.path().join("logs")),
+    )
+    .unwrap();
+    let port = free_port();
+    let script = format!(
+        "ulimit -Sn 256 && exec '{}' --config '{}' --port {port}",
+        env!("CARGO_BIN_EXE_claude-balancer"),
+        config.display()
+    );
+    let child = Command::new("sh")
+        .args(["-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let p = Process {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        dir,
+        config,
+    };
+    let client = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..200 {
+        if client.get(format!("{}/health", p.url)).send().await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(up, "the balancer did not start");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", p.child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (fields[3], fields[4]);
+    assert_eq!(soft, hard, "{line}");
+    assert_ne!(soft, "256", "{line}");
+}

@@ -1,0 +1,90 @@
+//! What a hostile client or a hostile upstream can do, kept from doing harm: each test here is an
+//! attack that once worked (see the fault matrix for the ordinary faults).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
+
+mod common;
+
+use std::time::Duration;
+
+use claude_balancer::server::{FIRST_REQUEST_TIMEOUT, IDLE_TIMEOUT};
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+
+/// Reads until the server closes the connection (or ten minutes pass); when it closed.
+async fn closed_after(tcp: &mut TcpStream) -> Duration {
+    let started = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    timeout(Duration::from_secs(600), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the connection is still open after ten minutes");
+    started.elapsed()
+}
+
+async fn balancer() -> (MockProvider, MockProvider, Balancer) {
+    two_providers(
+        Reply::message("m", "from A"),
+        Reply::message("m", "from B"),
+        "  timeouts:\n    non_streaming:\n      read_timeout: 400\n",
+    )
+    .await
+}
+
+/// A connection that never sends a byte is closed at the first-request deadline, so idle sockets
+/// cannot pile up until the process runs out of descriptors.
+#[tokio::test(start_paused = true)]
+async fn a_connection_that_never_speaks_is_closed() {
+    let (_a, _b, bal) = balancer().await;
+    let mut tcp = TcpStream::connect(bal.addr).await.unwrap();
+    let took = closed_after(&mut tcp).await;
+    assert!(took >= FIRST_REQUEST_TIMEOUT, "{took:?}");
+    assert!(took <= FIRST_REQUEST_TIMEOUT + IDLE_TIMEOUT, "{took:?}");
+}
+
+/// HTTP/2: the preface alone, then nothing, is closed once idle.
+#[tokio::test(start_paused = true)]
+async fn an_http2_preface_alone_is_closed() {
+    let (_a, _b, bal) = balancer().await;
+    let mut tcp = TcpStream::connect(bal.addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let took = closed_after(&mut tcp).await;
+    assert!(took <= FIRST_REQUEST_TIMEOUT + 2 * IDLE_TIMEOUT, "{took:?}");
+}
+
+/// A keep-alive connection with nothing in flight is closed after the idle timeout.
+#[tokio::test(start_paused = true)]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let (_a, _b, bal) = balancer().await;
+    let mut tcp = TcpStream::connect(bal.addr).await.unwrap();
+    tcp.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tcp.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // hyper's header timeout closes an HTTP/1 connection that waits for its next request's
+    // headers; the idle check is the bound behind it.
+    let took = closed_after(&mut tcp).await;
+    assert!(took <= 2 * IDLE_TIMEOUT, "{took:?}");
+}
+
+/// A request waiting on a slow provider is not idle: its connection stays open past the idle
+/// timeout and gets its answer.
+#[tokio::test(start_paused = true)]
+async fn a_request_waiting_on_a_slow_provider_is_not_idle() {
+    let (a, _b, bal) = balancer().await;
+    a.push(Reply::message("m", "slow").with_delay(3 * IDLE_TIMEOUT));
+    let resp = bal.post("/v1/messages", &request(false)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-provider-used"], "A");
+}
