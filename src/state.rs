@@ -86,6 +86,9 @@ pub struct AppState {
     /// count_tokens failures, kept apart: a relay without count_tokens keeps its chat traffic.
     pub count_tokens: Arc<HealthBook>,
     pub dedup: Dedup,
+    /// Local token counts run on the blocking pool, this many at a time (one per core), so a
+    /// burst of large bodies neither blocks the request threads nor takes every core.
+    pub counting: Arc<tokio::sync::Semaphore>,
     pub metrics: Metrics,
     pub recent: Recent,
     pub affinity: AffinityBook,
@@ -117,6 +120,9 @@ impl AppState {
             health: HealthBook::new(),
             count_tokens: HealthBook::new(),
             dedup: Dedup::default(),
+            counting: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
             metrics: Metrics::default(),
             recent: Recent::default(),
             affinity: AffinityBook::default(),

@@ -16,12 +16,76 @@ const PER_TOOL: usize = 12;
 /// An image of unknown size (Anthropic: about width*height/750, up to ~1600 for large images).
 const PER_IMAGE: usize = 1600;
 
+/// Text beyond this many bytes is not run through the tokenizer: its count is extrapolated from
+/// the tokens per byte of the part that was.
+pub const MAX_EXACT_BYTES: usize = 1024 * 1024;
+/// The tokenizer sees text in slices of at most this many bytes: byte-pair merging is quadratic
+/// in the length of one unbroken piece (a long base64 string), and a slice boundary costs at most
+/// a token.
+const SLICE_BYTES: usize = 8 * 1024;
+/// Bytes a token where nothing could be counted exactly (a body too deep or odd for the parser).
+const BYTES_PER_TOKEN: usize = 3;
+
 /// Counts the input tokens of a Messages request body (system, messages, tools). Never 0.
 pub fn count_request(body: &Value) -> u64 {
     let (text, fixed) = countable(body);
-    let bpe = tiktoken_rs::o200k_base_singleton();
-    let counted = bpe.encode_ordinary(&text).len() + fixed;
+    let counted = count_text(&text) + fixed as u64;
     ((counted as f64 * MARGIN).ceil() as u64).max(1)
+}
+
+/// Counts a request body as it arrived. A body the parser refuses although the request check
+/// accepted it (nesting past serde_json's limit, a lone surrogate escape, a number out of range)
+/// is estimated from its length instead: counting never refuses what `/v1/messages` forwards.
+pub fn count_body(raw: &[u8]) -> u64 {
+    match serde_json::from_slice::<Value>(raw) {
+        Ok(v) => count_request(&v),
+        Err(_) => (((raw.len() / BYTES_PER_TOKEN) as f64 * MARGIN).ceil() as u64).max(1),
+    }
+}
+
+/// Tokens of `text`: the first [`MAX_EXACT_BYTES`] counted, the rest extrapolated.
+fn count_text(text: &str) -> u64 {
+    let bpe = tiktoken_rs::o200k_base_singleton();
+    let exact = floor_boundary(text, MAX_EXACT_BYTES);
+    let mut tokens = 0usize;
+    let mut rest = &text[..exact];
+    while !rest.is_empty() {
+        let cut = slice_end(rest);
+        tokens += bpe.encode_ordinary(&rest[..cut]).len();
+        rest = &rest[cut..];
+    }
+    if exact == text.len() || exact == 0 {
+        return tokens as u64;
+    }
+    let per_byte = tokens as f64 / exact as f64;
+    tokens as u64 + ((text.len() - exact) as f64 * per_byte).ceil() as u64
+}
+
+/// The largest char boundary at or below `at`.
+fn floor_boundary(text: &str, at: usize) -> usize {
+    if at >= text.len() {
+        return text.len();
+    }
+    let mut i = at;
+    while !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Where the next slice ends: after the last whitespace within [`SLICE_BYTES`], else at the
+/// bound (on a char boundary).
+fn slice_end(text: &str) -> usize {
+    if text.len() <= SLICE_BYTES {
+        return text.len();
+    }
+    let bound = floor_boundary(text, SLICE_BYTES);
+    match text[..bound].rfind(char::is_whitespace) {
+        Some(i) if i > 0 => i,
+        _ if bound > 0 => bound,
+        // One char longer than a slice cannot happen (chars are at most 4 bytes).
+        _ => text.len(),
+    }
 }
 
 /// A cheap estimate (about four bytes a token) for `message_start` and missing usage, where
@@ -176,6 +240,57 @@ mod tests {
             estimate_request(&body),
             ((text.len() / 4 + fixed) as u64).max(1)
         );
+    }
+
+    #[test]
+    fn long_text_is_counted_in_slices_and_extrapolated_past_the_cap() {
+        let words = "the quick brown fox jumps over the lazy dog ".repeat(2_000);
+        let whole = bpe_len(&words);
+        assert_eq!(count_text(&words), whole as u64, "short text: exact");
+        let long = words.repeat((MAX_EXACT_BYTES * 3) / words.len());
+        let counted = count_text(&long) as f64;
+        let expected = whole as f64 * (long.len() as f64 / words.len() as f64);
+        assert!(
+            (counted - expected).abs() / expected < 0.02,
+            "{counted} vs {expected}"
+        );
+        // One unbroken piece far longer than a slice (base64 in a tool result): counted in
+        // slices, close to the whole-piece count, in bounded work.
+        let blob: String = (0..200_000)
+            .map(|i| char::from(b'a' + (i * 7 % 26) as u8))
+            .collect();
+        let sliced = count_text(&blob) as f64;
+        let unsliced = bpe_len(&blob[..SLICE_BYTES * 4]) as f64
+            * (blob.len() as f64 / (SLICE_BYTES * 4) as f64);
+        assert!(
+            (sliced - unsliced).abs() / unsliced < 0.05,
+            "{sliced} vs {unsliced}"
+        );
+        // Multi-byte text is cut on char boundaries.
+        let cjk = "漢字かな交じり文".repeat(MAX_EXACT_BYTES / 8);
+        assert!(count_text(&cjk) > 0);
+    }
+
+    fn bpe_len(text: &str) -> usize {
+        tiktoken_rs::o200k_base_singleton()
+            .encode_ordinary(text)
+            .len()
+    }
+
+    #[test]
+    fn bodies_the_parser_refuses_are_estimated_not_refused() {
+        let deep = format!(
+            "{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":{}1{}}}]}}",
+            "[".repeat(127),
+            "]".repeat(127)
+        );
+        assert!(serde_json::from_str::<Value>(&deep).is_err());
+        assert!(count_body(deep.as_bytes()) > 0);
+        let surrogate = br#"{"model":"m","messages":[{"role":"user","content":"\ud800 x"}]}"#;
+        assert!(count_body(surrogate) > 0);
+        let huge =
+            br#"{"model":"m","max_tokens":1e400,"messages":[{"role":"user","content":"hi"}]}"#;
+        assert!(count_body(huge) > 0);
     }
 
     #[test]

@@ -130,3 +130,51 @@ async fn openai_only_routes_and_unknown_models_count_locally() {
     assert!(v["input_tokens"].as_u64().unwrap() > 0);
     assert_eq!(o.request_count(), 0);
 }
+
+/// count_tokens accepts every body `/v1/messages` accepts (one body check): nesting to the
+/// scanner's depth, a lone surrogate escape and a number out of f64 range are counted, not
+/// refused, and a large body is counted (off the request threads, the exact part bounded).
+#[tokio::test]
+async fn the_local_count_accepts_what_messages_accepts() {
+    let bal = Balancer::start(
+        "providers: []\nmodel_routes: {}\nsettings:\n  token_counting:\n    always_use_local: true\n",
+    )
+    .await;
+    let post = |body: String| {
+        bal.client
+            .post(format!("{}/v1/messages/count_tokens", bal.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let deep = format!(
+        "{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"metadata\":{{\"x\":{}1{}}}}}",
+        "[".repeat(126),
+        "]".repeat(126)
+    );
+    assert!(
+        serde_json::from_str::<Value>(&deep).is_err(),
+        "deeper than serde_json goes"
+    );
+    let surrogate =
+        r#"{"model":"m","messages":[{"role":"user","content":"a \ud800 b"}]}"#.to_owned();
+    let huge = r#"{"model":"m","temperature":1e400,"messages":[{"role":"user","content":"hi"}]}"#
+        .to_owned();
+    let big = serde_json::to_string(&json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": "word ".repeat(2 * 1024 * 1024)}]
+    }))
+    .unwrap();
+    for (name, body) in [
+        ("deep", deep),
+        ("surrogate", surrogate),
+        ("huge number", huge),
+        ("10 MB", big),
+    ] {
+        let resp = post(body).await.unwrap();
+        assert_eq!(resp.status(), 200, "{name}");
+        assert_eq!(resp.headers()["x-token-count"], "local");
+        let v: Value = resp.json().await.unwrap();
+        assert!(v["input_tokens"].as_u64().unwrap() > 0, "{name}: {v}");
+    }
+}

@@ -29,7 +29,7 @@ pub async fn count_tokens(state: &Arc<AppState>, inbound: Inbound) -> Answer {
             }
         }
     }
-    let mut answer = local_count(&inbound.body);
+    let mut answer = local_count(state, inbound.body.clone()).await;
     if let Some((route, attempts)) = tried {
         answer.route = route;
         answer.attempts = attempts;
@@ -37,25 +37,32 @@ pub async fn count_tokens(state: &Arc<AppState>, inbound: Inbound) -> Answer {
     answer
 }
 
-fn local_count(raw: &[u8]) -> Answer {
-    match serde_json::from_slice::<serde_json::Value>(raw) {
-        Ok(v) => {
-            let n = tokens::count_request(&v);
-            Answer {
-                status: StatusCode::OK,
-                headers: HeaderMap::new(),
-                source: Source::LocalCount,
-                route: None,
-                attempts: Vec::new(),
-                cache: CacheStatus::Off,
-                body: Body::Json(Bytes::from(
-                    serde_json::json!({ "input_tokens": n }).to_string(),
-                )),
-                usage: None,
-            }
+/// Counts locally, on the blocking pool (one count per core at a time): a large body must not
+/// hold a request thread. The work is bounded by `tokens::MAX_EXACT_BYTES`.
+async fn local_count(state: &AppState, raw: Bytes) -> Answer {
+    let counted = match Arc::clone(&state.counting).acquire_owned().await {
+        Ok(permit) => {
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                tokens::count_body(&raw)
+            })
+            .await
         }
-        Err(e) => Answer::error(ApiError::invalid_request(format!(
-            "request body is not valid JSON: {e}"
-        ))),
+        Err(_) => return Answer::error(ApiError::internal("token counting is shut down")),
+    };
+    let Ok(n) = counted else {
+        return Answer::error(ApiError::internal("token counting failed"));
+    };
+    Answer {
+        status: StatusCode::OK,
+        headers: HeaderMap::new(),
+        source: Source::LocalCount,
+        route: None,
+        attempts: Vec::new(),
+        cache: CacheStatus::Off,
+        body: Body::Json(Bytes::from(
+            serde_json::json!({ "input_tokens": n }).to_string(),
+        )),
+        usage: None,
     }
 }
