@@ -88,3 +88,69 @@ async fn a_request_waiting_on_a_slow_provider_is_not_idle() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-provider-used"], "A");
 }
+
+/// Member names are read as a JSON parser reads them: an escaped `"mod\u0065l"` is the model (it
+/// is mapped, not passed through unmapped), an escaped `"str\u0065am"` asks for a stream, and a
+/// body naming a top-level member twice (in any spelling) is refused with a 400 naming it.
+#[tokio::test]
+async fn escaped_member_names_cannot_bypass_routing_or_mapping() {
+    let p = MockProvider::start(Reply::message("m", "ok"))
+        .await
+        .unwrap();
+    let yaml = format!(
+        "providers:\n{}model_routes:\n  \"claude-*\":\n    - {{provider: P, model: vendor/mapped}}\n",
+        provider_yaml("P", &p.url())
+    );
+    let bal = Balancer::start(&yaml).await;
+    let post = |raw: &'static str| {
+        bal.client
+            .post(format!("{}/v1/messages", bal.url))
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+    };
+    let resp = post(
+        r#"{"mod\u0065l":"claude-x","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    let sent: serde_json::Value = serde_json::from_slice(&p.requests()[0].body).unwrap();
+    assert_eq!(
+        sent["model"], "vendor/mapped",
+        "the escaped name was mapped"
+    );
+
+    for (raw, member) in [
+        (
+            r#"{"model":"claude-x","mod\u0065l":"other","max_tokens":5,"messages":[]}"#,
+            "model",
+        ),
+        (
+            r#"{"model":"claude-x","stream":false,"str\u0065am":true,"max_tokens":5,"messages":[]}"#,
+            "stream",
+        ),
+        (
+            r#"{"model":"claude-x","max_tokens":5,"max_tokens":9,"messages":[]}"#,
+            "max_tokens",
+        ),
+    ] {
+        let resp = post(raw).await.unwrap();
+        assert_eq!(resp.status(), 400, "{raw}");
+        let v: serde_json::Value = resp.json().await.unwrap();
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("{member:?}")), "{raw}: {message}");
+    }
+    assert_eq!(p.request_count(), 1, "no refused body reached the provider");
+
+    p.push(Reply::message_stream("m", "streamed"));
+    let resp = post(r#"{"model":"claude-x","str\u0065am":true,"max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
+}

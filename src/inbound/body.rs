@@ -48,6 +48,12 @@ pub fn parse_with(body: &[u8], sign: bool) -> Result<Envelope, ApiError> {
             ApiError::invalid_request(format!("request body is not valid JSON: {m}"))
         }
     })?;
+    if let Some(name) = &head.duplicate {
+        let shown: String = name.chars().take(64).collect();
+        return Err(ApiError::invalid_request(format!(
+            "member {shown:?} appears more than once at the top level of the body"
+        )));
+    }
     let model = match (head.model, head.model_present) {
         (Some(m), _) if m.len() > MAX_NAME_BYTES => {
             return Err(ApiError::invalid_request(format!(
@@ -225,7 +231,9 @@ pub fn rewrite(body: &Bytes, model: &str, current_model: &str, strip_provider: b
     };
     let mut edits: Vec<(Range<usize>, Vec<u8>)> = Vec::new();
     for (n, m) in members.iter().enumerate() {
-        let key = &body[m.key.clone()];
+        // Compared as a parser reads it: `"mod\u0065l"` is the model too.
+        let key = canonical::member_name(&body[m.key.clone()]);
+        let key: &[u8] = &key;
         if key == b"model" && model != current_model {
             let json = serde_json::to_vec(model).unwrap_or_default();
             edits.push((m.value.clone(), json));

@@ -10,6 +10,8 @@
 //! provider judges. Two strings spelled with different escapes for the same text hash differently
 //! (they only fail to coalesce). Nesting deeper than [`MAX_DEPTH`] is refused.
 
+use std::borrow::Cow;
+
 use serde_json::Value;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_128_with_seed};
 
@@ -47,6 +49,25 @@ pub struct Head {
     /// Some string value starts with this gateway's thinking-signature prefix (`gw1.`): the body
     /// may hold thinking blocks an Anthropic provider must not see.
     pub gateway_signed: bool,
+    /// A top-level member name that appears twice (after decoding escapes), if any: the balancer
+    /// and the provider's parser could read different values.
+    pub duplicate: Option<String>,
+}
+
+/// A member name as a JSON parser reads it: its escapes decoded, so `"mod\u0065l"` is `model`.
+/// `raw` is the text between the quotes. A name that does not decode is returned as written.
+pub fn member_name(raw: &[u8]) -> Cow<'_, [u8]> {
+    if memchr::memchr(b'\\', raw).is_none() {
+        return Cow::Borrowed(raw);
+    }
+    let mut quoted = Vec::with_capacity(raw.len() + 2);
+    quoted.push(b'"');
+    quoted.extend_from_slice(raw);
+    quoted.push(b'"');
+    match serde_json::from_slice::<String>(&quoted) {
+        Ok(name) => Cow::Owned(name.into_bytes()),
+        Err(_) => Cow::Borrowed(raw),
+    }
 }
 
 /// Why a body was refused.
@@ -460,6 +481,7 @@ impl<'a, const SIGN: bool> Scanner<'a, SIGN> {
         }
         self.enter()?;
         let mut head = Head::default();
+        let mut names: Vec<Cow<'a, [u8]>> = Vec::new();
         if self.b.get(self.i) == Some(&b'}') {
             self.i += 1;
             return Ok(head);
@@ -474,7 +496,11 @@ impl<'a, const SIGN: bool> Scanner<'a, SIGN> {
             let b = self.b;
             let text = &b[start..self.i];
             let mut keep = true;
-            match &b[ks..ke] {
+            let name = member_name(&b[ks..ke]);
+            if head.duplicate.is_none() && names.contains(&name) {
+                head.duplicate = Some(String::from_utf8_lossy(&name).into_owned());
+            }
+            match &*name {
                 b"stream" => {
                     head.stream = match serde_json::from_slice::<Option<bool>>(text) {
                         Ok(v) => v,
@@ -498,6 +524,7 @@ impl<'a, const SIGN: bool> Scanner<'a, SIGN> {
             if SIGN && keep {
                 self.members.push((xxh3_64(&b[ks..ke]), h));
             }
+            names.push(name);
             if !self.next_member()? {
                 break;
             }
@@ -528,6 +555,27 @@ mod tests {
             Err(ScanError::Syntax(m)) => m,
             other => panic!("{body}: {other:?}"),
         }
+    }
+
+    #[test]
+    fn member_names_are_read_with_their_escapes_decoded() {
+        assert_eq!(&*member_name(b"model"), b"model");
+        assert_eq!(&*member_name(br"mod\u0065l"), b"model");
+        assert_eq!(&*member_name(br"a\\b"), br"a\b");
+        assert_eq!(
+            &*member_name(br"\ud800"),
+            br"\ud800",
+            "undecodable: as written"
+        );
+        let head = scan(br#"{"model":"a","m\u006fdel":"b","messages":[]}"#, true).unwrap();
+        assert_eq!(head.duplicate.as_deref(), Some("model"));
+        assert_eq!(
+            head.model.as_deref(),
+            Some("b"),
+            "the last one, as serde_json reads it"
+        );
+        let head = scan(br#"{"str\u0065am":true,"messages":[]}"#, false).unwrap();
+        assert_eq!((head.stream, head.duplicate), (Some(true), None));
     }
 
     #[test]
