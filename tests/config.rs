@@ -325,3 +325,15 @@ fn keys_without_a_use_here_are_reported_as_ignored() {
         );
     }
 }
+
+/// A YAML syntax error names the line and column and never quotes the file: the lines around it
+/// may hold keys, and the error reaches the console, the log file and the reload endpoint.
+#[test]
+fn yaml_syntax_errors_never_quote_the_file() {
+    let yaml = "providers:\n  - name: A\n    type: anthropic\n    base_url: \"http://x\"\n    auth_type: api_key\n    auth_value: \"sk-secret-value-123456\"\n  bad: [unclosed\nsettings:\n  auth:\n    admin_keys: [\"adm-secret-999999\"]\n";
+    let err = load_str(yaml, &no_env).unwrap_err().to_string();
+    assert!(err.contains("line 7"), "{err}");
+    assert!(!err.contains("sk-secret-value-123456"), "{err}");
+    assert!(!err.contains("adm-secret-999999"), "{err}");
+    assert!(!err.contains("auth_type"), "no neighbouring line: {err}");
+}

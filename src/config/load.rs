@@ -41,6 +41,16 @@ pub fn load_file(path: &Path) -> Result<Loaded, ConfigErrors> {
     load_str(&text, &|name| std::env::var(name).ok())
 }
 
+/// A YAML syntax error by line and column only: the parser's message goes on to quote the
+/// lines around the error, which may hold keys (`auth_value`, `admin_keys`), and this text reaches
+/// the console, the log file and the reload endpoint.
+fn yaml_syntax_error(e: &impl fmt::Display) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or("").trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    format!("YAML syntax: {first}")
+}
+
 /// Parses and validates a configuration text; `lookup` resolves `${VAR}` references.
 pub fn load_str(
     text: &str,
@@ -49,7 +59,7 @@ pub fn load_str(
     let root: Value = if text.trim().is_empty() {
         Value::Null
     } else {
-        serde_saphyr::from_str(text).map_err(|e| ConfigErrors(vec![format!("YAML syntax: {e}")]))?
+        serde_saphyr::from_str(text).map_err(|e| ConfigErrors(vec![yaml_syntax_error(&e)]))?
     };
     let mut w = Walker {
         errors: Vec::new(),
