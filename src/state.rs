@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
-use crate::config::{Config, ConfigErrors, Loaded, load_file};
+use crate::config::{Auth, Config, ConfigErrors, Loaded, load_file};
 use crate::dedup::Dedup;
 use crate::dispatch::FaultPolicy;
 use crate::observability::metrics::Metrics;
@@ -17,6 +17,7 @@ use crate::observability::recent::Recent;
 use crate::routing::RouteTable;
 use crate::routing::affinity::AffinityBook;
 use crate::routing::health::{HealthBook, HealthPolicy};
+use crate::secret::{Redactor, Secret, url_password};
 use crate::upstream::{ClientPool, Provider};
 
 /// One loaded configuration, compiled for use. Immutable: a reload builds a new one.
@@ -33,6 +34,9 @@ pub struct Runtime {
     pub health_policy: HealthPolicy,
     /// The count_tokens book's policy.
     pub count_policy: HealthPolicy,
+    /// Every configured secret (provider keys, proxy and `base_url` passwords, inbound and admin
+    /// keys), to mask in whatever leaves the process.
+    pub redactor: Arc<Redactor>,
     /// `max_concurrent_requests` as permits; a response body holds one until it ends.
     pub limit: Option<Arc<tokio::sync::Semaphore>>,
     pub loaded_at: SystemTime,
@@ -65,7 +69,9 @@ impl Runtime {
                     n.min(tokio::sync::Semaphore::MAX_PERMITS),
                 ))
             });
+        let redactor = Arc::new(configured_secrets(&config));
         Ok(Self {
+            redactor,
             faults: FaultPolicy::new(settings),
             count_faults: FaultPolicy::every_status(),
             health_policy: HealthPolicy::for_messages(settings),
@@ -77,6 +83,29 @@ impl Runtime {
             loaded_at: SystemTime::now(),
         })
     }
+}
+
+/// The redactor of every secret a configuration holds.
+fn configured_secrets(config: &Config) -> Redactor {
+    let mut secrets: Vec<&str> = Vec::new();
+    for p in &config.providers {
+        if let Auth::ApiKey(k) | Auth::Bearer(k) = &p.auth {
+            secrets.push(k.expose());
+        }
+        if let Some(proxy) = &p.proxy {
+            secrets.push(proxy.expose());
+            secrets.extend(url_password(proxy.expose()));
+        }
+        secrets.extend(url_password(&p.base_url));
+    }
+    let auth = &config.settings.auth;
+    secrets.extend(
+        auth.api_keys
+            .iter()
+            .chain(&auth.admin_keys)
+            .map(Secret::expose),
+    );
+    Redactor::new(secrets)
 }
 
 #[derive(Debug)]

@@ -154,3 +154,69 @@ async fn escaped_member_names_cannot_bypass_routing_or_mapping() {
         "{content_type}"
     );
 }
+
+const KEY: &str = "sk-prov/ider+KEY-0123456789";
+
+fn provider_with_key(kind: &str, url: &str) -> String {
+    let base = if kind == "openai" {
+        format!("{url}/v1")
+    } else {
+        url.to_owned()
+    };
+    format!(
+        "providers:\n  - {{name: P, type: {kind}, base_url: \"{base}\", auth_type: api_key, auth_value: \"{KEY}\"}}\nmodel_routes:\n  \"*\":\n    - {{provider: P, model: passthrough}}\n"
+    )
+}
+
+/// No part of the key may be left: not the key, not its JSON-escaped form, not a prefix.
+fn assert_no_key(label: &str, text: &str) {
+    let escaped = KEY.replace('/', "\\/");
+    for leak in [KEY, escaped.as_str(), &KEY[..12]] {
+        assert!(!text.contains(leak), "{label}: {leak:?} leaked in {text}");
+    }
+}
+
+/// A provider that echoes its own key in an error (raw, JSON-escaped, or placed across the
+/// point where the reason is cut short) never gets it to the client, the health book or the
+/// admin views, for both provider types and for client faults and provider faults alike.
+#[tokio::test]
+async fn a_key_echoed_by_a_provider_is_masked_everywhere() {
+    let filler = "x".repeat(190);
+    let echoes = [
+        format!("invalid key {KEY}"),
+        format!("invalid key {}", KEY.replace('/', "\\/")),
+        format!("{filler} {KEY}"),
+    ];
+    for kind in ["anthropic", "openai"] {
+        for status in [400, 500] {
+            for echo in &echoes {
+                // Written by hand: the JSON-escaped form must reach the balancer as it is.
+                let p = MockProvider::start(Reply::Full {
+                    status,
+                    headers: vec![("content-type".into(), "application/json".into())],
+                    body: format!("{{\"type\":\"error\",\"error\":{{\"type\":\"api_error\",\"message\":\"{echo}\"}}}}").into_bytes(),
+                    delay: Duration::ZERO,
+                })
+                .await
+                .unwrap();
+                let bal = Balancer::start(&provider_with_key(kind, &p.url())).await;
+                let label = format!("{kind} {status} {}", &echo[..echo.len().min(30)]);
+                let resp = bal.post("/v1/messages", &request(false)).await;
+                assert_eq!(resp.status().as_u16(), status, "{label}");
+                let body = resp.text().await.unwrap();
+                assert_no_key(&label, &body);
+                if status == 400 || echo.len() < 100 {
+                    // A client fault's body is passed on whole; a short reason keeps the echo.
+                    assert!(
+                        body.contains("****"),
+                        "{label}: masked, not dropped: {body}"
+                    );
+                }
+                let (_, providers) = bal.get_json("/providers").await;
+                assert_no_key(&label, &providers.to_string());
+                let (_, dash) = bal.get_json("/dashboard/data").await;
+                assert_no_key(&label, &dash.to_string());
+            }
+        }
+    }
+}

@@ -91,7 +91,7 @@ pub async fn providers(State(state): State<Arc<AppState>>) -> Response {
         list.push(json!({
             "name": pc.name,
             "type": pc.kind.as_str(),
-            "base_url": pc.base_url,
+            "base_url": mask_url_credentials(&pc.base_url),
             "enabled": pc.enabled,
             "disabled_reason": pc.disabled_reason,
             "state": shown,

@@ -146,10 +146,14 @@ async fn read_upstream_body(
 }
 
 /// A non-2xx answer: a provider fault, or `(status, headers, body)` of a client fault.
+///
+/// The body is masked of every configured secret and the client's credentials before anything
+/// reads it: a provider that echoes a key in its error must not pass it on.
 async fn error_status(
     mut resp: UpstreamResponse,
     faults: &FaultPolicy,
     deadlines: &Deadlines,
+    (runtime, inbound): (&Runtime, &Inbound),
 ) -> Result<(StatusCode, HeaderMap, Bytes), Fault> {
     let status = resp.status;
     let headers = std::mem::take(&mut resp.headers);
@@ -175,6 +179,7 @@ async fn error_status(
     }
     let retry = retry_after(&headers);
     let body = read_upstream_body(resp, deadlines.gap, MAX_ERROR_BODY).await?;
+    let body = super::request_redactor(runtime, inbound).bytes(body);
     if faults.is_unhealthy(status.as_u16(), &body) {
         return Err(status_fault(status.as_u16(), &body, retry));
     }
@@ -251,6 +256,7 @@ fn commit_stream(
         read_timeout: deadlines.gap,
         state: Arc::clone(state),
         health: runtime.health_policy,
+        redactor: Arc::clone(&runtime.redactor),
         provider: name.to_owned(),
         transform,
     };
@@ -410,7 +416,7 @@ async fn anthropic(
     };
     let status = resp.status;
     if !status.is_success() {
-        return match error_status(resp, faults, &deadlines).await {
+        return match error_status(resp, faults, &deadlines, (runtime, inbound)).await {
             Err(f) => Outcome::Fault(f),
             Ok((status, headers, body)) => client_fault(status, &headers, body),
         };
@@ -554,7 +560,7 @@ async fn openai(
         Err(f) => return Outcome::Fault(f),
     };
     if !resp.status.is_success() {
-        return match error_status(resp, faults, &deadlines).await {
+        return match error_status(resp, faults, &deadlines, (runtime, inbound)).await {
             Err(f) => Outcome::Fault(f),
             Ok((status, headers, body)) => {
                 let error = openai::errors::to_anthropic(status.as_u16(), &body, name, estimate);
@@ -672,7 +678,8 @@ async fn count_tokens(runtime: &Runtime, candidate: &Candidate, inbound: &Inboun
         Err(f) => return Outcome::Fault(f),
     };
     if !resp.status.is_success() {
-        return match error_status(resp, &runtime.count_faults, &deadlines).await {
+        return match error_status(resp, &runtime.count_faults, &deadlines, (runtime, inbound)).await
+        {
             Err(f) => Outcome::Fault(f),
             Ok((status, headers, body)) => client_fault(status, &headers, body),
         };

@@ -94,7 +94,7 @@ impl FaultPolicy {
                 FaultClass::Other,
                 format!(
                     "response matched unhealthy_response_body_patterns: {}",
-                    truncate(text.trim())
+                    clip(text.trim())
                 ),
             )
         })
@@ -110,7 +110,9 @@ pub(crate) fn transport_fault(e: TransportError) -> Fault {
     Fault::new(class, e.to_string())
 }
 
-/// The Anthropic or OpenAI error message of a body, else the body itself, shortened.
+/// The Anthropic or OpenAI error message of a body, else the body itself, clipped to
+/// [`CLIP`]: the loop masks secrets in it and only then cuts it to its final length, so a key
+/// across the final cut is masked whole.
 fn snippet(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
@@ -119,20 +121,32 @@ fn snippet(body: &[u8]) -> String {
         let kind = err.get("type").and_then(|t| t.as_str());
         let msg = err.get("message").and_then(|m| m.as_str());
         match (kind, msg) {
-            (Some(k), Some(m)) => return truncate(&format!("{k}: {m}")),
-            (None, Some(m)) => return truncate(m),
+            (Some(k), Some(m)) => return clip(&format!("{k}: {m}")),
+            (None, Some(m)) => return clip(m),
             _ => {}
         }
     }
-    truncate(text)
+    clip(text)
 }
 
-fn truncate(s: &str) -> String {
-    const MAX: usize = 200;
-    if s.len() <= MAX {
+/// The longest text a fault reason carries before it is masked: far past the final cut, so a
+/// key split here is dropped by that cut.
+const CLIP: usize = 4096;
+
+fn clip(s: &str) -> String {
+    cut(s, CLIP)
+}
+
+/// A fault reason cut to its final length (after masking).
+pub(crate) fn truncate(s: &str) -> String {
+    cut(s, 200)
+}
+
+fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
         return s.to_owned();
     }
-    let mut end = MAX;
+    let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }

@@ -237,7 +237,7 @@ pub async fn run(
         let started = Instant::now();
         let mut outcome = attempt::attempt(state, runtime, candidate, inbound, endpoint).await;
         if let Outcome::Fault(f) = &mut outcome {
-            f.reason = redact_reason(&f.reason, candidate, inbound);
+            f.reason = redact_reason(&f.reason, runtime, inbound);
         }
         attempts.push(record_attempt(candidate, &outcome, started.elapsed()));
         let (reply, verdict) = match outcome {
@@ -308,16 +308,19 @@ pub async fn run(
     })
 }
 
-/// Some providers echo the key they refused: neither theirs nor the client's may reach a log or
-/// the client.
-fn redact_reason(reason: &str, candidate: &Candidate, inbound: &Inbound) -> String {
-    let mut secrets = crate::observability::client_secrets(&inbound.headers);
-    if let crate::config::Auth::ApiKey(k) | crate::config::Auth::Bearer(k) =
-        &candidate.provider.config.auth
-    {
-        secrets.push(k.expose().to_owned());
-    }
-    crate::observability::redact(reason, &secrets)
+/// The redactor for what one request's providers send back: every configured secret and the
+/// client's own credentials.
+pub(crate) fn request_redactor(runtime: &Runtime, inbound: &Inbound) -> crate::secret::Redactor {
+    runtime.redactor.with(
+        crate::inbound::auth::client_credentials(&inbound.headers)
+            .filter_map(|c| std::str::from_utf8(c).ok()),
+    )
+}
+
+/// Some providers echo the key they refused: neither theirs nor the client's may reach a log, the
+/// health book or the client. Masked first, then cut short.
+fn redact_reason(reason: &str, runtime: &Runtime, inbound: &Inbound) -> String {
+    classify::truncate(&request_redactor(runtime, inbound).text(reason))
 }
 
 fn record_attempt(candidate: &Candidate, outcome: &Outcome, took: Duration) -> Attempt {

@@ -16,6 +16,7 @@ use tokio::time::{Instant, Sleep, sleep_until};
 
 use crate::adapter::openai::stream::{Step, StreamState};
 use crate::routing::health::{HealthPolicy, Verdict};
+use crate::secret::Redactor;
 use crate::state::AppState;
 use crate::upstream::TransportError;
 use crate::upstream::sse::{EventKind, PING_EVENT, Splitter, data_payloads, error_event};
@@ -41,6 +42,8 @@ pub struct Relay {
     /// Where to report a failure after commit, and by which policy.
     pub state: Arc<AppState>,
     pub health: HealthPolicy,
+    /// Masks configured secrets in an error the provider sends after commit.
+    pub redactor: Arc<Redactor>,
     pub provider: String,
     pub transform: Transform,
 }
@@ -54,22 +57,33 @@ pub enum Transform {
 }
 
 impl Transform {
-    /// Client bytes for complete upstream events, and whether the stream has ended.
-    fn events(&mut self, bytes: Bytes, kinds: &[EventKind]) -> (Bytes, bool) {
+    /// Client bytes for complete upstream events, and whether the stream has ended. An error
+    /// the provider sends after commit is masked of every configured secret on its way through
+    /// (the events of a healthy stream are not searched).
+    fn events(&mut self, bytes: Bytes, kinds: &[EventKind], redactor: &Redactor) -> (Bytes, bool) {
         match self {
             Transform::Passthrough => {
-                let done = kinds
-                    .iter()
-                    .any(|k| matches!(k, EventKind::MessageStop | EventKind::Error));
-                (bytes, done)
+                let failed = kinds.contains(&EventKind::Error);
+                let done = failed || kinds.contains(&EventKind::MessageStop);
+                (if failed { redactor.bytes(bytes) } else { bytes }, done)
             }
             Transform::Openai(state) => {
+                let mut failed = false;
                 for data in data_payloads(&bytes) {
-                    if state.push_data(&data) != Step::Continue {
-                        break;
+                    match state.push_data(&data) {
+                        Step::Continue => {}
+                        Step::Failed { .. } => {
+                            failed = true;
+                            break;
+                        }
+                        _ => break,
                     }
                 }
-                (Bytes::from(state.take()), state.is_finished())
+                let out = Bytes::from(state.take());
+                (
+                    if failed { redactor.bytes(out) } else { out },
+                    state.is_finished(),
+                )
             }
         }
     }
@@ -200,7 +214,11 @@ impl Running {
                     if events.bytes.is_empty() {
                         continue;
                     }
-                    let (out, done) = self.relay.transform.events(events.bytes, &events.kinds);
+                    let (out, done) = self.relay.transform.events(
+                        events.bytes,
+                        &events.kinds,
+                        &self.relay.redactor,
+                    );
                     self.finished = done;
                     if out.is_empty() {
                         continue;

@@ -103,42 +103,6 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
         .unwrap_or_else(|| format!("req_{}", &crate::adapter::ids::message_id()[4..]))
 }
 
-/// Replaces every secret in `text` with `****`.
-pub fn redact(text: &str, secrets: &[String]) -> String {
-    let mut out = text.to_owned();
-    for s in secrets.iter().filter(|s| s.len() >= 6) {
-        if out.contains(s.as_str()) {
-            out = out.replace(s.as_str(), "****");
-        }
-    }
-    out
-}
-
-/// The secrets a log line must never contain: configured keys and the client's credentials.
-fn secrets(state: &AppState, client: &[String]) -> Vec<String> {
-    let runtime = state.runtime();
-    let mut out: Vec<String> = client.to_vec();
-    for p in &runtime.config.providers {
-        match &p.auth {
-            crate::config::Auth::ApiKey(k) | crate::config::Auth::Bearer(k) => {
-                out.push(k.expose().to_owned())
-            }
-            _ => {}
-        }
-        if let Some(proxy) = &p.proxy {
-            out.push(proxy.expose().to_owned());
-        }
-    }
-    let auth = &runtime.config.settings.auth;
-    out.extend(
-        auth.api_keys
-            .iter()
-            .chain(&auth.admin_keys)
-            .map(|k| k.expose().to_owned()),
-    );
-    out
-}
-
 /// The client's credential values (for redaction), as [`crate::inbound::auth::client_credentials`]
 /// reads them.
 pub fn client_secrets(headers: &http::HeaderMap) -> Vec<String> {
@@ -164,12 +128,15 @@ fn finish(state: &AppState, r: &Record, client: &[String]) {
     // Only a failure reason can carry a key (a provider echoing it): the list of secrets is built
     // only when there is one to clean.
     let attempts = if r.attempts.iter().any(|a| a.reason.is_some()) {
-        let secrets = secrets(state, client);
+        let redactor = state
+            .runtime()
+            .redactor
+            .with(client.iter().map(String::as_str));
         let cleaned: Vec<Attempt> = r
             .attempts
             .iter()
             .map(|a| Attempt {
-                reason: a.reason.as_deref().map(|t| redact(t, &secrets)),
+                reason: a.reason.as_deref().map(|t| redactor.text(t).into_owned()),
                 ..a.clone()
             })
             .collect();
