@@ -54,15 +54,40 @@ fn yaml(providers: &[(&str, &str)], route_to: &str, settings: &str, log_dir: &Pa
 }
 
 async fn start(config_text: impl Fn(&Path) -> String) -> Process {
+    launch(config_text, None).await
+}
+
+/// Starts the binary (through `sh -c "{shell_first} && exec …"` when given) and waits until it
+/// answers `/health`.
+async fn launch(config_text: impl Fn(&Path) -> String, shell_first: Option<&str>) -> Process {
     claude_balancer::upstream::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.yaml");
     std::fs::write(&config, config_text(&dir.path().join("logs"))).unwrap();
     let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_claude-balancer"))
-        .args(["--config"])
-        .arg(&config)
-        .args(["--port", &port.to_string()])
+    let bin = env!("CARGO_BIN_EXE_claude-balancer");
+    let mut command = match shell_first {
+        // Through a shell that runs `shell_first` and then becomes the balancer (same pid).
+        Some(first) => {
+            let mut c = Command::new("sh");
+            c.args([
+                "-c",
+                &format!(
+                    "{first} && exec '{bin}' --config '{}' --port {port}",
+                    config.display()
+                ),
+            ]);
+            c
+        }
+        None => {
+            let mut c = Command::new(bin);
+            c.args(["--config"])
+                .arg(&config)
+                .args(["--port", &port.to_string()]);
+            c
+        }
+    };
+    let child = command
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("console.txt")).unwrap())
         .spawn()
@@ -505,45 +530,15 @@ async fn count_tokens_leaves_a_summary_line() {
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn the_open_file_limit_is_raised_to_the_hard_limit() {
-    claude_balancer::upstream::install_crypto_provider();
     let a = MockProvider::start(Reply::message("m", "ok"))
         .await
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        yaml(&[("A", &a.url())], "A", "", &dir.path().join("logs")),
+    let ua = a.url();
+    let p = launch(
+        |logs| yaml(&[("A", &ua)], "A", "", logs),
+        Some("ulimit -Sn 256"),
     )
-    .unwrap();
-    let port = free_port();
-    let script = format!(
-        "ulimit -Sn 256 && exec '{}' --config '{}' --port {port}",
-        env!("CARGO_BIN_EXE_claude-balancer"),
-        config.display()
-    );
-    let child = Command::new("sh")
-        .args(["-c", &script])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let p = Process {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-        dir,
-        config,
-    };
-    let client = reqwest::Client::new();
-    let mut up = false;
-    for _ in 0..200 {
-        if client.get(format!("{}/health", p.url)).send().await.is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(up, "the balancer did not start");
+    .await;
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", p.child.id())).unwrap();
     let line = limits
         .lines()
