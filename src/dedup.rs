@@ -599,6 +599,14 @@ async fn pump(
                 };
                 match next {
                     Some(chunk) => {
+                        // A relayed event is a slice of the read buffer it arrived in; kept for
+                        // the whole flight, it would hold that buffer (kilobytes) for every event
+                        // of every open stream. A copy holds only the event's own bytes.
+                        let chunk = if matches!(head.kind, Kind::Stream) {
+                            Bytes::copy_from_slice(&chunk)
+                        } else {
+                            chunk
+                        };
                         flight.append(chunk);
                         flight.wait_for_room(&mut cancel).await;
                     }

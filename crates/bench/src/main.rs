@@ -40,8 +40,14 @@ fn client() -> HttpClient {
 /// (identical requests in flight would be coalesced by the balancer's defaults).
 const MARK: &str = "#00000000";
 
-/// The arm running claude-balancer with its shipped defaults.
-const DEFAULTS_ARM: &str = "claude-balancer, defaults (coalescing on)";
+/// The main arm: claude-balancer with the shipped example configuration's settings (coalescing
+/// and session affinity on, an INFO console line and a JSON file line per request), sent
+/// requests that carry a Claude Code session id.
+const SHIPPED_ARM: &str = "claude-balancer, as shipped";
+/// For attribution: the same with coalescing and session affinity off.
+const PLAIN_ARM: &str = "claude-balancer, coalescing and affinity off";
+/// Sessions the load is spread over (one per worker, as each Claude Code session is one client).
+const SESSIONS: usize = 16;
 
 /// Numbers the requests of the whole run.
 static SENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -146,8 +152,9 @@ async fn load(c: &HttpClient, url: &str, body: Bytes, concurrency: usize, total:
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
-    for _ in 0..concurrency {
+    for worker in 0..concurrency {
         let (c, url, body, next) = (c.clone(), url.to_owned(), body.clone(), Arc::clone(&next));
+        let session = format!("0b3c9f6e-5d2a-4c1b-9e8f-{:012}", worker % SESSIONS);
         workers.push(tokio::spawn(async move {
             let mut s = Samples::default();
             while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
@@ -155,6 +162,7 @@ async fn load(c: &HttpClient, url: &str, body: Bytes, concurrency: usize, total:
                     .header("content-type", "application/json")
                     .header("anthropic-version", "2023-06-01")
                     .header("x-api-key", "bench-key")
+                    .header("x-claude-code-session-id", session.as_str())
                     .body(Full::new(unique(&body)));
                 let Ok(req) = req else {
                     s.errors += 1;
@@ -294,13 +302,14 @@ async fn wait_up(c: &HttpClient, url: &str) {
     }
 }
 
-/// Starts claude-balancer on `upstream`; `defaults`: keep deduplication on, as shipped.
+/// Starts claude-balancer on `upstream`; `shipped`: with the example configuration's settings
+/// (coalescing and affinity on), else with both off.
 fn start_balancer(
     dir: &std::path::Path,
     name: &str,
     upstream: &str,
     kind: &str,
-    defaults: bool,
+    shipped: bool,
 ) -> (Proc, String) {
     let port = free_port();
     let base = if kind == "openai" {
@@ -310,12 +319,12 @@ fn start_balancer(
     };
     let config = dir.join(format!("{name}.yaml"));
     let yaml = format!(
-        "providers:\n  - {{name: P, type: {kind}, base_url: \"{base}\", auth_type: api_key, auth_value: provider-key}}\nmodel_routes:\n  \"*\":\n    - {{provider: P, model: passthrough}}\nsettings:\n  log_level: INFO\n  log_file_path: \"{}/{name}-logs/logs.jsonl\"\n  sticky_provider_duration: 0\n{}",
+        "providers:\n  - {{name: P, type: {kind}, base_url: \"{base}\", auth_type: api_key, auth_value: provider-key}}\nmodel_routes:\n  \"*\":\n    - {{provider: P, model: passthrough}}\nsettings:\n  log_level: INFO\n  log_file_path: \"{}/{name}-logs/logs.jsonl\"\n{}",
         dir.display(),
-        if defaults {
+        if shipped {
             ""
         } else {
-            "  deduplication:\n    enabled: false\n"
+            "  sticky_provider_duration: 0\n  deduplication:\n    enabled: false\n"
         }
     );
     let _ = std::fs::write(&config, yaml);
@@ -519,34 +528,27 @@ async fn main() {
             return;
         }
     };
-    let (bal_proc, bal) = start_balancer(&dir, "pass", &mock.url(), "anthropic", false);
-    let (oai_proc, oai_bal) = start_balancer(&dir, "conv", &oai.url(), "openai", false);
-    let (dflt_proc, dflt) = start_balancer(&dir, "defaults", &mock.url(), "anthropic", true);
+    let (bal_proc, bal) = start_balancer(&dir, "shipped", &mock.url(), "anthropic", true);
+    let (oai_proc, oai_bal) = start_balancer(&dir, "conv", &oai.url(), "openai", true);
+    let (plain_proc, plain) = start_balancer(&dir, "plain", &mock.url(), "anthropic", false);
     let (bare_proc, bare) = start_bare_proxy(&mock.url());
     wait_up(&c, &bal).await;
     wait_up(&c, &oai_bal).await;
-    wait_up(&c, &dflt).await;
+    wait_up(&c, &plain).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle_rss = rss_mb(bal_proc.0.id());
     let arms = [
         ("direct", mock.url()),
         ("bare proxy", bare.clone()),
-        ("claude-balancer", bal.clone()),
+        (SHIPPED_ARM, bal.clone()),
+        (PLAIN_ARM, plain.clone()),
     ];
     let pids = |name: &str| match name {
         "bare proxy" => Some(bare_proc.0.id()),
-        "claude-balancer" => Some(bal_proc.0.id()),
-        DEFAULTS_ARM => Some(dflt_proc.0.id()),
+        SHIPPED_ARM => Some(bal_proc.0.id()),
+        PLAIN_ARM => Some(plain_proc.0.id()),
         _ => None,
     };
-    // The first scenario also runs the balancer as shipped (coalescing on: every request is signed
-    // and served through a flight).
-    let with_defaults = [
-        arms[0].clone(),
-        arms[1].clone(),
-        arms[2].clone(),
-        (DEFAULTS_ARM, dflt.clone()),
-    ];
 
     // Runs `per_round` requests per arm, three alternating rounds; returns samples and CPU per request.
     async fn rounds(
@@ -595,15 +597,7 @@ async fn main() {
             Reply::message("claude-sonnet-4-6", "ok").with_delay(Duration::from_millis(20)),
         );
         let body = request_body(false);
-        let r = rounds(
-            &c,
-            &with_defaults,
-            &pids,
-            &body,
-            latency_concurrency,
-            300 * scale,
-        )
-        .await;
+        let r = rounds(&c, &arms, &pids, &body, latency_concurrency, 300 * scale).await;
         let direct = (
             Samples::pct(&r[0].1.total, 0.5),
             Samples::pct(&r[0].1.total, 0.99),
@@ -700,7 +694,10 @@ async fn main() {
             Duration::from_millis(20),
             Duration::ZERO,
         ));
-        let conv_arms = [("claude-balancer (openai conversion)", oai_bal.clone())];
+        let conv_arms = [(
+            "claude-balancer, as shipped (openai conversion)",
+            oai_bal.clone(),
+        )];
         let conv_pid = |_: &str| Some(oai_proc.0.id());
         let r = rounds(
             &c,
@@ -758,7 +755,7 @@ async fn main() {
 
     println!("{report}");
     let doc = format!(
-        "# Benchmarks\n\nProduced by:\n\n```\ncargo build --release --workspace --bins && target/release/bench\n```\n\n{report}\nAdded latency is the arm's percentile minus the direct arm's. CPU is user + system time of the\nproxy process (from `/proc`) over the requests it served. Every request carries its own number (in its last\nmessage), so no two are identical. The `claude-balancer` arm runs with its defaults except\ndeduplication (off); the `defaults` arm runs as shipped, coalescing on, so every request is signed and\nserved through a flight. Both write their JSON request log as in production.\n"
+        "# Benchmarks\n\nProduced by:\n\n```\ncargo build --release --workspace --bins && target/release/bench\n```\n\n{report}\nAdded latency is the arm's percentile minus the direct arm's. CPU is user + system time of the\nproxy process (from `/proc`) over the requests it served. Every request carries its own number (in its last\nmessage), so no two are identical, and a Claude Code session id (`x-claude-code-session-id`, one\nsession per connection, 16 sessions), as the CLI sends. The main arm, `claude-balancer, as shipped`,\nruns the example configuration's settings: coalescing and session affinity on (every request is\nsigned, served through a flight and looked up in the affinity book), an INFO console line and a\nJSON file line per request. `coalescing and affinity off` is the same binary with both turned off,\nfor attribution; it writes the same log lines.\n"
     );
     // The measured part is rewritten; the sections after it (`## ...`: targets, analysis) are kept.
     let kept = std::fs::read_to_string(&out)
@@ -770,6 +767,6 @@ async fn main() {
     {
         eprintln!("cannot write {out}: {e}");
     }
-    drop((bal_proc, oai_proc, dflt_proc, bare_proc));
+    drop((bal_proc, oai_proc, plain_proc, bare_proc));
     let _ = std::fs::remove_dir_all(&dir);
 }
