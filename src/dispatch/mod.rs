@@ -278,7 +278,7 @@ pub async fn run(
             state.affinity.set(
                 session,
                 &plan.route,
-                name,
+                &candidate.provider.name,
                 Instant::now(),
                 runtime.config.settings.sticky_provider_duration,
             );

@@ -5,7 +5,7 @@ pub mod client;
 pub mod sse;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -22,6 +22,8 @@ use crate::secret::Secret;
 #[derive(Debug)]
 pub struct Provider {
     pub config: ProviderConfig,
+    /// `config.name`, shared (the affinity book keeps it without a copy).
+    pub name: Arc<str>,
     pub client: Client,
     /// `POST` target for messages (anthropic) or chat completions (openai).
     pub messages_url: String,
@@ -53,6 +55,7 @@ impl Provider {
             ProviderKind::Openai => (format!("{base}/chat/completions"), String::new()),
         };
         Self {
+            name: Arc::from(config.name.as_str()),
             config,
             client,
             messages_target: messages_url.parse().ok(),
