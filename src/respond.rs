@@ -20,7 +20,6 @@ use crate::state::AppState;
 pub fn respond(
     state: &Arc<AppState>,
     mut record: Record,
-    client: Vec<String>,
     permit: Option<OwnedSemaphorePermit>,
     mut answer: Answer,
 ) -> Response {
@@ -35,7 +34,7 @@ pub fn respond(
         headers.insert("x-balancer-overhead-ms", v);
     }
     let (parts, body) = response.into_parts();
-    let body = observability::observe(state, record, client, permit, body);
+    let body = observability::observe(state, record, permit, body);
     Response::from_parts(parts, body)
 }
 

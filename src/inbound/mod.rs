@@ -157,7 +157,6 @@ pub async fn messages(
 ) -> Response {
     state.metrics.started();
     let id = observability::request_id(&headers);
-    let client = observability::client_secrets(&headers);
     let limit = state.runtime().limit.clone();
     let permit = match limit.map(Semaphore::try_acquire_owned) {
         None => None,
@@ -171,15 +170,15 @@ pub async fn messages(
             )
             .with_retry_after(1);
             let record = Record::new(id, Endpoint::Messages, None, String::new(), false);
-            return respond(&state, record, client, None, Answer::error(busy));
+            return respond(&state, record, None, Answer::error(busy));
         }
     };
     match accept(&state, Endpoint::Messages, id, &uri, headers, body).await {
         Ok((record, inbound)) => {
             let answer = crate::dedup::serve(&state, inbound).await;
-            respond(&state, record, client, permit, answer)
+            respond(&state, record, permit, answer)
         }
-        Err((record, refusal)) => respond(&state, record, client, permit, Answer::error(refusal)),
+        Err((record, refusal)) => respond(&state, record, permit, Answer::error(refusal)),
     }
 }
 
@@ -191,13 +190,12 @@ pub async fn count_tokens(
 ) -> Response {
     state.metrics.started();
     let id = observability::request_id(&headers);
-    let client = observability::client_secrets(&headers);
     match accept(&state, Endpoint::CountTokens, id, &uri, headers, body).await {
         Ok((record, inbound)) => {
             let answer = count_tokens::count_tokens(&state, inbound).await;
-            respond(&state, record, client, None, answer)
+            respond(&state, record, None, answer)
         }
-        Err((record, refusal)) => respond(&state, record, client, None, Answer::error(refusal)),
+        Err((record, refusal)) => respond(&state, record, None, Answer::error(refusal)),
     }
 }
 

@@ -103,20 +103,15 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
         .unwrap_or_else(|| format!("req_{}", &crate::adapter::ids::message_id()[4..]))
 }
 
-/// The client's credential values (for redaction), as [`crate::inbound::auth::client_credentials`]
-/// reads them.
-pub fn client_secrets(headers: &http::HeaderMap) -> Vec<String> {
-    crate::inbound::auth::client_credentials(headers)
-        .map(|c| String::from_utf8_lossy(c).into_owned())
-        .collect()
-}
-
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
 /// Writes the summary line and the metrics of a finished request.
-fn finish(state: &AppState, r: &Record, client: &[String]) {
+///
+/// Attempt reasons arrive masked already: the failover loop masks each one, with every configured
+/// secret and the client's credentials, before anything else sees it.
+fn finish(state: &AppState, r: &Record) {
     let now = Instant::now();
     let total = now.saturating_duration_since(r.started);
     let ttfb = r.headers_at.map(|t| t.saturating_duration_since(r.started));
@@ -125,26 +120,7 @@ fn finish(state: &AppState, r: &Record, client: &[String]) {
     if r.endpoint == Endpoint::Messages {
         state.recent.record(r, ttfb, total);
     }
-    // Only a failure reason can carry a key (a provider echoing it): the list of secrets is built
-    // only when there is one to clean.
-    let attempts = if r.attempts.iter().any(|a| a.reason.is_some()) {
-        let redactor = state
-            .runtime()
-            .redactor
-            .with(client.iter().map(String::as_str));
-        let cleaned: Vec<Attempt> = r
-            .attempts
-            .iter()
-            .map(|a| Attempt {
-                reason: a.reason.as_deref().map(|t| redactor.text(t).into_owned()),
-                ..a.clone()
-            })
-            .collect();
-        serde_json::to_string(&cleaned)
-    } else {
-        serde_json::to_string(&r.attempts)
-    }
-    .unwrap_or_default();
+    let attempts = serde_json::to_string(&r.attempts).unwrap_or_default();
     logging::request_line(&logging::RequestLine {
         request_id: &r.id,
         endpoint: r.endpoint.as_str(),
@@ -171,13 +147,12 @@ fn finish(state: &AppState, r: &Record, client: &[String]) {
 struct Finisher {
     state: Arc<AppState>,
     record: Record,
-    client: Vec<String>,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for Finisher {
     fn drop(&mut self) {
-        finish(&self.state, &self.record, &self.client);
+        finish(&self.state, &self.record);
     }
 }
 
@@ -199,7 +174,6 @@ fn sniff_usage(record: &mut Record, chunk: &[u8]) {
 pub fn observe(
     state: &Arc<AppState>,
     record: Record,
-    client: Vec<String>,
     permit: Option<OwnedSemaphorePermit>,
     body: Body,
 ) -> Body {
@@ -207,7 +181,6 @@ pub fn observe(
     let finisher = Finisher {
         state: Arc::clone(state),
         record,
-        client,
         _permit: permit,
     };
     Body::new(Observed {
