@@ -209,29 +209,21 @@ async fn read_whole(
     }
 }
 
-/// Commits a complete JSON answer.
+/// Commits a complete JSON answer; `usage` is read from it when it is a message.
 fn commit_json(
     deadlines: &Deadlines,
     status: StatusCode,
     upstream_headers: &HeaderMap,
     body: Bytes,
+    message: bool,
 ) -> Outcome {
     Outcome::Committed(Reply {
         status,
         headers: client_response_headers(upstream_headers),
-        usage: Some(Usage::of_message(&body)),
+        usage: message.then(|| Usage::of_message(&body)),
         body: Body::Json(body),
         ttfb: Some(deadlines.started.elapsed()),
     })
-}
-
-/// What a stream's client gets at commit.
-struct Committed {
-    /// The client bytes for the events read before commit, sent at once.
-    first: Bytes,
-    /// Those events already ended the stream: nothing more is read.
-    ended: bool,
-    splitter: Splitter,
 }
 
 /// Commits a stream: the first bytes go out at once, the rest through the relay.
@@ -243,16 +235,16 @@ fn commit_stream(
     status: StatusCode,
     upstream_headers: &HeaderMap,
     name: &str,
-    committed: Committed,
+    prefix: Prefix,
     upstream: Upstream,
     transform: Transform,
 ) -> Outcome {
     let ttfb = deadlines.started.elapsed();
     let relay = Relay {
-        first: Some(committed.first),
-        ended: committed.ended,
+        first: Some(prefix.bytes),
+        ended: prefix.ended,
         upstream,
-        splitter: committed.splitter,
+        splitter: prefix.splitter,
         read_timeout: deadlines.gap,
         state: Arc::clone(state),
         health: runtime.health_policy,
@@ -280,9 +272,10 @@ fn client_fault(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Outcome
     })
 }
 
-/// The events read before commit.
+/// The events read before commit: what the client gets first.
 struct Prefix {
-    bytes: BytesMut,
+    /// Their bytes (for a converted stream, the events they were converted to).
+    bytes: Bytes,
     /// The splitter, holding any partial event.
     splitter: Splitter,
     /// A `message_stop` or `error` was among them: the stream has ended.
@@ -352,7 +345,7 @@ async fn first_events(
                     None => continue,
                     Some(Ok(())) => {
                         return Ok(Prefix {
-                            bytes: prefix,
+                            bytes: prefix.freeze(),
                             splitter,
                             ended,
                         });
@@ -436,7 +429,7 @@ async fn anthropic(
         if !crate::inbound::canonical::is_json(&body) {
             return Outcome::Fault(Fault::new(FaultClass::Other, "answer is not JSON"));
         }
-        return commit_json(&deadlines, status, &upstream_headers, body);
+        return commit_json(&deadlines, status, &upstream_headers, body, true);
     }
 
     // Streaming: commit on the first complete event that is not a ping.
@@ -483,11 +476,7 @@ async fn anthropic(
         status,
         &upstream_headers,
         name,
-        Committed {
-            first: prefix.bytes.freeze(),
-            ended: prefix.ended,
-            splitter: prefix.splitter,
-        },
+        prefix,
         upstream,
         Transform::Passthrough,
     )
@@ -608,6 +597,7 @@ async fn openai(
             StatusCode::OK,
             &upstream_headers,
             Bytes::from(message.to_string()),
+            true,
         );
     }
 
@@ -645,8 +635,8 @@ async fn openai(
             break;
         }
     }
-    let committed = Committed {
-        first: Bytes::from(converter.take()),
+    let converted = Prefix {
+        bytes: Bytes::from(converter.take()),
         // The chunks read before commit may hold the whole answer.
         ended: converter.is_finished(),
         splitter: prefix.splitter,
@@ -658,7 +648,7 @@ async fn openai(
         StatusCode::OK,
         &upstream_headers,
         name,
-        committed,
+        converted,
         upstream,
         Transform::Openai(Box::new(converter)),
     )
@@ -695,7 +685,7 @@ async fn count_tokens(runtime: &Runtime, candidate: &Candidate, inbound: &Inboun
     }
     match serde_json::from_slice::<Count>(&body) {
         Ok(c) if c.input_tokens > 0 => {
-            commit_json(&deadlines, StatusCode::OK, &upstream_headers, body)
+            commit_json(&deadlines, StatusCode::OK, &upstream_headers, body, false)
         }
         _ => Outcome::Fault(Fault::new(
             FaultClass::Other,
