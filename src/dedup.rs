@@ -566,25 +566,22 @@ async fn pump(
             ..
         } = answer;
         let (kind, bytes) = match body {
-            Body::Json(b) => (
-                Kind::Json,
-                Some(futures_util::stream::once(async move { b }).boxed()),
-            ),
+            Body::Json(b) => (Kind::Json, Some(one_chunk(b))),
             Body::Stream(events) => (Kind::Stream, Some(events)),
             Body::Error(e) => (Kind::Error(e), None),
         };
-        let head = AnswerHead {
-            status,
-            headers,
-            source,
-            route,
-            usage,
-            kind,
-        };
-        let cacheable = status.is_success() && !matches!(head.kind, Kind::Error(_));
+        let stream = matches!(kind, Kind::Stream);
+        let cacheable = status.is_success() && !matches!(kind, Kind::Error(_));
         {
             let mut st = flight.lock();
-            st.head = Some(head.clone());
+            st.head = Some(AnswerHead {
+                status,
+                headers,
+                source,
+                route,
+                usage,
+                kind,
+            });
             st.attempts = attempts;
         }
         flight.bump();
@@ -602,7 +599,7 @@ async fn pump(
                         // A relayed event is a slice of the read buffer it arrived in; kept for
                         // the whole flight, it would hold that buffer (kilobytes) for every event
                         // of every open stream. A copy holds only the event's own bytes.
-                        let chunk = if matches!(head.kind, Kind::Stream) {
+                        let chunk = if stream {
                             Bytes::copy_from_slice(&chunk)
                         } else {
                             chunk
@@ -615,7 +612,7 @@ async fn pump(
             }
         }
         if let (Some((max_entries, ttl)), true) = (cache, cacheable) {
-            store(&state, &flight, key, &head, max_entries, ttl);
+            store(&state, &flight, key, max_entries, ttl);
         }
     }
     flight.lock().done = true;
@@ -629,38 +626,35 @@ async fn pump(
 }
 
 /// Puts a complete, successful answer into the cache.
-fn store(
-    state: &AppState,
-    flight: &Flight,
-    key: Key,
-    head: &AnswerHead,
-    max_entries: usize,
-    ttl: Duration,
-) {
+fn store(state: &AppState, flight: &Flight, key: Key, max_entries: usize, ttl: Duration) {
     let st = flight.lock();
+    let Some(head) = st.head.as_ref() else {
+        return;
+    };
     if st.overflowed || *flight.cancel.borrow() {
         return;
     }
+    let (stream, source) = (matches!(head.kind, Kind::Stream), head.source.clone());
     let mut body = BytesMut::with_capacity(st.bytes);
     for c in &st.chunks {
         body.extend_from_slice(c);
     }
     drop(st);
-    let message = match head.kind {
+    let message = if stream {
         // An error event or a cut stream: never cached.
-        Kind::Stream => match accumulate_sse(&String::from_utf8_lossy(&body)) {
+        match accumulate_sse(&String::from_utf8_lossy(&body)) {
             Ok(m) => m,
             Err(_) => return,
-        },
-        Kind::Json => match serde_json::from_slice::<Value>(&body) {
+        }
+    } else {
+        match serde_json::from_slice::<Value>(&body) {
             Ok(m) if m.get("type").and_then(Value::as_str) == Some("message") => m,
             _ => return,
-        },
-        Kind::Error(_) => return,
+        }
     };
     let entry = CacheEntry {
         message,
-        source: head.source.clone(),
+        source,
         expires: Instant::now() + ttl,
         size: body.len(),
     };
@@ -688,11 +682,15 @@ fn from_cache(entry: CacheEntry, stream: bool) -> Answer {
 /// A complete message as the body a client asked for.
 fn message_body(message: &Value, json: String, stream: bool) -> Body {
     if stream {
-        let events = Bytes::from(message_to_sse(message));
-        Body::Stream(futures_util::stream::once(async move { events }).boxed())
+        Body::Stream(one_chunk(Bytes::from(message_to_sse(message))))
     } else {
         Body::Json(Bytes::from(json))
     }
+}
+
+/// A body of one chunk, as a stream.
+fn one_chunk(bytes: Bytes) -> dispatch::Events {
+    futures_util::stream::once(async move { bytes }).boxed()
 }
 
 /// The answer of one subscriber, in its own form. `None` when it waited past `deadline`.
@@ -749,8 +747,7 @@ async fn answer_for(
             match serde_json::from_slice::<Value>(&json) {
                 Ok(message) => {
                     answer.headers = provider_only(&answer.headers);
-                    let events = Bytes::from(message_to_sse(&message));
-                    Body::Stream(futures_util::stream::once(async move { events }).boxed())
+                    Body::Stream(one_chunk(Bytes::from(message_to_sse(&message))))
                 }
                 Err(_) => Body::Json(json),
             }
