@@ -103,10 +103,6 @@ impl Redactor {
         self.needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.needles.is_empty()
-    }
-
     /// `text` with every secret masked.
     pub fn text<'t>(&self, text: &'t str) -> std::borrow::Cow<'t, str> {
         match self.masked(text.as_bytes()) {

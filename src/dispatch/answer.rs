@@ -259,11 +259,6 @@ impl Answer {
         }
     }
 
-    /// Time spent waiting on providers before the answer was ready.
-    pub fn upstream_wait(&self) -> Duration {
-        self.attempts.iter().map(|a| a.took).sum()
-    }
-
     pub fn is_stream(&self) -> bool {
         matches!(self.body, Body::Stream(_))
     }

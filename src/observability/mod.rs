@@ -29,8 +29,6 @@ pub struct Record {
     pub started: Instant,
     pub route: Option<Arc<str>>,
     pub attempts: Vec<Attempt>,
-    /// Time spent waiting on providers before the answer was ready.
-    pub upstream_wait: Duration,
     /// When the response head was ready (the balancer's time to first byte).
     pub headers_at: Option<Instant>,
     pub cache: CacheStatus,
@@ -59,7 +57,6 @@ impl Record {
             started: Instant::now(),
             route: None,
             attempts: Vec::new(),
-            upstream_wait: Duration::ZERO,
             headers_at: None,
             cache: CacheStatus::Off,
             status: 0,
@@ -75,7 +72,6 @@ impl Record {
         self.headers_at = Some(Instant::now());
         self.route = answer.route.clone();
         self.attempts = std::mem::take(&mut answer.attempts);
-        self.upstream_wait = self.attempts.iter().map(|a| a.took).sum();
         self.cache = answer.cache;
         self.provider = answer.source.provider().map(str::to_owned);
         self.answer_is_stream = answer.is_stream();
@@ -84,12 +80,14 @@ impl Record {
         }
     }
 
-    /// The balancer's own time so far: elapsed minus time spent waiting on providers.
+    /// The balancer's own time so far: elapsed minus the time its attempts spent waiting on
+    /// providers.
     pub fn overhead(&self) -> Duration {
         let until = self.headers_at.unwrap_or_else(Instant::now);
+        let upstream_wait: Duration = self.attempts.iter().map(|a| a.took).sum();
         until
             .saturating_duration_since(self.started)
-            .saturating_sub(self.upstream_wait)
+            .saturating_sub(upstream_wait)
     }
 }
 
