@@ -153,7 +153,8 @@ async fn error_status(
     mut resp: UpstreamResponse,
     faults: &FaultPolicy,
     deadlines: &Deadlines,
-    (runtime, inbound): (&Runtime, &Inbound),
+    runtime: &Runtime,
+    inbound: &Inbound,
 ) -> Result<(StatusCode, HeaderMap, Bytes), Fault> {
     let status = resp.status;
     let headers = std::mem::take(&mut resp.headers);
@@ -409,7 +410,7 @@ async fn anthropic(
     };
     let status = resp.status;
     if !status.is_success() {
-        return match error_status(resp, faults, &deadlines, (runtime, inbound)).await {
+        return match error_status(resp, faults, &deadlines, runtime, inbound).await {
             Err(f) => Outcome::Fault(f),
             Ok((status, headers, body)) => client_fault(status, &headers, body),
         };
@@ -549,7 +550,7 @@ async fn openai(
         Err(f) => return Outcome::Fault(f),
     };
     if !resp.status.is_success() {
-        return match error_status(resp, faults, &deadlines, (runtime, inbound)).await {
+        return match error_status(resp, faults, &deadlines, runtime, inbound).await {
             Err(f) => Outcome::Fault(f),
             Ok((status, headers, body)) => {
                 let error = openai::errors::to_anthropic(status.as_u16(), &body, name, estimate);
@@ -668,8 +669,7 @@ async fn count_tokens(runtime: &Runtime, candidate: &Candidate, inbound: &Inboun
         Err(f) => return Outcome::Fault(f),
     };
     if !resp.status.is_success() {
-        return match error_status(resp, &runtime.count_faults, &deadlines, (runtime, inbound)).await
-        {
+        return match error_status(resp, &runtime.count_faults, &deadlines, runtime, inbound).await {
             Err(f) => Outcome::Fault(f),
             Ok((status, headers, body)) => client_fault(status, &headers, body),
         };
