@@ -4,28 +4,34 @@
 //! `max_tokens`) plus the client's identity (its `x-api-key` / `Authorization`) and the headers and
 //! query that reach the provider. Different clients never share an answer.
 //!
-//! The first request with a key becomes a *flight*: a task runs the failover loop and pumps the
-//! response into a shared buffer; every client, the first included, is a *subscriber* that reads from
-//! it in its own form (the stream replayed from the start then live, or the complete message). The
-//! upstream call outlives any one client and is cancelled when the last subscriber leaves. Complete,
-//! successful answers go into the cache, which serves them as a stream or as JSON.
+//! The first request with a key starts a *flight* and is its *leader*: it runs the failover loop
+//! and reads the upstream answer itself, as if coalescing were off, while a `Driver` keeps what
+//! it reads in the flight's buffer. Nothing more is paid until an identical request arrives: that
+//! one is a *subscriber* that reads the buffer in its own form (the stream replayed from the start
+//! then live, or the complete message). The upstream call outlives any one client: if the
+//! leader's client leaves before the end while subscribers read, the rest of the call is handed
+//! to a task (`pump`); it is cancelled when the last client leaves. Complete, successful answers
+//! go into the cache, which serves them as a stream or as JSON.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::{HeaderMap, StatusCode};
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::time::{Instant, timeout_at};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::adapter::events::{accumulate_sse, message_to_sse};
 use crate::adapter::ids::message_id;
-use crate::dispatch::{self, Answer, Attempt, Body, CacheStatus, Inbound, Source, Usage};
+use crate::dispatch::{self, Answer, Body, CacheStatus, Events, Inbound, Source, Usage};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -84,40 +90,53 @@ struct AnswerHead {
     kind: Kind,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct FlightState {
     head: Option<AnswerHead>,
-    /// The attempts of the upstream call, taken by the request that started the flight.
-    attempts: Vec<Attempt>,
     chunks: VecDeque<Bytes>,
     /// Absolute index of `chunks[0]`.
     base: usize,
     bytes: usize,
     overflowed: bool,
     done: bool,
+    /// Every client left before the end: the upstream call is dropped.
+    cancelled: bool,
+    /// The client that started the flight still reads the upstream answer itself.
+    leader: bool,
     /// Read positions of the subscribers (absolute chunk indices), by slot.
     cursors: Vec<Option<usize>>,
+    /// Clients reading the buffer: every client of the flight but its leader.
     subscribers: usize,
 }
 
 #[derive(Debug)]
 struct Flight {
     state: Mutex<FlightState>,
-    /// Bumped on every change of `state`.
-    changed: watch::Sender<u64>,
-    /// Set when the last subscriber left before the end: the pump stops.
-    cancel: watch::Sender<bool>,
-    /// Signalled when a subscriber consumed a chunk of an overflowed buffer (backpressure).
-    consumed: tokio::sync::Notify,
+    /// Woken when the head, a chunk or the end arrives (subscribers wait on it).
+    changed: Notify,
+    /// Woken when a subscriber read from an overflowed buffer or left, and when the flight is
+    /// cancelled (whoever reads the upstream waits on it).
+    room: Notify,
 }
 
 impl Flight {
+    /// A flight whose leader is reading the upstream.
     fn new() -> Arc<Self> {
         Arc::new(Self {
-            state: Mutex::new(FlightState::default()),
-            changed: watch::channel(0).0,
-            cancel: watch::channel(false).0,
-            consumed: tokio::sync::Notify::new(),
+            state: Mutex::new(FlightState {
+                head: None,
+                chunks: VecDeque::new(),
+                base: 0,
+                bytes: 0,
+                overflowed: false,
+                done: false,
+                cancelled: false,
+                leader: true,
+                cursors: Vec::new(),
+                subscribers: 0,
+            }),
+            changed: Notify::new(),
+            room: Notify::new(),
         })
     }
 
@@ -125,32 +144,20 @@ impl Flight {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn bump(&self) {
-        self.changed.send_modify(|v| *v += 1);
-    }
-
     /// Whether a new identical request may still join.
     #[cfg(test)]
     fn joinable(&self) -> bool {
-        !self.lock().overflowed && !*self.cancel.borrow()
-    }
-
-    fn subscribe(self: &Arc<Self>) -> Subscriber {
-        let mut st = self.lock();
-        self.subscribe_locked(&mut st)
+        let st = self.lock();
+        !st.overflowed && !st.cancelled
     }
 
     /// Subscribes if a new identical request may still join: the check and the subscription are
-    /// one step under the flight's lock, which the last subscriber also takes to cancel it.
+    /// one step under the flight's lock, which the last client also takes to cancel it.
     fn try_join(self: &Arc<Self>) -> Option<Subscriber> {
         let mut st = self.lock();
-        if st.overflowed || *self.cancel.borrow() {
+        if st.overflowed || st.cancelled {
             return None;
         }
-        Some(self.subscribe_locked(&mut st))
-    }
-
-    fn subscribe_locked(self: &Arc<Self>, st: &mut FlightState) -> Subscriber {
         st.subscribers += 1;
         let slot = match st.cursors.iter().position(Option::is_none) {
             Some(i) => {
@@ -162,23 +169,63 @@ impl Flight {
                 st.cursors.len() - 1
             }
         };
-        Subscriber {
+        Some(Subscriber {
             flight: Arc::clone(self),
             slot,
-            changes: self.changed.subscribe(),
+        })
+    }
+
+    fn set_head(&self, head: AnswerHead) {
+        let waiting = {
+            let mut st = self.lock();
+            st.head = Some(head);
+            st.subscribers > 0
+        };
+        if waiting {
+            self.changed.notify_waiters();
         }
     }
 
-    fn append(&self, chunk: Bytes) {
+    /// Keeps a chunk for the subscribers, present and future (`copy`: its own bytes rather than
+    /// a slice of the buffer it was read into, which would stay alive with it). Returns whether
+    /// the buffer is over its bound with a subscriber behind: the reader then waits for room.
+    fn append(&self, chunk: &Bytes, copy: bool) -> bool {
         let mut st = self.lock();
+        if st.overflowed && st.subscribers == 0 {
+            // Nobody may join any more and nobody reads the buffer: nothing to keep.
+            return false;
+        }
         st.bytes += chunk.len();
-        st.chunks.push_back(chunk);
+        st.chunks.push_back(if copy {
+            Bytes::copy_from_slice(chunk)
+        } else {
+            chunk.clone()
+        });
         if st.bytes > MAX_REPLAY_BYTES {
             st.overflowed = true;
         }
         Self::trim(&mut st);
+        let (waiting, full) = (
+            st.subscribers > 0,
+            st.overflowed && st.bytes > MAX_REPLAY_BYTES && st.subscribers > 0,
+        );
         drop(st);
-        self.bump();
+        if waiting {
+            self.changed.notify_waiters();
+        }
+        full
+    }
+
+    /// The answer is complete.
+    fn finish(&self) {
+        let waiting = {
+            let mut st = self.lock();
+            st.done = true;
+            st.subscribers > 0
+        };
+        if waiting {
+            self.changed.notify_waiters();
+        }
     }
 
     /// Once overflowed, only what some subscriber has yet to read is kept.
@@ -205,31 +252,54 @@ impl Flight {
     }
 
     /// Backpressure: while the buffer is over its bound, wait for the slowest subscriber.
-    async fn wait_for_room(&self, cancel: &mut watch::Receiver<bool>) {
+    async fn wait_for_room(&self) {
         loop {
-            let consumed = self.consumed.notified();
-            tokio::pin!(consumed);
-            consumed.as_mut().enable();
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
             {
                 let mut st = self.lock();
                 Self::trim(&mut st);
-                if st.bytes <= MAX_REPLAY_BYTES || *cancel.borrow() {
+                if st.bytes <= MAX_REPLAY_BYTES || st.cancelled {
                     return;
                 }
             }
-            tokio::select! {
-                _ = consumed => {}
-                _ = cancel.wait_for(|c| *c) => return,
-            }
+            room.await;
         }
+    }
+
+    /// Returns once every client has left before the end.
+    async fn cancelled(&self) {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if self.lock().cancelled {
+                return;
+            }
+            room.await;
+        }
+    }
+
+    /// The leader's client left. Returns whether a subscriber still reads the flight (someone
+    /// must go on reading the upstream for it); if none does, the flight is cancelled.
+    fn leader_leaves(&self) -> bool {
+        let mut st = self.lock();
+        st.leader = false;
+        if st.subscribers > 0 {
+            return true;
+        }
+        if !st.done {
+            st.cancelled = true;
+        }
+        false
     }
 }
 
-/// One client reading a flight.
+/// One client reading a flight's buffer.
 struct Subscriber {
     flight: Arc<Flight>,
     slot: usize,
-    changes: watch::Receiver<u64>,
 }
 
 impl Drop for Subscriber {
@@ -239,14 +309,19 @@ impl Drop for Subscriber {
         if let Some(c) = st.cursors.get_mut(self.slot) {
             *c = None;
         }
-        if st.subscribers == 0 && !st.done {
-            self.flight.cancel.send_replace(true);
+        let mut wake = false;
+        if st.subscribers == 0 && !st.leader && !st.done {
+            st.cancelled = true;
+            wake = true;
         }
-        // The pump may be waiting for this subscriber to read: what it held is freed now.
+        // The reader may be waiting for this subscriber to read: what it held is freed now.
         if st.overflowed {
             Flight::trim(&mut st);
-            drop(st);
-            self.flight.consumed.notify_waiters();
+            wake = true;
+        }
+        drop(st);
+        if wake {
+            self.flight.room.notify_waiters();
         }
     }
 }
@@ -257,63 +332,66 @@ enum Next {
 }
 
 impl Subscriber {
-    /// Waits for a change of the flight; false when the flight is gone.
-    async fn wait(&mut self, deadline: Option<Instant>) -> Result<(), ()> {
-        match deadline {
-            Some(d) => match timeout_at(d, self.changes.changed()).await {
-                Ok(Ok(())) => Ok(()),
-                _ => Err(()),
-            },
-            None => self.changes.changed().await.map_err(|_| ()),
+    /// Waits for `ready` to give a value, rechecking it whenever the flight changes; `None`
+    /// past `deadline`.
+    async fn when<T>(
+        &self,
+        deadline: Option<Instant>,
+        mut ready: impl FnMut(&mut FlightState) -> Option<T>,
+    ) -> Option<T> {
+        loop {
+            let changed = self.flight.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(v) = ready(&mut self.flight.lock()) {
+                return Some(v);
+            }
+            match deadline {
+                Some(d) => timeout_at(d, changed).await.ok()?,
+                None => changed.await,
+            }
         }
     }
 
-    async fn head(&mut self, deadline: Option<Instant>) -> Option<AnswerHead> {
-        loop {
-            self.changes.borrow_and_update();
-            {
-                let st = self.flight.lock();
-                if let Some(h) = &st.head {
-                    return Some(h.clone());
-                }
-                if st.done {
-                    return None;
-                }
-            }
-            self.wait(deadline).await.ok()?;
-        }
+    /// The answer's head; `None` when the flight ended without one.
+    async fn head(&self, deadline: Option<Instant>) -> Option<AnswerHead> {
+        self.when(deadline, |st| match (&st.head, st.done) {
+            (Some(h), _) => Some(Some(h.clone())),
+            (None, true) => Some(None),
+            (None, false) => None,
+        })
+        .await
+        .flatten()
     }
 
     async fn next(&mut self, deadline: Option<Instant>) -> Option<Next> {
-        loop {
-            self.changes.borrow_and_update();
-            {
-                let mut st = self.flight.lock();
+        let slot = self.slot;
+        let (next, overflowed) = self
+            .when(deadline, |st| {
                 let cursor = st
                     .cursors
-                    .get(self.slot)
+                    .get(slot)
                     .copied()
                     .flatten()
                     .unwrap_or(0)
                     .max(st.base);
                 if cursor < st.base + st.chunks.len() {
                     let chunk = st.chunks[cursor - st.base].clone();
-                    if let Some(c) = st.cursors.get_mut(self.slot) {
+                    if let Some(c) = st.cursors.get_mut(slot) {
                         *c = Some(cursor + 1);
                     }
-                    let overflowed = st.overflowed;
-                    drop(st);
-                    if overflowed {
-                        self.flight.consumed.notify_waiters();
-                    }
-                    return Some(Next::Chunk(chunk));
+                    Some((Next::Chunk(chunk), st.overflowed))
+                } else if st.done {
+                    Some((Next::End, false))
+                } else {
+                    None
                 }
-                if st.done {
-                    return Some(Next::End);
-                }
-            }
-            self.wait(deadline).await.ok()?;
+            })
+            .await?;
+        if overflowed {
+            self.flight.room.notify_waiters();
         }
+        Some(next)
     }
 
     /// The whole body (waits for the end).
@@ -324,6 +402,223 @@ impl Subscriber {
                 Next::Chunk(c) => out.extend_from_slice(&c),
                 Next::End => return Some(out.freeze()),
             }
+        }
+    }
+}
+
+/// The upstream call of a request that started a flight, boxed so that it can be handed to a
+/// task if its client leaves while others still wait for it.
+type Call = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+/// What is left of the upstream call when the leader's client leaves.
+enum Rest {
+    /// The failover loop, still running.
+    Call(Call),
+    /// The rest of a stream.
+    Events(Events),
+}
+
+/// Whoever reads the upstream answer of a flight: its leader's request, or, once the leader's
+/// client left with others still reading, a task. Dropping it ends the flight.
+struct Driver {
+    state: Arc<AppState>,
+    flight: Arc<Flight>,
+    key: Key,
+    /// Registered in the flights map (coalescing is on), not only recorded for the cache.
+    registered: bool,
+    /// Max entries and time to live, when the cache is on.
+    cache: Option<(usize, Duration)>,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // Whatever happened (the end, a cancel, a task stopped), nobody appends any more.
+        let waiting = {
+            let mut st = self.flight.lock();
+            let waiting = !st.done && st.subscribers > 0;
+            st.done = true;
+            waiting
+        };
+        if waiting {
+            self.flight.changed.notify_waiters();
+        }
+        if self.registered {
+            let mut flights = self.state.dedup.flights();
+            if flights
+                .get(&self.key)
+                .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
+            {
+                flights.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Driver {
+    /// Publishes the answer's head for the subscribers. A JSON or error answer ends the flight
+    /// here; a stream's events are taken out of `answer` for the caller to read and record.
+    fn publish(&self, answer: &mut Answer) -> Option<Events> {
+        let kind = match &answer.body {
+            Body::Json(_) => Kind::Json,
+            Body::Stream(_) => Kind::Stream,
+            Body::Error(e) => Kind::Error(e.clone()),
+        };
+        self.flight.set_head(AnswerHead {
+            status: answer.status,
+            headers: answer.headers.clone(),
+            source: answer.source.clone(),
+            route: answer.route.clone(),
+            usage: answer.usage,
+            kind,
+        });
+        match std::mem::replace(&mut answer.body, Body::Json(Bytes::new())) {
+            Body::Stream(events) => Some(events),
+            Body::Json(bytes) => {
+                self.flight.append(&bytes, false);
+                answer.body = Body::Json(bytes);
+                self.finish();
+                None
+            }
+            error => {
+                answer.body = error;
+                self.finish();
+                None
+            }
+        }
+    }
+
+    /// The answer is complete: subscribers see the end, and a successful answer is cached.
+    fn finish(&self) {
+        self.flight.finish();
+        if let Some((max_entries, ttl)) = self.cache {
+            store(&self.state, &self.flight, self.key, max_entries, ttl);
+        }
+    }
+
+    /// The leader's client left before the end: a task reads the rest for the subscribers, or,
+    /// with none, the upstream call is dropped (with `self` and `rest`).
+    fn hand_off(self, rest: Rest) {
+        if !self.flight.leader_leaves() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(pump(self, rest));
+        }
+    }
+}
+
+/// The leader's upstream call before its answer: handed off if dropped unfinished.
+struct Starting {
+    call: Option<Call>,
+    driver: Option<Driver>,
+}
+
+impl Future for Starting {
+    type Output = Answer;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
+        let Some(call) = self.call.as_mut() else {
+            return Poll::Ready(Answer::error(ApiError::internal(
+                "the request was polled after its answer",
+            )));
+        };
+        let answer = std::task::ready!(call.as_mut().poll(cx));
+        self.call = None;
+        Poll::Ready(answer)
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let (Some(call), Some(driver)) = (self.call.take(), self.driver.take()) {
+            driver.hand_off(Rest::Call(call));
+        }
+    }
+}
+
+/// Reads a stream from the upstream and keeps each event for the flight's subscribers.
+struct Recorder {
+    driver: Option<Driver>,
+    events: Option<Events>,
+    /// Read for the leader's client: handed off when dropped unfinished.
+    leader: bool,
+}
+
+impl Recorder {
+    async fn next(&mut self) -> Option<Bytes> {
+        let chunk = self.events.as_mut()?.next().await;
+        let driver = self.driver.as_ref()?;
+        match chunk {
+            Some(chunk) => {
+                // A relayed event is a slice of the read buffer it arrived in; kept for the
+                // whole flight, it would hold that buffer (kilobytes) for every event of every
+                // open stream. A copy holds only the event's own bytes.
+                if driver.flight.append(&chunk, true) {
+                    driver.flight.wait_for_room().await;
+                }
+                Some(chunk)
+            }
+            None => {
+                self.events = None;
+                driver.finish();
+                self.driver = None;
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if !self.leader {
+            return;
+        }
+        if let (Some(driver), Some(events)) = (self.driver.take(), self.events.take()) {
+            driver.hand_off(Rest::Events(events));
+        }
+    }
+}
+
+/// The leader's stream, recorded as it is read.
+fn recorded(driver: Driver, events: Events) -> Events {
+    let recorder = Recorder {
+        driver: Some(driver),
+        events: Some(events),
+        leader: true,
+    };
+    futures_util::stream::unfold(recorder, |mut r| async move {
+        let chunk = r.next().await?;
+        Some((chunk, r))
+    })
+    .boxed()
+}
+
+/// Reads the rest of a flight's upstream call for its subscribers after the leader's client
+/// left, until the end or until every subscriber has left too.
+async fn pump(driver: Driver, rest: Rest) {
+    let flight = Arc::clone(&driver.flight);
+    let work = async move {
+        let events = match rest {
+            Rest::Events(events) => events,
+            Rest::Call(call) => {
+                let mut answer = call.await;
+                match driver.publish(&mut answer) {
+                    Some(events) => events,
+                    None => return,
+                }
+            }
+        };
+        let mut recorder = Recorder {
+            driver: Some(driver),
+            events: Some(events),
+            leader: false,
+        };
+        while recorder.next().await.is_some() {}
+    };
+    tokio::select! {
+        () = work => {}
+        () = flight.cancelled() => {
+            tracing::debug!("every client left; the upstream call is cancelled");
         }
     }
 }
@@ -424,9 +719,8 @@ impl Dedup {
             return Role::Joined(sub);
         }
         let flight = Flight::new();
-        let sub = flight.subscribe();
         flights.insert(key, Arc::clone(&flight));
-        Role::Started(flight, sub)
+        Role::Started(flight)
     }
 
     /// Drops the expired cache entries.
@@ -474,8 +768,8 @@ impl Dedup {
 enum Role {
     /// It reads an identical request's flight.
     Joined(Subscriber),
-    /// It started this flight (and reads it like everyone else).
-    Started(Arc<Flight>, Subscriber),
+    /// It started this flight: it reads the upstream itself and records the answer.
+    Started(Arc<Flight>),
 }
 
 /// Serves a `/v1/messages` request through the cache and the coalescer.
@@ -502,13 +796,11 @@ pub async fn serve(state: &Arc<AppState>, inbound: Inbound) -> Answer {
         }
     }
 
-    let (flight, sub) = if dedup_on {
+    let flight = if dedup_on {
         match book.join_or_start(key) {
             Role::Joined(sub) => {
                 let deadline = Instant::now() + settings.timeouts.deduplication;
-                if let Some(answer) =
-                    answer_for(sub, wants_stream, Some(deadline), CacheStatus::Coalesced).await
-                {
+                if let Some(answer) = answer_for(sub, wants_stream, Some(deadline)).await {
                     return answer;
                 }
                 tracing::info!(
@@ -518,111 +810,35 @@ pub async fn serve(state: &Arc<AppState>, inbound: Inbound) -> Answer {
                 answer.cache = CacheStatus::Miss;
                 return answer;
             }
-            Role::Started(flight, sub) => (flight, sub),
+            Role::Started(flight) => flight,
         }
     } else {
-        let flight = Flight::new();
-        let sub = flight.subscribe();
-        (flight, sub)
+        Flight::new()
     };
     book.misses.fetch_add(1, Ordering::Relaxed);
-    tokio::spawn(pump(
-        Arc::clone(state),
-        inbound,
-        key,
+    let driver = Driver {
+        state: Arc::clone(state),
         flight,
-        dedup_on,
-        cache_on.then_some((max_entries, settings.cache_ttl)),
-    ));
-    match answer_for(sub, wants_stream, None, CacheStatus::Miss).await {
-        Some(answer) => answer,
-        None => Answer::error(ApiError::internal("the request ended without an answer")),
-    }
-}
-
-/// Runs the failover loop for a flight and pumps its answer into the buffer.
-async fn pump(
-    state: Arc<AppState>,
-    inbound: Inbound,
-    key: Key,
-    flight: Arc<Flight>,
-    registered: bool,
-    cache: Option<(usize, Duration)>,
-) {
-    let mut cancel = flight.cancel.subscribe();
-    let answer = tokio::select! {
-        a = dispatch::messages(&state, inbound) => Some(a),
-        _ = cancel.wait_for(|c| *c) => None,
+        key,
+        registered: dedup_on,
+        cache: cache_on.then_some((max_entries, settings.cache_ttl)),
     };
-    if let Some(answer) = answer {
-        let Answer {
-            status,
-            headers,
-            source,
-            route,
-            attempts,
-            body,
-            usage,
-            ..
-        } = answer;
-        let (kind, bytes) = match body {
-            Body::Json(b) => (Kind::Json, Some(one_chunk(b))),
-            Body::Stream(events) => (Kind::Stream, Some(events)),
-            Body::Error(e) => (Kind::Error(e), None),
-        };
-        let stream = matches!(kind, Kind::Stream);
-        let cacheable = status.is_success() && !matches!(kind, Kind::Error(_));
-        {
-            let mut st = flight.lock();
-            st.head = Some(AnswerHead {
-                status,
-                headers,
-                source,
-                route,
-                usage,
-                kind,
-            });
-            st.attempts = attempts;
-        }
-        flight.bump();
-        if let Some(mut bytes) = bytes {
-            loop {
-                let next = tokio::select! {
-                    chunk = bytes.next() => chunk,
-                    _ = cancel.wait_for(|c| *c) => {
-                        tracing::debug!("every client left; the upstream call is cancelled");
-                        break;
-                    }
-                };
-                match next {
-                    Some(chunk) => {
-                        // A relayed event is a slice of the read buffer it arrived in; kept for
-                        // the whole flight, it would hold that buffer (kilobytes) for every event
-                        // of every open stream. A copy holds only the event's own bytes.
-                        let chunk = if stream {
-                            Bytes::copy_from_slice(&chunk)
-                        } else {
-                            chunk
-                        };
-                        flight.append(chunk);
-                        flight.wait_for_room(&mut cancel).await;
-                    }
-                    None => break,
-                }
-            }
-        }
-        if let (Some((max_entries, ttl)), true) = (cache, cacheable) {
-            store(&state, &flight, key, max_entries, ttl);
+    let call: Call = {
+        let state = Arc::clone(state);
+        Box::pin(async move { dispatch::messages(&state, inbound).await })
+    };
+    let mut starting = Starting {
+        call: Some(call),
+        driver: Some(driver),
+    };
+    let mut answer = (&mut starting).await;
+    answer.cache = CacheStatus::Miss;
+    if let Some(driver) = starting.driver.take() {
+        if let Some(events) = driver.publish(&mut answer) {
+            answer.body = Body::Stream(recorded(driver, events));
         }
     }
-    flight.lock().done = true;
-    flight.bump();
-    if registered {
-        let mut flights = state.dedup.flights();
-        if flights.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-            flights.remove(&key);
-        }
-    }
+    answer
 }
 
 /// Puts a complete, successful answer into the cache.
@@ -631,7 +847,12 @@ fn store(state: &AppState, flight: &Flight, key: Key, max_entries: usize, ttl: D
     let Some(head) = st.head.as_ref() else {
         return;
     };
-    if st.overflowed || *flight.cancel.borrow() {
+    // Errors, an answer too large to have been kept whole, and a cut one are never cached.
+    if st.overflowed
+        || st.cancelled
+        || !head.status.is_success()
+        || matches!(head.kind, Kind::Error(_))
+    {
         return;
     }
     let (stream, source) = (matches!(head.kind, Kind::Stream), head.source.clone());
@@ -698,21 +919,15 @@ async fn answer_for(
     mut sub: Subscriber,
     stream: bool,
     deadline: Option<Instant>,
-    cache: CacheStatus,
 ) -> Option<Answer> {
     let head = sub.head(deadline).await?;
-    let attempts = if cache == CacheStatus::Miss {
-        std::mem::take(&mut sub.flight.lock().attempts)
-    } else {
-        Vec::new()
-    };
     let mut answer = Answer {
         status: head.status,
         headers: head.headers,
         source: head.source,
         route: head.route,
-        attempts,
-        cache,
+        attempts: Vec::new(),
+        cache: CacheStatus::Coalesced,
         body: Body::Json(Bytes::new()),
         usage: head.usage,
     };
@@ -848,14 +1063,13 @@ mod tests {
         tokio::time::timeout(PATIENCE, fut).await.is_err()
     }
 
-    fn finish(flight: &Flight) {
-        flight.lock().done = true;
-        flight.bump();
+    fn subscribe(flight: &Arc<Flight>) -> Subscriber {
+        flight.try_join().expect("a joinable flight")
     }
 
-    fn started(role: Role) -> (Arc<Flight>, Subscriber) {
+    fn started(role: Role) -> Arc<Flight> {
         match role {
-            Role::Started(f, s) => (f, s),
+            Role::Started(f) => f,
             Role::Joined(_) => panic!("expected Started, got Joined"),
         }
     }
@@ -863,7 +1077,7 @@ mod tests {
     fn joined(role: Role) -> Subscriber {
         match role {
             Role::Joined(s) => s,
-            Role::Started(..) => panic!("expected Joined, got Started"),
+            Role::Started(_) => panic!("expected Joined, got Started"),
         }
     }
 
@@ -898,11 +1112,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_late_subscriber_replays_from_the_first_chunk_then_reads_live_ones() {
         let flight = Flight::new();
-        let mut first = flight.subscribe();
+        let mut first = subscribe(&flight);
         for s in ["a", "b", "c"] {
-            flight.append(bytes_of(s));
+            flight.append(&bytes_of(s), false);
         }
-        let mut late = flight.subscribe();
+        let mut late = subscribe(&flight);
         for s in ["a", "b", "c"] {
             assert_eq!(chunk(next_now(&mut late).await), s);
         }
@@ -911,7 +1125,7 @@ mod tests {
         {
             let mut pending = Box::pin(late.next(None));
             assert!(still_pending(&mut pending).await);
-            flight.append(bytes_of("d"));
+            flight.append(&bytes_of("d"), false);
             let got = tokio::time::timeout(PATIENCE, &mut pending).await.unwrap();
             assert_eq!(chunk(got), "d");
         }
@@ -925,8 +1139,7 @@ mod tests {
         {
             let mut pending = Box::pin(late.next(None));
             assert!(still_pending(&mut pending).await);
-            flight.lock().done = true;
-            flight.bump();
+            flight.finish();
             let got = tokio::time::timeout(PATIENCE, &mut pending).await.unwrap();
             assert!(is_end(got));
         }
@@ -940,12 +1153,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn head_waits_for_the_answer_and_collect_joins_the_chunks() {
         let flight = Flight::new();
-        let mut sub = flight.subscribe();
+        let mut sub = subscribe(&flight);
         {
             let mut pending = Box::pin(sub.head(None));
             assert!(still_pending(&mut pending).await);
-            flight.lock().head = Some(head_of(Kind::Stream));
-            flight.bump();
+            flight.set_head(head_of(Kind::Stream));
             let head = tokio::time::timeout(PATIENCE, &mut pending)
                 .await
                 .unwrap()
@@ -953,19 +1165,19 @@ mod tests {
             assert!(matches!(head.kind, Kind::Stream));
             assert_eq!(head.status, StatusCode::OK);
         }
-        flight.append(bytes_of("event: a\n\n"));
+        flight.append(&bytes_of("event: a\n\n"), false);
         {
             let mut collecting = Box::pin(sub.collect(None));
             assert!(
                 still_pending(&mut collecting).await,
                 "collect waits for the end"
             );
-            flight.append(bytes_of("event: b\n\n"));
+            flight.append(&bytes_of("event: b\n\n"), false);
             assert!(
                 still_pending(&mut collecting).await,
                 "collect waits for the end"
             );
-            finish(&flight);
+            flight.finish();
             let body = tokio::time::timeout(PATIENCE, &mut collecting)
                 .await
                 .unwrap()
@@ -977,7 +1189,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn head_is_none_for_a_flight_that_ended_without_an_answer_or_past_the_deadline() {
         let flight = Flight::new();
-        let mut sub = flight.subscribe();
+        let mut sub = subscribe(&flight);
         let deadline = Instant::now() + Duration::from_secs(5);
         let start = Instant::now();
         assert!(sub.head(Some(deadline)).await.is_none());
@@ -985,7 +1197,7 @@ mod tests {
         assert!(sub.next(Some(deadline)).await.is_none());
         assert!(sub.collect(Some(deadline)).await.is_none());
 
-        finish(&flight);
+        flight.finish();
         let head = tokio::time::timeout(PATIENCE, sub.head(None))
             .await
             .unwrap();
@@ -995,16 +1207,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn nothing_is_trimmed_until_the_buffer_overflows() {
         let flight = Flight::new();
-        let mut fast = flight.subscribe();
-        let mut slow = flight.subscribe();
+        let mut fast = subscribe(&flight);
+        let mut slow = subscribe(&flight);
         let half = MAX_REPLAY_BYTES / 2;
-        flight.append(zeros(half));
-        flight.append(zeros(MAX_REPLAY_BYTES - half));
+        flight.append(&zeros(half), false);
+        flight.append(&zeros(MAX_REPLAY_BYTES - half), false);
         chunk(next_now(&mut fast).await);
         chunk(next_now(&mut fast).await);
         chunk(next_now(&mut slow).await);
         // Exactly at the bound: not overflowed, everything kept, still joinable.
-        flight.append(Bytes::new());
+        flight.append(&Bytes::new(), false);
         {
             let st = flight.lock();
             assert!(!st.overflowed);
@@ -1017,7 +1229,7 @@ mod tests {
         assert_consistent(&flight);
 
         // Past it: overflowed, not joinable, and what every subscriber read (chunk 0) is dropped.
-        flight.append(zeros(10));
+        flight.append(&zeros(10), false);
         {
             let st = flight.lock();
             assert!(st.overflowed);
@@ -1034,7 +1246,7 @@ mod tests {
         }
         chunk(next_now(&mut fast).await);
         chunk(next_now(&mut fast).await);
-        flight.append(bytes_of("xyz"));
+        flight.append(&bytes_of("xyz"), false);
         {
             let st = flight.lock();
             assert_eq!(st.base, 4);
@@ -1046,7 +1258,7 @@ mod tests {
         // A subscriber that left holds nothing back: only the remaining one's cursor counts.
         drop(slow);
         chunk(next_now(&mut fast).await);
-        flight.append(bytes_of("w"));
+        flight.append(&bytes_of("w"), false);
         {
             let st = flight.lock();
             assert_eq!((st.base, st.chunks.len(), st.bytes), (5, 1, 1));
@@ -1057,23 +1269,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn wait_for_room_returns_at_once_within_the_bound() {
         let flight = Flight::new();
-        let _unread = flight.subscribe();
-        flight.append(zeros(MAX_REPLAY_BYTES));
-        let mut cancel = flight.cancel.subscribe();
-        let mut fut = Box::pin(flight.wait_for_room(&mut cancel));
+        let _unread = subscribe(&flight);
+        flight.append(&zeros(MAX_REPLAY_BYTES), false);
+        let mut fut = Box::pin(flight.wait_for_room());
         assert!(!still_pending(&mut fut).await);
     }
 
     #[tokio::test(start_paused = true)]
     async fn wait_for_room_waits_for_the_slowest_subscriber_past_the_bound() {
         let flight = Flight::new();
-        let mut fast = flight.subscribe();
-        let mut slow = flight.subscribe();
-        flight.append(zeros(MAX_REPLAY_BYTES));
+        let mut fast = subscribe(&flight);
+        let mut slow = subscribe(&flight);
+        flight.append(&zeros(MAX_REPLAY_BYTES), false);
         chunk(next_now(&mut fast).await);
-        flight.append(zeros(1));
-        let mut cancel = flight.cancel.subscribe();
-        let mut room = Box::pin(flight.wait_for_room(&mut cancel));
+        flight.append(&zeros(1), false);
+        let mut room = Box::pin(flight.wait_for_room());
         assert!(still_pending(&mut room).await);
 
         // A read that frees nothing (the fast one, the slow one still on chunk 0): still waiting.
@@ -1091,35 +1301,43 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn wait_for_room_returns_when_the_flight_is_cancelled() {
         let flight = Flight::new();
-        let _slow = flight.subscribe();
-        flight.append(zeros(MAX_REPLAY_BYTES + 1));
-        let mut cancel = flight.cancel.subscribe();
-        let mut room = Box::pin(flight.wait_for_room(&mut cancel));
+        let _slow = subscribe(&flight);
+        flight.append(&zeros(MAX_REPLAY_BYTES + 1), false);
+        let mut room = Box::pin(flight.wait_for_room());
         assert!(still_pending(&mut room).await);
-        flight.cancel.send_replace(true);
+        flight.lock().cancelled = true;
+        flight.room.notify_waiters();
         assert!(!still_pending(&mut room).await);
     }
 
     #[tokio::test(start_paused = true)]
     async fn wait_for_room_returns_when_the_last_slow_subscriber_leaves() {
         let flight = Flight::new();
-        let slow = flight.subscribe();
-        flight.append(zeros(MAX_REPLAY_BYTES + 1));
-        let mut cancel = flight.cancel.subscribe();
-        let mut room = Box::pin(flight.wait_for_room(&mut cancel));
+        let slow = subscribe(&flight);
+        flight.append(&zeros(MAX_REPLAY_BYTES + 1), false);
+        let mut room = Box::pin(flight.wait_for_room());
         assert!(still_pending(&mut room).await);
         drop(slow);
         assert!(!still_pending(&mut room).await);
     }
 
     #[test]
-    fn the_last_subscriber_leaving_before_the_end_cancels() {
+    fn the_last_client_leaving_before_the_end_cancels() {
         let flight = Flight::new();
-        let a = flight.subscribe();
-        let b = flight.subscribe();
+        let a = subscribe(&flight);
+        let b = subscribe(&flight);
         assert_eq!(flight.lock().subscribers, 2);
         drop(a);
-        assert!(!*flight.cancel.borrow(), "one of two left: not cancelled");
+        drop(b);
+        assert!(
+            !flight.lock().cancelled,
+            "the leader still reads: not cancelled"
+        );
+        let a = subscribe(&flight);
+        let b = subscribe(&flight);
+        assert!(flight.leader_leaves(), "subscribers remain: keep reading");
+        drop(a);
+        assert!(!flight.lock().cancelled, "one of two left: not cancelled");
         assert!(flight.joinable());
         {
             let st = flight.lock();
@@ -1127,26 +1345,62 @@ mod tests {
             assert_eq!(st.cursors, vec![None, Some(0)]);
         }
         // A newcomer takes the free slot.
-        let c = flight.subscribe();
+        let c = subscribe(&flight);
         assert_eq!(c.slot, 0);
         drop(b);
-        assert!(!*flight.cancel.borrow());
+        assert!(!flight.lock().cancelled);
         drop(c);
-        assert!(*flight.cancel.borrow(), "the last one left: cancelled");
+        assert!(flight.lock().cancelled, "the last one left: cancelled");
         assert!(!flight.joinable());
         assert_eq!(flight.lock().subscribers, 0);
     }
 
     #[test]
+    fn a_leader_leaving_alone_cancels_at_once() {
+        let flight = Flight::new();
+        assert!(!flight.leader_leaves(), "nobody else reads");
+        assert!(flight.lock().cancelled);
+        assert!(flight.try_join().is_none());
+    }
+
+    #[test]
     fn leaving_after_the_end_does_not_cancel() {
         let flight = Flight::new();
-        let a = flight.subscribe();
-        let b = flight.subscribe();
-        flight.lock().done = true;
+        let a = subscribe(&flight);
+        let b = subscribe(&flight);
+        flight.finish();
+        assert!(flight.leader_leaves());
         drop(a);
         drop(b);
-        assert!(!*flight.cancel.borrow());
+        assert!(!flight.lock().cancelled);
         assert_eq!(flight.lock().subscribers, 0);
+        let flight = Flight::new();
+        flight.finish();
+        assert!(!flight.leader_leaves());
+        assert!(!flight.lock().cancelled);
+    }
+
+    #[test]
+    fn an_overflowed_buffer_with_no_subscriber_keeps_nothing() {
+        let flight = Flight::new();
+        assert!(!flight.append(&zeros(MAX_REPLAY_BYTES + 1), false));
+        assert!(!flight.append(&zeros(10), true));
+        let st = flight.lock();
+        assert!(st.overflowed);
+        assert_eq!((st.chunks.len(), st.bytes), (0, 0));
+    }
+
+    #[test]
+    fn append_copies_a_slice_only_when_asked() {
+        let flight = Flight::new();
+        let buffer = Bytes::from(vec![7u8; 4096]);
+        let event = buffer.slice(0..10);
+        flight.append(&event, false);
+        flight.append(&event, true);
+        let st = flight.lock();
+        assert_eq!(st.chunks[0].as_ptr(), event.as_ptr(), "a shared slice");
+        assert_ne!(st.chunks[1].as_ptr(), event.as_ptr(), "its own bytes");
+        assert_eq!(st.chunks[1], event);
     }
 
     // ---- Dedup::join_or_start ----
@@ -1154,22 +1408,26 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_first_request_starts_and_an_identical_one_joins() {
         let dedup = Dedup::default();
-        let (flight, mut first) = started(dedup.join_or_start(1));
+        let flight = started(dedup.join_or_start(1));
         assert_eq!(dedup.stats().coalesced, 0);
+        // The leader reads the upstream itself: it is no subscriber.
+        assert_eq!(flight.lock().subscribers, 0);
+        let mut first = joined(dedup.join_or_start(1));
         let mut second = joined(dedup.join_or_start(1));
+        assert!(Arc::ptr_eq(&first.flight, &flight));
         assert!(Arc::ptr_eq(&second.flight, &flight));
-        assert_eq!(dedup.stats().coalesced, 1);
+        assert_eq!(dedup.stats().coalesced, 2);
         assert_eq!(flight.lock().subscribers, 2);
 
         // Another key is another flight.
-        let (other, _other_sub) = started(dedup.join_or_start(2));
+        let other = started(dedup.join_or_start(2));
         assert!(!Arc::ptr_eq(&other, &flight));
         let stats = dedup.stats();
-        assert_eq!((stats.coalesced, stats.in_flight), (1, 2));
+        assert_eq!((stats.coalesced, stats.in_flight), (2, 2));
 
         // Both read the one answer.
-        flight.append(bytes_of("answer"));
-        finish(&flight);
+        flight.append(&bytes_of("answer"), false);
+        flight.finish();
         assert_eq!(first.collect(None).await.unwrap(), "answer");
         assert_eq!(second.collect(None).await.unwrap(), "answer");
     }
@@ -1177,9 +1435,9 @@ mod tests {
     #[test]
     fn an_overflowed_flight_is_replaced_by_a_new_one() {
         let dedup = Dedup::default();
-        let (old, _old_sub) = started(dedup.join_or_start(7));
-        old.append(zeros(MAX_REPLAY_BYTES + 1));
-        let (new, _new_sub) = started(dedup.join_or_start(7));
+        let old = started(dedup.join_or_start(7));
+        old.append(&zeros(MAX_REPLAY_BYTES + 1), false);
+        let new = started(dedup.join_or_start(7));
         assert!(!Arc::ptr_eq(&old, &new));
         assert_eq!(dedup.stats().coalesced, 0);
         // The new flight is the one registered: the next identical request joins it.
@@ -1192,12 +1450,14 @@ mod tests {
     #[test]
     fn a_cancelled_flight_is_replaced_by_a_new_one() {
         let dedup = Dedup::default();
-        let (old, old_sub) = started(dedup.join_or_start(7));
-        drop(old_sub);
-        assert!(*old.cancel.borrow());
-        let (new, _new_sub) = started(dedup.join_or_start(7));
+        let old = started(dedup.join_or_start(7));
+        let sub = joined(dedup.join_or_start(7));
+        assert!(old.leader_leaves(), "a subscriber still reads");
+        drop(sub);
+        assert!(old.lock().cancelled);
+        let new = started(dedup.join_or_start(7));
         assert!(!Arc::ptr_eq(&old, &new));
-        assert_eq!(dedup.stats().coalesced, 0);
+        assert_eq!(dedup.stats().coalesced, 1, "only the first join counted");
         let sub = joined(dedup.join_or_start(7));
         assert!(Arc::ptr_eq(&sub.flight, &new));
     }
@@ -1362,17 +1622,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_slow_subscriber_leaving_frees_room_for_the_pump() {
         let flight = Flight::new();
-        let mut fast = flight.subscribe();
-        let slow = flight.subscribe();
-        flight.append(zeros(MAX_REPLAY_BYTES));
+        let mut fast = subscribe(&flight);
+        let slow = subscribe(&flight);
+        flight.append(&zeros(MAX_REPLAY_BYTES), false);
         chunk(next_now(&mut fast).await);
-        flight.append(zeros(1));
+        flight.append(&zeros(1), false);
         chunk(next_now(&mut fast).await);
-        let mut cancel = flight.cancel.subscribe();
-        let mut room = Box::pin(flight.wait_for_room(&mut cancel));
+        let mut room = Box::pin(flight.wait_for_room());
         assert!(still_pending(&mut room).await);
         drop(slow);
-        assert!(!*flight.cancel.borrow(), "one subscriber is still reading");
+        assert!(!flight.lock().cancelled, "one subscriber is still reading");
         assert!(
             !still_pending(&mut room).await,
             "the pump is still blocked after the slow subscriber left"

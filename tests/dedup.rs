@@ -442,3 +442,36 @@ async fn serve_in_process(
         .status()
         .as_u16()
 }
+
+/// The client that started a flight hangs up before the provider's first event: a client that
+/// joined still gets the whole answer from the same upstream call; with nobody else waiting, the
+/// upstream call is dropped at once.
+#[tokio::test(start_paused = true)]
+async fn the_first_client_leaving_before_the_answer_hands_the_call_to_the_others() {
+    let (p, bal) = setup("").await;
+    p.push(slow_tool_stream());
+    let first = tokio::time::timeout(SECS / 2, bal.post("/v1/messages", &request(true)));
+    let second = async {
+        tokio::time::sleep(SECS / 4).await;
+        bal.post("/v1/messages", &request(true)).await
+    };
+    let (first, second) = tokio::join!(first, second);
+    assert!(first.is_err(), "the first client gave up before any event");
+    assert_eq!(second.headers()["x-balancer-cache"], "coalesced");
+    let text = second.text().await.unwrap();
+    let message = accumulate_sse(&text).unwrap();
+    assert_eq!(message["content"][1]["name"], "Bash", "{text}");
+    assert_eq!(p.request_count(), 1);
+    assert_eq!(p.client_closed(), 0);
+
+    // Alone, the first client hanging up cancels the upstream call.
+    p.push(slow_tool_stream());
+    let mut body = request(true);
+    body["messages"][0]["content"] = json!("alone");
+    let gave_up = tokio::time::timeout(SECS / 2, bal.post("/v1/messages", &body)).await;
+    assert!(gave_up.is_err());
+    tokio::time::sleep(3 * SECS).await;
+    assert_eq!(p.request_count(), 2);
+    assert_eq!(p.client_closed(), 1, "the upstream call was dropped");
+    assert_eq!(bal.state.dedup.stats().in_flight, 0);
+}
