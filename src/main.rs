@@ -76,7 +76,9 @@ fn main() -> ExitCode {
     for w in &loaded.warnings {
         tracing::warn!("config: {w}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One single-threaded runtime per core (see `server::serve_on`): this one accepts and serves,
+    // the others serve the connections it hands them.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -87,7 +89,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(cli, loaded.config));
+    let workers = match Workers::start(worker_count().saturating_sub(1)) {
+        Ok(w) => w,
+        Err(e) => {
+            drop(log_guard);
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut handles = vec![runtime.handle().clone()];
+    handles.extend(workers.handles.iter().cloned());
+    let result = runtime.block_on(run(cli, loaded.config, handles));
+    workers.stop();
     // A blocking task stuck (a DNS lookup) must not hold the exit or the last log lines back.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     drop(log_guard);
@@ -100,7 +113,59 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli, config: Config) -> Result<(), String> {
+/// How many runtimes serve connections: `TOKIO_WORKER_THREADS` if set, else one per core.
+fn worker_count() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// The single-threaded runtimes beside the main one, each on its own thread, driven until
+/// [`Workers::stop`].
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    threads: Vec<(
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<()>,
+    )>,
+}
+
+impl Workers {
+    fn start(count: usize) -> std::io::Result<Self> {
+        let mut workers = Self {
+            handles: Vec::new(),
+            threads: Vec::new(),
+        };
+        for n in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            workers.handles.push(runtime.handle().clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("worker-{}", n + 1))
+                .spawn(move || {
+                    runtime.block_on(async {
+                        let _ = stopped.await;
+                    });
+                    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+                })?;
+            workers.threads.push((stop, thread));
+        }
+        Ok(workers)
+    }
+
+    fn stop(self) {
+        for (stop, thread) in self.threads {
+            let _ = stop.send(());
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn run(cli: Cli, config: Config, workers: Vec<tokio::runtime::Handle>) -> Result<(), String> {
     let host = cli.host.unwrap_or_else(|| config.settings.host.clone());
     let port = cli.port.unwrap_or(config.settings.port);
     upstream::install_crypto_provider();
@@ -149,7 +214,7 @@ async fn run(cli: Cli, config: Config) -> Result<(), String> {
         None
     };
     drop(runtime);
-    server::serve(listener, state, shutdown_signal())
+    server::serve_on(listener, state, shutdown_signal(), &workers)
         .await
         .map_err(|e| format!("server error: {e}"))?;
     tracing::info!("shut down");

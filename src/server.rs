@@ -263,11 +263,31 @@ const READ_BUFFER_BYTES: usize = 16 * 1024;
 
 /// Serves until `shutdown` resolves, then stops accepting, lets requests in flight finish within
 /// `settings.shutdown_grace_seconds`, and ends the streams still open with an `event: error`.
-/// TCP_NODELAY is set on every client connection; slow request headers are cut off.
+/// TCP_NODELAY is set on every client connection; slow request headers are cut off. Every
+/// connection is served on the runtime `serve` runs on.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_on(listener, state, shutdown, &[]).await
+}
+
+/// [`serve`], with each accepted connection handed in turn to one of `workers` (single-threaded
+/// runtimes, one per core; none: the current runtime) and served there for its whole life.
+///
+/// Why not one work-stealing runtime: reading a request body inside its connection's task makes
+/// hyper wake that same task, tokio reschedules a task woken during its own poll as a yield, and a
+/// yield wakes an idle sibling worker, which steals the request and finishes it on another, cold
+/// CPU. On an idle machine (one Claude Code session) that cost every request a `futex` call, a
+/// context switch and a CPU migration (BENCHMARKS.md, issue 15). A connection pinned to one
+/// single-threaded runtime, with the upstream pool of that runtime's thread
+/// (`upstream::client`), has no sibling to wake.
+pub async fn serve_on(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    workers: &[tokio::runtime::Handle],
 ) -> std::io::Result<()> {
     let app = router(Arc::clone(&state));
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -278,9 +298,13 @@ pub async fn serve(
         .max_buf_size(READ_BUFFER_BYTES);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
-    // Aborted when `serve` returns or is dropped.
-    let _ticker = AbortOnDrop(tokio::spawn(timer_ticker()));
+    // Aborted when `serve` returns or is dropped. Each runtime's timer driver gets its ticker.
+    let _tickers: Vec<AbortOnDrop> = std::iter::once(tokio::spawn(timer_ticker()))
+        .chain(workers.iter().map(|w| w.spawn(timer_ticker())))
+        .map(AbortOnDrop)
+        .collect();
     let _housekeeping = AbortOnDrop(tokio::spawn(housekeeping(Arc::clone(&state))));
+    let mut next_worker = 0usize;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -297,18 +321,40 @@ pub async fn serve(
                 if let Err(e) = tcp.set_nodelay(true) {
                     tracing::debug!("cannot set TCP_NODELAY: {e}");
                 }
-                let activity = Arc::new(Activity::default());
-                let service = front(Arc::clone(&state), app.clone(), Arc::clone(&activity));
-                let io = Watched { tcp, activity: Arc::clone(&activity) };
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
+                let (state, app, builder, watcher) =
+                    (Arc::clone(&state), app.clone(), builder.clone(), graceful.watcher());
+                let connection = move |tcp: TcpStream| async move {
+                    let activity = Arc::new(Activity::default());
+                    let service = front(state, app, Arc::clone(&activity));
+                    let io = Watched { tcp, activity: Arc::clone(&activity) };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                    let conn = watcher.watch(conn.into_owned());
                     // Dropping an idle connection closes its socket.
                     tokio::select! {
                         _ = conn => {}
                         () = idle(activity) => {}
                     }
-                });
+                };
+                match workers.get(next_worker % workers.len().max(1)) {
+                    None => {
+                        tokio::spawn(connection(tcp));
+                    }
+                    Some(worker) => {
+                        next_worker = next_worker.wrapping_add(1);
+                        // The socket moves to the worker's own I/O driver.
+                        match tcp.into_std() {
+                            Ok(std) => {
+                                worker.spawn(async move {
+                                    match TcpStream::from_std(std) {
+                                        Ok(tcp) => connection(tcp).await,
+                                        Err(e) => tracing::warn!("cannot serve a connection: {e}"),
+                                    }
+                                });
+                            }
+                            Err(e) => tracing::warn!("cannot hand a connection over: {e}"),
+                        }
+                    }
+                }
             }
             () = &mut shutdown => break,
         }

@@ -504,3 +504,98 @@ async fn oversized_client_strings_are_bounded() {
     }
     assert_eq!(bal.state.affinity.len(), 1, "one (hashed) session");
 }
+
+/// The binary serves connections on one single-threaded runtime per core: the accepting runtime
+/// hands each new connection to the next one in turn, and a graceful shutdown still waits for
+/// the streams open on all of them. Real time: the worker runtimes run on their own threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_spread_over_worker_runtimes_and_drained_at_shutdown() {
+    let a = MockProvider::start(Reply::message("m", "x")).await.unwrap();
+    let loaded =
+        claude_balancer::config::load_str(&config_yaml(&[("A", &a.url(), 1)], ""), &|_| None)
+            .unwrap();
+    let state = claude_balancer::state::AppState::new(loaded.config, None).unwrap();
+    let mut threads = Vec::new();
+    let mut handles = Vec::new();
+    for _ in 0..2 {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        handles.push(runtime.handle().clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        threads.push((
+            stop,
+            std::thread::spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                })
+            }),
+        ));
+    }
+    let alive = |h: &tokio::runtime::Handle| h.metrics().num_alive_tasks();
+    let before: Vec<usize> = handles.iter().map(alive).collect();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (shutdown, on_shutdown) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let handles = handles.clone();
+        tokio::spawn(async move {
+            claude_balancer::server::serve_on(
+                listener,
+                state,
+                async {
+                    let _ = on_shutdown.await;
+                },
+                &handles,
+            )
+            .await
+        })
+    };
+    let parts =
+        mock_provider::split_events(&mock_provider::anthropic_stream("m", "one two three four"));
+    let slow = Reply::sse_chunks(
+        parts
+            .iter()
+            .map(|e| (Duration::from_millis(150), e.clone().into_bytes()))
+            .collect(),
+        End::Complete,
+    );
+    // Two streams on two connections: one on each worker runtime.
+    a.push(slow.clone());
+    a.push(slow);
+    let post = |url: String| async move {
+        // A new client each time: a new connection each time.
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        client
+            .post(format!("{url}/v1/messages"))
+            .json(&request(true))
+            .send()
+            .await
+            .unwrap()
+    };
+    let (r1, r2) = tokio::join!(post(url.clone()), post(url.clone()));
+    let during: Vec<usize> = handles.iter().map(alive).collect();
+    for (b, d) in before.iter().zip(&during) {
+        // Beyond its timer ticker, each worker runtime runs a connection (and its upstream one).
+        assert!(
+            *d >= b + 2,
+            "each worker runtime serves a connection: {before:?} -> {during:?}"
+        );
+    }
+    // Shut down while both streams are open: both still end with message_stop.
+    shutdown.send(()).unwrap();
+    for r in [r1, r2] {
+        let text = r.text().await.unwrap();
+        assert_eq!(
+            names(&events(&text)).last(),
+            Some(&"message_stop"),
+            "{text}"
+        );
+    }
+    server.await.unwrap().unwrap();
+    for (stop, thread) in threads {
+        stop.send(()).unwrap();
+        thread.join().unwrap();
+    }
+}

@@ -7,6 +7,8 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,8 +40,38 @@ pub struct Client(Inner);
 
 #[derive(Clone)]
 enum Inner {
-    Direct(Box<legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>>),
+    Direct(Arc<PerThread>),
     Proxied(reqwest::Client),
+}
+
+type Hyper = legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// One hyper pool per thread that sends requests. The binary runs one single-threaded runtime per
+/// core (`server::serve_on`); a pooled connection's task lives on the runtime that opened it, so a
+/// pool shared by every runtime had requests on one core use connections driven by another, and
+/// every hop of every request crossed threads. With a pool per thread, a request, its connection
+/// and its client stay on one core.
+struct PerThread {
+    connector: HttpsConnector<HttpConnector>,
+    pools: Mutex<Vec<(ThreadId, Hyper)>>,
+}
+
+impl PerThread {
+    fn pool(&self) -> Hyper {
+        let me = std::thread::current().id();
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, pool)) = pools.iter().find(|(id, _)| *id == me) {
+            return pool.clone();
+        }
+        let pool = legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(self.connector.clone());
+        pools.push((me, pool.clone()));
+        pool
+    }
 }
 
 impl fmt::Debug for Client {
@@ -73,13 +105,10 @@ impl Client {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
-        let client = legacy::Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(https);
-        Ok(Self(Inner::Direct(Box::new(client))))
+        Ok(Self(Inner::Direct(Arc::new(PerThread {
+            connector: https,
+            pools: Mutex::new(Vec::new()),
+        }))))
     }
 
     /// A client that reaches providers through an outbound proxy.
@@ -117,8 +146,9 @@ impl Client {
             .entry(http::header::ACCEPT)
             .or_insert(http::HeaderValue::from_static("*/*"));
         match &self.0 {
-            Inner::Direct(client) => {
-                let response = client
+            Inner::Direct(pools) => {
+                let response = pools
+                    .pool()
                     .request(request.map(Full::new))
                     .await
                     .map_err(|e| TransportError::from_error(&e))?;
@@ -245,6 +275,27 @@ impl StdError for TransportError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_thread_gets_its_own_pool_and_keeps_it() {
+        let client = Client::direct(Duration::from_secs(1)).unwrap();
+        let Inner::Direct(per_thread) = &client.0 else {
+            panic!("a direct client");
+        };
+        let count = || per_thread.pools.lock().unwrap().len();
+        per_thread.pool();
+        per_thread.pool();
+        assert_eq!(count(), 1, "one thread, one pool");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                per_thread.pool();
+                per_thread.pool();
+            });
+        });
+        assert_eq!(count(), 2, "another thread, another pool");
+        per_thread.pool();
+        assert_eq!(count(), 2);
+    }
 
     fn headers() -> HeaderMap {
         let mut h = HeaderMap::new();
