@@ -14,10 +14,11 @@
 //! [`adapter`] holds the pure conversion code the dispatcher uses.
 //!
 //! Cross-cutting: [`config`] (file to validated [`config::Config`]), [`state`] (the runtime swapped on
-//! reload, books that outlive it), [`observability`] (logs, metrics), [`admin`], [`error`], [`secret`], [`tokens`].
+//! reload, books that outlive it), [`cluster`] (the state backend shared by instances), [`observability`] (logs, metrics), [`admin`], [`error`], [`secret`], [`tokens`].
 
 pub mod adapter;
 pub mod admin;
+pub mod cluster;
 pub mod config;
 pub mod dedup;
 pub mod dispatch;

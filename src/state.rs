@@ -128,6 +128,11 @@ pub struct AppState {
     /// Set when the shutdown grace period is over: open streams end with an error event.
     closing: tokio::sync::watch::Sender<bool>,
     pub started_at: Instant,
+    /// The shared state of the Redis backend; `None` with the memory backend. Fixed at start:
+    /// a reload that changes `settings.state` is refused.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// This instance's name (`settings.state.instance_name`, or host name and process id).
+    pub instance: String,
 }
 
 /// What a successful reload changed.
@@ -143,7 +148,14 @@ pub struct ReloadSummary {
 impl AppState {
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Self>, ConfigErrors> {
         let clients = ClientPool::default();
+        let state_settings = config.settings.state.clone();
         let runtime = Runtime::build(config, &clients)?;
+        let cluster =
+            crate::cluster::Cluster::start(&state_settings).map_err(|e| ConfigErrors(vec![e]))?;
+        let instance = match &cluster {
+            Some(c) => c.instance().to_owned(),
+            None => crate::cluster::instance_name(&state_settings),
+        };
         Ok(Arc::new(Self {
             runtime: ArcSwap::from_pointee(runtime),
             health: HealthBook::new(),
@@ -160,7 +172,17 @@ impl AppState {
             reload_lock: tokio::sync::Mutex::new(()),
             closing: tokio::sync::watch::channel(false).0,
             started_at: Instant::now(),
+            cluster,
+            instance,
         }))
+    }
+
+    /// What the state backend is and whether it is shared right now.
+    pub fn backend_status(&self) -> crate::cluster::BackendStatus {
+        match &self.cluster {
+            Some(c) => c.status(),
+            None => crate::cluster::BackendStatus::local(self.instance.clone()),
+        }
     }
 
     /// Ends every open stream (after the shutdown grace period).
@@ -193,8 +215,14 @@ impl AppState {
     /// Installs an already loaded configuration (what `reload` does after reading the file).
     pub fn swap(&self, loaded: Loaded) -> Result<ReloadSummary, ConfigErrors> {
         let Loaded { config, warnings } = loaded;
-        let new = Runtime::build(config, &self.clients)?;
         let old = self.runtime.load();
+        if !config.settings.state.same_as(&old.config.settings.state) {
+            return Err(ConfigErrors(vec![
+                "settings.state: the state backend is chosen at start; restart the balancer to change it"
+                    .into(),
+            ]));
+        }
+        let new = Runtime::build(config, &self.clients)?;
         let added = new
             .providers
             .keys()

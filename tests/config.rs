@@ -337,3 +337,67 @@ fn yaml_syntax_errors_never_quote_the_file() {
     assert!(!err.contains("adm-secret-999999"), "{err}");
     assert!(!err.contains("auth_type"), "no neighbouring line: {err}");
 }
+
+#[test]
+fn the_state_backend_keys_load_and_are_checked() {
+    let yaml = |state: &str| {
+        format!(
+            "providers:\n  - {{name: P, type: anthropic, base_url: \"https://x.example\", auth_type: api_key, auth_value: k}}\nmodel_routes:\n  \"*\":\n    - {{provider: P}}\nsettings:\n  state:\n{state}"
+        )
+    };
+    // The default: memory, the documented prefix, no URL needed.
+    let c = load_str(&yaml("    backend: memory\n"), &no_env)
+        .unwrap()
+        .config;
+    let s = &c.settings.state;
+    assert_eq!(s.backend, claude_balancer::config::StateBackend::Memory);
+    assert_eq!(s.key_prefix, "claude-balancer:");
+    assert!(s.redis_url.is_none() && s.instance_name.is_none());
+
+    // Redis, with a password from the environment, a prefix and a name.
+    let env = |v: &str| (v == "REDIS_PASSWORD").then(|| "hunter2-long".to_owned());
+    let c = load_str(
+        &yaml("    backend: redis\n    redis:\n      url: \"redis://:${REDIS_PASSWORD}@127.0.0.1:6379/0\"\n      key_prefix: \"cb:\"\n    instance_name: gw-1\n"),
+        &env,
+    )
+    .unwrap()
+    .config;
+    let s = &c.settings.state;
+    assert_eq!(s.backend, claude_balancer::config::StateBackend::Redis);
+    assert_eq!(
+        s.redis_url.as_ref().unwrap().expose(),
+        "redis://:hunter2-long@127.0.0.1:6379/0"
+    );
+    assert_eq!(
+        (s.key_prefix.as_str(), s.instance_name.as_deref()),
+        ("cb:", Some("gw-1"))
+    );
+    assert!(
+        !format!("{c:?}").contains("hunter2-long"),
+        "the URL is a secret"
+    );
+
+    // Redis without a URL, a URL of another scheme, an unknown backend, an unset variable.
+    let errors = |state: &str| load_str(&yaml(state), &no_env).unwrap_err().0;
+    let e = errors("    backend: redis\n");
+    assert!(
+        e.iter()
+            .any(|e| e.starts_with("settings.state.redis.url: required")),
+        "{e:?}"
+    );
+    let e = errors("    backend: redis\n    redis:\n      url: \"http://u:topsecret99@h:1\"\n");
+    assert!(
+        e.iter()
+            .any(|e| e.starts_with("settings.state.redis.url: expected a redis://")),
+        "{e:?}"
+    );
+    assert!(!e.join(" ").contains("topsecret99"), "{e:?}");
+    let e = errors("    backend: etcd\n");
+    assert!(
+        e.iter()
+            .any(|e| e.starts_with("settings.state.backend: expected memory or redis")),
+        "{e:?}"
+    );
+    let e = errors("    backend: redis\n    redis:\n      url: \"redis://:${NOPE}@h:1\"\n");
+    assert!(e.iter().any(|e| e.contains("${NOPE}")), "{e:?}");
+}

@@ -134,6 +134,8 @@ pub async fn providers(State(state): State<Arc<AppState>>) -> Response {
         "providers": list,
         "model_routes": routes,
         "deduplication": state.dedup.stats(),
+        // Whether the state shown is shared by the cluster (redis, up) or this instance's own.
+        "state": state.backend_status(),
     }))
     .into_response()
 }
@@ -212,6 +214,8 @@ pub async fn dashboard_data(State(state): State<Arc<AppState>>) -> Response {
         "providers": providers,
         "recent": state.recent.snapshot(),
         "deduplication": state.dedup.stats(),
+        // Whether the state shown is shared by the cluster (redis, up) or this instance's own.
+        "state": state.backend_status(),
     }))
     .into_response()
 }
@@ -220,6 +224,8 @@ pub async fn dashboard_data(State(state): State<Arc<AppState>>) -> Response {
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let runtime = state.runtime();
     let rows = rows(&state, &runtime);
+    let backend_up = state.cluster.as_ref().is_none_or(|c| c.is_up());
+    state.metrics.state_backend_up.set(i64::from(backend_up));
     let text = state.metrics.encode(|states| {
         for row in &rows {
             let (name, current) = (&row.provider.config.name, row.shown);
@@ -264,6 +270,8 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
             "disabled": rows.len() - enabled,
         },
         "uptime_seconds": state.started_at.elapsed().as_secs(),
+        // Degraded shared state never makes the instance unhealthy: it serves on local state.
+        "state": state.backend_status(),
     });
     let status = if ok {
         StatusCode::OK

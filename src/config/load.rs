@@ -122,6 +122,7 @@ const SETTINGS_KEYS: &[&str] = &[
     "max_request_bytes",
     "max_concurrent_requests",
     "shutdown_grace_seconds",
+    "state",
 ];
 /// Keys of the earlier program that have no meaning here: accepted with a warning.
 const SETTINGS_IGNORED: &[&str] = &[
@@ -900,6 +901,7 @@ impl Walker<'_> {
         let port = self
             .integer(m, "port", path, 0, 65535)
             .map_or(9090, |p| p as u16);
+        let state = self.state(m.get("state"));
         Settings {
             selection_strategy,
             failure_cooldown,
@@ -941,6 +943,64 @@ impl Walker<'_> {
                 as usize,
             max_concurrent_requests: self.unsigned(m, "max_concurrent_requests", path, 0),
             shutdown_grace: self.seconds(m, "shutdown_grace_seconds", path, 30.0),
+            state,
         }
+    }
+
+    /// `settings.state`: the backend of state shared between instances.
+    fn state(&mut self, v: Option<&Value>) -> StateSettings {
+        let path = "settings.state";
+        let empty = Map::new();
+        let m = self.map(v, path).unwrap_or(&empty);
+        self.check_keys(m, path, &["backend", "redis", "instance_name"], &[]);
+        let mut out = StateSettings::default();
+        match self.string(m, "backend", path).as_deref().map(str::trim) {
+            None | Some("memory") => {}
+            Some("redis") => out.backend = StateBackend::Redis,
+            Some(other) => self.error(
+                &join(path, "backend"),
+                format!("expected memory or redis, found {other:?}"),
+            ),
+        }
+        out.instance_name = self
+            .string(m, "instance_name", path)
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty());
+        let redis_path = "settings.state.redis";
+        let r = self.map(m.get("redis"), redis_path).unwrap_or(&empty);
+        self.check_keys(r, redis_path, &["url", "key_prefix"], &[]);
+        if let Some(prefix) = self.string(r, "key_prefix", redis_path) {
+            out.key_prefix = prefix;
+        }
+        match self.text(r, "url", redis_path) {
+            Some(url) if !url.unset.is_empty() => {
+                let shown: Vec<String> = url.unset.iter().map(|v| format!("${{{v}}}")).collect();
+                if out.backend == StateBackend::Redis {
+                    self.error(
+                        &join(redis_path, "url"),
+                        format!("uses {} which is not set", shown.join(", ")),
+                    );
+                }
+            }
+            Some(url) => {
+                let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
+                    .iter()
+                    .any(|s| url.value.starts_with(s));
+                if !scheme_ok {
+                    self.error(
+                        &join(redis_path, "url"),
+                        "expected a redis:// or rediss:// URL",
+                    );
+                } else {
+                    out.redis_url = Some(Secret::new(url.value));
+                }
+            }
+            None if out.backend == StateBackend::Redis => self.error(
+                &join(redis_path, "url"),
+                "required when settings.state.backend is redis",
+            ),
+            None => {}
+        }
+        out
     }
 }

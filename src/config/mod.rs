@@ -272,6 +272,61 @@ pub struct InboundAuth {
     pub exempt_paths: Vec<String>,
 }
 
+/// Where state shared between instances lives (`settings.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateBackend {
+    /// In this process only (the default).
+    Memory,
+    /// In Redis, shared by every instance using the same server and key prefix.
+    Redis,
+}
+
+impl StateBackend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Redis => "redis",
+        }
+    }
+}
+
+/// `settings.state`.
+#[derive(Debug, Clone)]
+pub struct StateSettings {
+    pub backend: StateBackend,
+    /// `redis://` or `rediss://` URL, credentials included (a secret: never shown whole).
+    pub redis_url: Option<Secret>,
+    /// Prefix of every key and channel, so that several clusters can share one Redis.
+    pub key_prefix: String,
+    /// This instance's name in shared state; `None`: host name and process id.
+    pub instance_name: Option<String>,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        Self {
+            backend: StateBackend::Memory,
+            redis_url: None,
+            key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
+            instance_name: None,
+        }
+    }
+}
+
+impl StateSettings {
+    /// Whether `other` names the same backend, connection, prefix and instance.
+    pub fn same_as(&self, other: &Self) -> bool {
+        self.backend == other.backend
+            && self.redis_url.as_ref().map(Secret::expose)
+                == other.redis_url.as_ref().map(Secret::expose)
+            && self.key_prefix == other.key_prefix
+            && self.instance_name == other.instance_name
+    }
+}
+
+/// `settings.state.redis.key_prefix` by default.
+pub const DEFAULT_KEY_PREFIX: &str = "claude-balancer:";
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub selection_strategy: Strategy,
@@ -301,4 +356,5 @@ pub struct Settings {
     pub max_request_bytes: usize,
     pub max_concurrent_requests: u64,
     pub shutdown_grace: Duration,
+    pub state: StateSettings,
 }

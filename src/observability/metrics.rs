@@ -84,6 +84,8 @@ pub struct Metrics {
     pub tokens: Family<TokenLabels, Counter>,
     pub cache: Family<ResultLabels, Counter>,
     pub reloads: Family<ResultLabels, Counter>,
+    /// 1 while the state backend works (the memory backend always; Redis while it answers).
+    pub state_backend_up: Gauge,
     in_flight_now: AtomicI64,
 }
 
@@ -164,6 +166,12 @@ impl Default for Metrics {
             "Configuration reloads by result",
             reloads.clone(),
         );
+        let state_backend_up = Gauge::default();
+        registry.register(
+            "state_backend_up",
+            "1 while the state backend works (memory: always; redis: while it answers)",
+            state_backend_up.clone(),
+        );
         Self {
             registry,
             requests,
@@ -178,6 +186,7 @@ impl Default for Metrics {
             tokens,
             cache,
             reloads,
+            state_backend_up,
             in_flight_now: AtomicI64::new(0),
         }
     }

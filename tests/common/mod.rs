@@ -178,3 +178,118 @@ pub fn events(text: &str) -> Vec<(String, Value)> {
 pub fn names(events: &[(String, Value)]) -> Vec<&str> {
     events.iter().map(|(n, _)| n.as_str()).collect()
 }
+
+/// A real `redis-server` on a free loopback port, with its own temporary folder; killed when
+/// dropped. `None` (the test is skipped, loudly) when `redis-server` is not installed, unless
+/// `CB_REQUIRE_REDIS` is set, as `.ci/run` does after installing it.
+pub struct RedisServer {
+    pub port: u16,
+    password: Option<String>,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+// A real process on a real clock: std's Instant and sleep are the right tools here.
+#[allow(clippy::disallowed_types, clippy::disallowed_methods)]
+impl RedisServer {
+    pub fn start(password: Option<&str>) -> Option<Self> {
+        Self::start_on(free_port(), password)
+    }
+
+    pub fn start_on(port: u16, password: Option<&str>) -> Option<Self> {
+        if std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var_os("CB_REQUIRE_REDIS").is_none(),
+                "redis-server is required (CB_REQUIRE_REDIS is set) but not installed"
+            );
+            eprintln!(
+                "redis-server is not installed: this test is skipped (apt-get install redis-server)"
+            );
+            return None;
+        }
+        let mut server = Self {
+            port,
+            password: password.map(str::to_owned),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        server.restart();
+        Some(server)
+    }
+
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    /// Starts it again on the same port (after `kill`), and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        self.child = Some(cmd.spawn().unwrap());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A loopback port nothing listens on (at the moment of asking).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` (real time) until it holds, at most `within`; false if it never did.
+#[allow(clippy::disallowed_types)]
+pub async fn eventually<F, Fut>(within: std::time::Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

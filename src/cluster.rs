@@ -1,0 +1,213 @@
+//! The state backend: where what instances learn is shared (`settings.state`).
+//!
+//! With the memory backend (the default) there is no [`Cluster`]: every book stays in this
+//! process, exactly as before. With the Redis backend, a [`Cluster`] holds one multiplexed,
+//! self-reconnecting connection (redis-rs's `ConnectionManager`, created lazily, so the balancer
+//! starts and serves while Redis is unreachable) and a monitor task that pings it every second,
+//! so that `/health`, `/providers` and `/metrics` say whether state is shared right now. A
+//! transition (up to degraded and back) is logged once, never per request. Redis failing never
+//! fails a request: whatever uses the cluster falls back to the local books.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::config::{StateBackend, StateSettings};
+use crate::secret::{Redactor, url_password};
+
+/// How often the monitor pings Redis.
+pub const PING_EVERY: Duration = Duration::from_secs(1);
+/// A ping (and any command of the hot path) that takes longer than this counts as a failure.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
+/// Reconnection attempts back off up to this delay.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+
+/// What `/health`, `/providers` and `/metrics` show of the state backend.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendStatus {
+    /// `memory` or `redis`.
+    pub backend: &'static str,
+    /// `local` (memory backend), `up` (Redis answers: state is shared) or `degraded` (Redis does
+    /// not answer: this instance serves on its local state).
+    pub status: &'static str,
+    /// Whether the state shown is shared by the cluster right now.
+    pub shared: bool,
+    pub instance: String,
+    /// Why Redis is degraded (credentials masked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl BackendStatus {
+    /// The status of an instance without a cluster (the memory backend).
+    pub fn local(instance: String) -> Self {
+        Self {
+            backend: StateBackend::Memory.as_str(),
+            status: "local",
+            shared: false,
+            instance,
+            error: None,
+        }
+    }
+}
+
+/// A connection to the shared state, and whether it works.
+pub struct Cluster {
+    prefix: String,
+    instance: String,
+    redis: ConnectionManager,
+    up: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    redactor: Redactor,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The connection's URL may hold a password: never shown.
+        f.debug_struct("Cluster")
+            .field("prefix", &self.prefix)
+            .field("instance", &self.instance)
+            .field("up", &self.up.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// This instance's name: the configured one, else host name and process id.
+pub fn instance_name(settings: &StateSettings) -> String {
+    if let Some(name) = &settings.instance_name {
+        return name.clone();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+impl Cluster {
+    /// The cluster for `settings`: `None` for the memory backend. Never waits for Redis; must be
+    /// called inside a tokio runtime (the monitor and the connection's tasks run on it).
+    pub fn start(settings: &StateSettings) -> Result<Option<Arc<Self>>, String> {
+        if settings.backend != StateBackend::Redis {
+            return Ok(None);
+        }
+        let url = settings
+            .redis_url
+            .as_ref()
+            .ok_or("settings.state.redis.url is required with the redis backend")?;
+        let redactor = Redactor::new(url_password(url.expose()));
+        let client = redis::Client::open(url.expose()).map_err(|e| {
+            format!(
+                "settings.state.redis.url: {}",
+                redactor.text(&e.to_string())
+            )
+        })?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_max_delay(MAX_RECONNECT_DELAY)
+            .set_number_of_retries(2);
+        let redis = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| format!("redis: {}", redactor.text(&e.to_string())))?;
+        let cluster = Arc::new(Self {
+            prefix: settings.key_prefix.clone(),
+            instance: instance_name(settings),
+            redis,
+            up: AtomicBool::new(false),
+            last_error: Mutex::new(Some("not connected yet".to_owned())),
+            redactor,
+        });
+        tokio::spawn(monitor(Arc::downgrade(&cluster)));
+        Ok(Some(cluster))
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// A key or channel name under this cluster's prefix.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// Whether Redis answered the last ping.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// A connection to run commands on (cheap: a handle on the shared multiplexed connection).
+    pub fn connection(&self) -> ConnectionManager {
+        self.redis.clone()
+    }
+
+    pub fn status(&self) -> BackendStatus {
+        let up = self.is_up();
+        BackendStatus {
+            backend: StateBackend::Redis.as_str(),
+            status: if up { "up" } else { "degraded" },
+            shared: up,
+            instance: self.instance.clone(),
+            error: if up {
+                None
+            } else {
+                self.last_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+            },
+        }
+    }
+
+    /// Records the outcome of a ping; logs a transition once.
+    fn observe(&self, result: Result<(), String>) {
+        let was_up = self.up.swap(result.is_ok(), Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                if !was_up {
+                    tracing::info!(instance = %self.instance, "state backend redis is up: state is shared");
+                }
+            }
+            Err(e) => {
+                let e = self.redactor.text(&e).into_owned();
+                let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+                // Logged on the way down, and once at start-up if Redis never answered.
+                if was_up || last.as_deref() == Some("not connected yet") {
+                    tracing::warn!(instance = %self.instance, error = %e, "state backend redis is unreachable: serving on local state, retrying");
+                }
+                *last = Some(e);
+            }
+        }
+    }
+}
+
+/// Pings Redis every [`PING_EVERY`] until the cluster is dropped.
+async fn monitor(cluster: std::sync::Weak<Cluster>) {
+    let mut tick = tokio::time::interval(PING_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(cluster) = cluster.upgrade() else {
+            return;
+        };
+        let mut conn = cluster.connection();
+        let ping = tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            redis::cmd("PING").query_async::<String>(&mut conn),
+        )
+        .await;
+        let result = match ping {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "no answer within {} ms",
+                COMMAND_TIMEOUT.as_millis()
+            )),
+        };
+        cluster.observe(result);
+    }
+}

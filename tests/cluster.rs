@@ -1,0 +1,200 @@
+//! The state backend (`settings.state`): memory by default, Redis shared by several instances.
+//! These tests run a real `redis-server` (skipped when it is not installed, unless
+//! `CB_REQUIRE_REDIS` is set) on real time: they wait for the monitor's pings.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+fn redis_settings(url: &str) -> String {
+    format!(
+        "  state:\n    backend: redis\n    redis:\n      url: \"{url}\"\n      key_prefix: \"test:\"\n    instance_name: gw-1\n"
+    )
+}
+
+async fn state_of(bal: &Balancer) -> Value {
+    let (status, health) = bal.get_json("/health").await;
+    assert_eq!(
+        status, 200,
+        "a state backend never makes /health fail: {health}"
+    );
+    health["state"].clone()
+}
+
+async fn backend_up_metric(bal: &Balancer) -> String {
+    let text = bal
+        .client
+        .get(format!("{}/metrics", bal.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("claude_balancer_state_backend_up"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn the_memory_backend_is_local_and_always_up() {
+    let p = MockProvider::start(Reply::message("m", "hi"))
+        .await
+        .unwrap();
+    let bal = Balancer::start(&config_yaml(&[("P", &p.url(), 1)], "")).await;
+    let state = state_of(&bal).await;
+    assert_eq!(
+        (
+            state["backend"].as_str(),
+            state["status"].as_str(),
+            state["shared"].as_bool()
+        ),
+        (Some("memory"), Some("local"), Some(false))
+    );
+    assert!(
+        state["instance"]
+            .as_str()
+            .unwrap()
+            .ends_with(&std::process::id().to_string())
+    );
+    assert_eq!(
+        backend_up_metric(&bal).await,
+        "claude_balancer_state_backend_up 1"
+    );
+    assert!(bal.state.cluster.is_none());
+}
+
+/// Started while Redis is unreachable: the balancer serves, reports degraded, and becomes shared
+/// as soon as Redis answers, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_degrades_and_recovers_without_a_restart() {
+    let port = free_port();
+    let p = MockProvider::start(Reply::message("m", "hi"))
+        .await
+        .unwrap();
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let bal = Balancer::start(&config_yaml(&[("P", &p.url(), 1)], &redis_settings(&url))).await;
+    let resp = bal.post("/v1/messages", &request(false)).await;
+    assert_eq!(resp.status(), 200, "Redis being down never fails a request");
+    assert!(
+        eventually(PATIENCE, || async {
+            let s = state_of(&bal).await;
+            s["status"] == "degraded" && s["error"].is_string()
+        })
+        .await
+    );
+    let s = state_of(&bal).await;
+    assert_eq!(
+        (
+            s["backend"].as_str(),
+            s["shared"].as_bool(),
+            s["instance"].as_str()
+        ),
+        (Some("redis"), Some(false), Some("gw-1"))
+    );
+    assert_eq!(
+        backend_up_metric(&bal).await,
+        "claude_balancer_state_backend_up 0"
+    );
+
+    let Some(_redis) = RedisServer::start_on(port, None) else {
+        return;
+    };
+    assert!(
+        eventually(PATIENCE, || async {
+            state_of(&bal).await["status"] == "up"
+        })
+        .await,
+        "the instance reconnects by itself"
+    );
+    let (_, providers) = bal.get_json("/providers").await;
+    assert_eq!(providers["state"]["shared"], true);
+    assert_eq!(
+        backend_up_metric(&bal).await,
+        "claude_balancer_state_backend_up 1"
+    );
+    let resp = bal.post("/v1/messages", &request(false)).await;
+    assert_eq!(resp.status(), 200);
+}
+
+/// Wrong credentials: degraded, and neither password ever reaches an admin answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_degraded_and_never_shown() {
+    let Some(redis) = RedisServer::start(Some("the-right-password-1")) else {
+        return;
+    };
+    let p = MockProvider::start(Reply::message("m", "hi"))
+        .await
+        .unwrap();
+    let url = format!("redis://:the-wrong-password-2@127.0.0.1:{}/0", redis.port);
+    let bal = Balancer::start(&config_yaml(&[("P", &p.url(), 1)], &redis_settings(&url))).await;
+    assert!(
+        eventually(PATIENCE, || async {
+            let s = state_of(&bal).await;
+            s["status"] == "degraded"
+                && s["error"]
+                    .as_str()
+                    .is_some_and(|e| e != "not connected yet")
+        })
+        .await
+    );
+    for path in ["/health", "/providers", "/metrics"] {
+        let text = bal
+            .client
+            .get(format!("{}{path}", bal.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            !text.contains("the-wrong-password-2") && !text.contains("the-right-password-1"),
+            "{path}: {text}"
+        );
+    }
+    assert!(!format!("{:?}", bal.state.cluster).contains("the-wrong-password-2"));
+    let resp = bal.post("/v1/messages", &request(false)).await;
+    assert_eq!(resp.status(), 200);
+
+    // The right password: up.
+    let good = Balancer::start(&config_yaml(
+        &[("P", &p.url(), 1)],
+        &redis_settings(&redis.url()),
+    ))
+    .await;
+    assert!(
+        eventually(PATIENCE, || async {
+            state_of(&good).await["status"] == "up"
+        })
+        .await
+    );
+}
+
+/// The backend is chosen at start: a reload that changes it is refused and changes nothing.
+#[tokio::test]
+async fn a_reload_cannot_change_the_state_backend() {
+    let p = MockProvider::start(Reply::message("m", "hi"))
+        .await
+        .unwrap();
+    let bal = Balancer::start(&config_yaml(&[("P", &p.url(), 1)], "")).await;
+    bal.write_config(&config_yaml(
+        &[("P", &p.url(), 1)],
+        &redis_settings("redis://127.0.0.1:1/0"),
+    ));
+    let errors = bal.state.reload().await.unwrap_err().0;
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("settings.state: the state backend is chosen at start")),
+        "{errors:?}"
+    );
+    assert_eq!(state_of(&bal).await["backend"], "memory");
+}
