@@ -21,6 +21,8 @@ use crate::secret::{Redactor, url_password};
 pub const PING_EVERY: Duration = Duration::from_secs(1);
 /// A ping (and any command of the hot path) that takes longer than this counts as a failure.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
+/// A shared affinity lookup that takes longer is abandoned: the request goes on without it.
+pub const AFFINITY_LOOKUP_TIMEOUT: Duration = Duration::from_millis(5);
 /// Reconnection attempts back off up to this delay.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
 
@@ -160,6 +162,42 @@ impl Cluster {
                     .clone()
             },
         }
+    }
+
+    fn affinity_key(&self, key: u128) -> String {
+        format!("{}affinity:{key:032x}", self.prefix)
+    }
+
+    /// The provider another instance last recorded for a session on a route (`key`: see
+    /// `routing::affinity::key`). `None` when there is none, when Redis is down, or when it did
+    /// not answer within [`AFFINITY_LOOKUP_TIMEOUT`].
+    pub async fn affinity(&self, key: u128) -> Option<String> {
+        if !self.is_up() {
+            return None;
+        }
+        let mut conn = self.connection();
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.affinity_key(key));
+        let get = cmd.query_async::<Option<String>>(&mut conn);
+        tokio::time::timeout(AFFINITY_LOOKUP_TIMEOUT, get)
+            .await
+            .ok()?
+            .ok()?
+    }
+
+    /// Records `provider` for a session on a route, expiring after `ttl`, without waiting.
+    pub fn share_affinity(&self, key: u128, provider: &str, ttl: Duration) {
+        if !self.is_up() {
+            return;
+        }
+        let mut conn = self.connection();
+        let (k, provider) = (self.affinity_key(key), provider.to_owned());
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        tokio::spawn(async move {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(k).arg(provider).arg("PX").arg(ms);
+            let _ = tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<()>(&mut conn)).await;
+        });
     }
 
     /// Records the outcome of a ping; logs a transition once.

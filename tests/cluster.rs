@@ -198,3 +198,55 @@ async fn a_reload_cannot_change_the_state_backend() {
     );
     assert_eq!(state_of(&bal).await["backend"], "memory");
 }
+
+/// A session served through instance 1 stays on its provider when its next request goes to
+/// instance 2, which has never seen it; another session on instance 2 goes by priority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_keeps_its_provider_across_instances() {
+    let Some(redis) = RedisServer::start(None) else {
+        return;
+    };
+    let a = MockProvider::start(Reply::message("m", "from A"))
+        .await
+        .unwrap();
+    let b = MockProvider::start(Reply::message("m", "from B"))
+        .await
+        .unwrap();
+    let yaml = config_yaml(
+        &[("A", &a.url(), 1), ("B", &b.url(), 2)],
+        &redis_settings(&redis.url()),
+    );
+    let one = Balancer::start(&yaml).await;
+    let two = Balancer::start(&yaml).await;
+    for bal in [&one, &two] {
+        assert!(eventually(PATIENCE, || async { state_of(bal).await["status"] == "up" }).await);
+    }
+    // On instance 1, A fails once: the session is served by B.
+    a.push(Reply::error(500, "api_error", "boom"));
+    let session = [("x-claude-code-session-id", "session-s")];
+    let resp = one
+        .post_with("/v1/messages", &request(false), &session)
+        .await;
+    assert_eq!(resp.headers()["x-provider-used"], "B");
+    let key = claude_balancer::routing::affinity::key("session-s", "*");
+    let cluster = two.state.cluster.clone().unwrap();
+    assert!(
+        eventually(PATIENCE, || {
+            let cluster = cluster.clone();
+            async move { cluster.affinity(key).await.as_deref() == Some("B") }
+        })
+        .await,
+        "instance 1 shared the session's provider"
+    );
+
+    // Instance 2 never saw the session (and A is healthy there), yet it stays on B.
+    let resp = two
+        .post_with("/v1/messages", &request(false), &session)
+        .await;
+    assert_eq!(resp.headers()["x-provider-used"], "B");
+    // Another session on instance 2 goes by priority.
+    let other = [("x-claude-code-session-id", "session-t")];
+    let resp = two.post_with("/v1/messages", &request(false), &other).await;
+    assert_eq!(resp.headers()["x-provider-used"], "A");
+    assert_eq!((a.request_count(), b.request_count()), (2, 2));
+}

@@ -197,7 +197,21 @@ pub async fn messages(state: &Arc<AppState>, inbound: Inbound) -> Answer {
     let sticky = runtime.config.settings.sticky_provider_duration > Duration::ZERO;
     if let (true, Some(session)) = (sticky, &inbound.session) {
         let now = Instant::now();
-        if let Some(p) = state.affinity.get(session, &plan.route, now) {
+        let mut sticky_to = state.affinity.get(session, &plan.route, now);
+        if let (None, Some(cluster)) = (&sticky_to, &state.cluster) {
+            // Not served here before: another instance may have served it.
+            let key = crate::routing::affinity::key(session, &plan.route);
+            if let Some(name) = cluster.affinity(key).await {
+                if let Some(p) = runtime.providers.get(&name) {
+                    let ttl = runtime.config.settings.sticky_provider_duration;
+                    state
+                        .affinity
+                        .set(session, &plan.route, &p.name, Instant::now(), ttl);
+                    sticky_to = Some(Arc::clone(&p.name));
+                }
+            }
+        }
+        if let Some(p) = sticky_to {
             if state.health.standing(&p, now).available {
                 plan.promote(&p);
             }
@@ -275,13 +289,15 @@ pub async fn run(
         if let (true, Some(session), true) =
             (lane.affinity, &inbound.session, reply.status.is_success())
         {
-            state.affinity.set(
-                session,
-                &plan.route,
-                &candidate.provider.name,
-                Instant::now(),
-                runtime.config.settings.sticky_provider_duration,
-            );
+            let ttl = runtime.config.settings.sticky_provider_duration;
+            let name = &candidate.provider.name;
+            let tell = state
+                .affinity
+                .set(session, &plan.route, name, Instant::now(), ttl);
+            if let (true, Some(cluster)) = (tell, &state.cluster) {
+                let key = crate::routing::affinity::key(session, &plan.route);
+                cluster.share_affinity(key, name, ttl);
+            }
         }
         if !failures.is_empty() {
             tracing::info!(model = %inbound.envelope.model, provider = %name, failed_over = failures.len(), "request succeeded after failover");

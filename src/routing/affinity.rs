@@ -15,7 +15,8 @@ const MAX_SESSIONS: usize = 10_000;
 /// would only mean a preference, checked for health like any other).
 type Key = u128;
 
-fn key(session: &str, route: &str) -> Key {
+/// The key of a session on a route (also its name in the shared state, as hex).
+pub fn key(session: &str, route: &str) -> Key {
     let mut h = Xxh3::new();
     h.update(session.as_bytes());
     h.update(&[0]);
@@ -23,13 +24,17 @@ fn key(session: &str, route: &str) -> Key {
     h.digest128()
 }
 
+/// A session's provider, when the entry expires here, and until when the shared state (if any)
+/// was told of it.
+type Entry = (Arc<str>, Instant, Instant);
+
 #[derive(Debug, Default)]
 pub struct AffinityBook {
-    map: Mutex<HashMap<Key, (Arc<str>, Instant)>>,
+    map: Mutex<HashMap<Key, Entry>>,
 }
 
 impl AffinityBook {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, (Arc<str>, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -37,10 +42,13 @@ impl AffinityBook {
     pub fn get(&self, session: &str, route: &str, now: Instant) -> Option<Arc<str>> {
         self.lock()
             .get(&key(session, route))
-            .filter(|(_, expires)| *expires > now)
-            .map(|(p, _)| Arc::clone(p))
+            .filter(|(_, expires, _)| *expires > now)
+            .map(|(p, _, _)| Arc::clone(p))
     }
 
+    /// Remembers `provider` for `session` on `route` for `ttl`. Returns whether the shared state
+    /// should hear of it: a new session, another provider, or half the time to live gone since
+    /// it was last told (so that its expiry there keeps up without a write per request).
     pub fn set(
         &self,
         session: &str,
@@ -48,24 +56,30 @@ impl AffinityBook {
         provider: &Arc<str>,
         now: Instant,
         ttl: Duration,
-    ) {
+    ) -> bool {
         let k = key(session, route);
         let mut map = self.lock();
         if let Some(entry) = map.get_mut(&k) {
             // The common case: the session's provider again; nothing to allocate.
-            if !Arc::ptr_eq(&entry.0, provider) {
+            let changed = !Arc::ptr_eq(&entry.0, provider) && *entry.0 != **provider;
+            if changed {
                 entry.0 = Arc::clone(provider);
             }
             entry.1 = now + ttl;
-            return;
+            let tell = changed || entry.2 < now + ttl / 2;
+            if tell {
+                entry.2 = now + ttl;
+            }
+            return tell;
         }
         if map.len() >= MAX_SESSIONS {
-            map.retain(|_, (_, expires)| *expires > now);
+            map.retain(|_, (_, expires, _)| *expires > now);
             if map.len() >= MAX_SESSIONS {
                 map.clear();
             }
         }
-        map.insert(k, (Arc::clone(provider), now + ttl));
+        map.insert(k, (Arc::clone(provider), now + ttl, now + ttl));
+        true
     }
 
     /// Drops every expired entry (run on a timer, so a burst of sessions does not stay resident
@@ -73,7 +87,7 @@ impl AffinityBook {
     pub fn sweep(&self, now: Instant) -> usize {
         let mut map = self.lock();
         let before = map.len();
-        map.retain(|_, (_, expires)| *expires > now);
+        map.retain(|_, (_, expires, _)| *expires > now);
         before - map.len()
     }
 
@@ -106,5 +120,39 @@ mod tests {
         assert_eq!(book.sweep(later), 1);
         assert_eq!(book.len(), 1);
         assert_eq!(book.get("s2", "*", later), Some(b));
+    }
+
+    /// `set` says when the shared state should hear of a session: new, moved, or half its time
+    /// to live since it was last told; not on every request.
+    #[tokio::test(start_paused = true)]
+    async fn set_tells_the_shared_state_only_what_changed_or_is_due() {
+        let book = AffinityBook::default();
+        let ttl = Duration::from_secs(100);
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("A"), Arc::from("B"));
+        assert!(book.set("s", "*", &a, Instant::now(), ttl), "a new session");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(
+            !book.set("s", "*", &a, Instant::now(), ttl),
+            "the same provider, soon after"
+        );
+        // Another Arc with the same name is the same provider (a reload makes new Arcs).
+        let a2: Arc<str> = Arc::from("A");
+        assert!(!book.set("s", "*", &a2, Instant::now(), ttl));
+        assert!(
+            book.set("s", "*", &b, Instant::now(), ttl),
+            "another provider"
+        );
+        // A request every 10 s: the shared state hears again once half the time to live has
+        // passed since it was last told, however often the session is used meanwhile.
+        let mut told = Vec::new();
+        for _ in 0..6 {
+            tokio::time::advance(Duration::from_secs(10)).await;
+            told.push(book.set("s", "*", &b, Instant::now(), ttl));
+        }
+        assert_eq!(
+            told,
+            [false, false, false, false, false, true],
+            "due past 50 s after being told"
+        );
     }
 }
