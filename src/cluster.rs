@@ -23,6 +23,10 @@ pub const PING_EVERY: Duration = Duration::from_secs(1);
 pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
 /// A shared affinity lookup that takes longer is abandoned: the request goes on without it.
 pub const AFFINITY_LOOKUP_TIMEOUT: Duration = Duration::from_millis(5);
+/// A shared cache lookup that takes longer is abandoned: the request goes on as a miss.
+pub const CACHE_LOOKUP_TIMEOUT: Duration = Duration::from_millis(50);
+/// The largest answer kept in the shared cache: one huge answer cannot fill Redis.
+pub const MAX_SHARED_ENTRY_BYTES: usize = 1024 * 1024;
 /// Reconnection attempts back off up to this delay.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
 
@@ -198,6 +202,107 @@ impl Cluster {
             cmd.arg(k).arg(provider).arg("PX").arg(ms);
             let _ = tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<()>(&mut conn)).await;
         });
+    }
+
+    fn cache_key(&self, key: u128) -> String {
+        format!("{}cache:{key:032x}", self.prefix)
+    }
+
+    fn cache_index(&self) -> String {
+        format!("{}cache:index", self.prefix)
+    }
+
+    /// A cached answer stored by any instance (its JSON text), if Redis answers in time.
+    pub async fn cached(&self, key: u128) -> Option<Vec<u8>> {
+        let mut conn = self.connection();
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(self.cache_key(key));
+        let get = cmd.query_async::<Option<Vec<u8>>>(&mut conn);
+        tokio::time::timeout(CACHE_LOOKUP_TIMEOUT, get)
+            .await
+            .ok()?
+            .ok()?
+    }
+
+    /// Stores an answer (its JSON text) for `ttl`, without waiting, and keeps the shared cache to
+    /// `max_entries` (the oldest go first). Larger than [`MAX_SHARED_ENTRY_BYTES`]: not stored.
+    pub fn cache(&self, key: u128, entry: Vec<u8>, ttl: Duration, max_entries: usize) {
+        if entry.len() > MAX_SHARED_ENTRY_BYTES || max_entries == 0 {
+            return;
+        }
+        let mut conn = self.connection();
+        let (k, index) = (self.cache_key(key), self.cache_index());
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        tokio::spawn(async move {
+            let work = async {
+                let mut pipe = redis::pipe();
+                pipe.cmd("SET")
+                    .arg(&k)
+                    .arg(entry)
+                    .arg("PX")
+                    .arg(ms)
+                    .ignore();
+                pipe.cmd("ZADD")
+                    .arg(&index)
+                    .arg(now_ms as u64)
+                    .arg(&k)
+                    .ignore();
+                pipe.query_async::<()>(&mut conn).await?;
+                let count: usize = redis::cmd("ZCARD")
+                    .arg(&index)
+                    .query_async(&mut conn)
+                    .await?;
+                if count > max_entries {
+                    let oldest: Vec<String> = redis::cmd("ZPOPMIN")
+                        .arg(&index)
+                        .arg(count - max_entries)
+                        .query_async::<Vec<(String, f64)>>(&mut conn)
+                        .await?
+                        .into_iter()
+                        .map(|(k, _)| k)
+                        .collect();
+                    if !oldest.is_empty() {
+                        redis::cmd("DEL")
+                            .arg(oldest)
+                            .query_async::<()>(&mut conn)
+                            .await?;
+                    }
+                }
+                Ok::<(), redis::RedisError>(())
+            };
+            let _ = tokio::time::timeout(COMMAND_TIMEOUT * 4, work).await;
+        });
+    }
+
+    /// Empties the shared cache; the number of entries it held, or why it could not.
+    pub async fn clear_cache(&self) -> Result<usize, String> {
+        let mut conn = self.connection();
+        let index = self.cache_index();
+        let work = async {
+            let keys: Vec<String> = redis::cmd("ZRANGE")
+                .arg(&index)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await?;
+            let mut existing = 0usize;
+            if !keys.is_empty() {
+                existing = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
+            }
+            redis::cmd("DEL")
+                .arg(&index)
+                .query_async::<()>(&mut conn)
+                .await?;
+            Ok::<usize, redis::RedisError>(existing)
+        };
+        match tokio::time::timeout(COMMAND_TIMEOUT * 4, work).await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(e)) => Err(self.redactor.text(&e.to_string()).into_owned()),
+            Err(_) => Err("redis did not answer".to_owned()),
+        }
     }
 
     /// Records the outcome of a ping; logs a transition once.

@@ -790,7 +790,15 @@ pub async fn serve(state: &Arc<AppState>, inbound: Inbound) -> Answer {
     let book = &state.dedup;
 
     if cache_on {
-        if let Some(entry) = book.cache().get(&key, Instant::now()) {
+        // With the Redis backend up, the cache is the cluster's; else this instance's own.
+        let found = match state.cluster.as_ref().filter(|c| c.is_up()) {
+            Some(cluster) => cluster
+                .cached(key)
+                .await
+                .and_then(|bytes| SharedEntry::decode(&bytes)),
+            None => book.cache().get(&key, Instant::now()),
+        };
+        if let Some(entry) = found {
             book.hits.fetch_add(1, Ordering::Relaxed);
             return from_cache(entry, wants_stream);
         }
@@ -873,6 +881,12 @@ fn store(state: &AppState, flight: &Flight, key: Key, max_entries: usize, ttl: D
             _ => return,
         }
     };
+    if let Some(cluster) = state.cluster.as_ref().filter(|c| c.is_up()) {
+        if let Some(bytes) = SharedEntry::encode(&message, &source) {
+            cluster.cache(key, bytes, ttl, max_entries);
+        }
+        return;
+    }
     let entry = CacheEntry {
         message,
         source,
@@ -880,6 +894,48 @@ fn store(state: &AppState, flight: &Flight, key: Key, max_entries: usize, ttl: D
         size: body.len(),
     };
     state.dedup.cache().insert(key, entry, max_entries);
+}
+
+/// A cache entry as the cluster keeps it: the message and the provider that answered it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SharedEntry {
+    message: Value,
+    provider: String,
+    upstream_model: String,
+}
+
+impl SharedEntry {
+    fn encode(message: &Value, source: &Source) -> Option<Vec<u8>> {
+        let Source::Provider {
+            name,
+            upstream_model,
+        } = source
+        else {
+            return None;
+        };
+        serde_json::to_vec(&serde_json::json!({
+            "message": message,
+            "provider": name,
+            "upstream_model": upstream_model,
+        }))
+        .ok()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<CacheEntry> {
+        let e: Self = serde_json::from_slice(bytes).ok()?;
+        if e.message.get("type").and_then(Value::as_str) != Some("message") {
+            return None;
+        }
+        Some(CacheEntry {
+            message: e.message,
+            source: Source::Provider {
+                name: e.provider,
+                upstream_model: e.upstream_model,
+            },
+            expires: Instant::now(),
+            size: bytes.len(),
+        })
+    }
 }
 
 /// A cached message, with a fresh id, as JSON or as a synthesized stream.

@@ -250,3 +250,78 @@ async fn a_session_keeps_its_provider_across_instances() {
     assert_eq!(resp.headers()["x-provider-used"], "A");
     assert_eq!((a.request_count(), b.request_count()), (2, 2));
 }
+
+/// A cached answer made on instance 1 is a hit on instance 3 (as JSON and as a stream);
+/// `/cache/clear` on instance 2 empties it for all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_response_cache_is_the_clusters() {
+    let Some(redis) = RedisServer::start(None) else {
+        return;
+    };
+    let p = MockProvider::start(Reply::message("m", "cached words"))
+        .await
+        .unwrap();
+    let settings = format!("  max_cache_size: 10\n{}", redis_settings(&redis.url()));
+    let yaml = config_yaml(&[("P", &p.url(), 1)], &settings);
+    let one = Balancer::start(&yaml).await;
+    let two = Balancer::start(&yaml).await;
+    let three = Balancer::start(&yaml).await;
+    for bal in [&one, &two, &three] {
+        assert!(eventually(PATIENCE, || async { state_of(bal).await["status"] == "up" }).await);
+    }
+    let resp = one.post("/v1/messages", &request(false)).await;
+    assert_eq!(resp.headers()["x-balancer-cache"], "miss");
+    // The entry is written without waiting for it: wait until Redis holds it.
+    let conn = one.state.cluster.as_ref().unwrap().connection();
+    assert!(
+        eventually(PATIENCE, || {
+            let mut conn = conn.clone();
+            async move {
+                redis::cmd("ZCARD")
+                    .arg("test:cache:index")
+                    .query_async::<usize>(&mut conn)
+                    .await
+                    .is_ok_and(|n| n == 1)
+            }
+        })
+        .await
+    );
+    let resp = three.post("/v1/messages", &request(false)).await;
+    assert_eq!(
+        resp.headers()["x-balancer-cache"],
+        "hit",
+        "a hit on another instance"
+    );
+    assert_eq!(
+        p.request_count(),
+        1,
+        "no other request reached the provider"
+    );
+    let resp = three.post("/v1/messages", &request(true)).await;
+    assert_eq!(resp.headers()["x-balancer-cache"], "hit");
+    assert_eq!(resp.headers()["x-provider-used"], "P");
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.contains("cached words") && text.contains("message_stop"),
+        "{text}"
+    );
+
+    let cleared: Value = two
+        .client
+        .post(format!("{}/cache/clear", two.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cleared["shared"]["cleared"], true, "{cleared}");
+    assert_eq!(cleared["shared"]["entries_removed"], 1, "{cleared}");
+    let resp = three.post("/v1/messages", &request(false)).await;
+    assert_eq!(
+        resp.headers()["x-balancer-cache"],
+        "miss",
+        "cleared for every instance"
+    );
+    assert_eq!(p.request_count(), 2);
+}

@@ -167,8 +167,19 @@ pub async fn reload(State(state): State<Arc<AppState>>) -> Response {
 
 /// `POST /cache/clear`: empties the response cache.
 pub async fn clear_cache(State(state): State<Arc<AppState>>) -> Response {
-    let removed = state.dedup.clear_cache();
-    Json(json!({"status": "cleared", "entries_removed": removed})).into_response()
+    let mut removed = state.dedup.clear_cache();
+    // With the Redis backend, the cluster's cache too: every instance's next lookup misses.
+    let shared = match &state.cluster {
+        None => json!(null),
+        Some(cluster) => match cluster.clear_cache().await {
+            Ok(n) => {
+                removed += n;
+                json!({"cleared": true, "entries_removed": n})
+            }
+            Err(e) => json!({"cleared": false, "error": e}),
+        },
+    };
+    Json(json!({"status": "cleared", "entries_removed": removed, "shared": shared})).into_response()
 }
 
 /// `GET /dashboard`: one self-contained page (no external scripts or fonts) that polls
