@@ -46,6 +46,8 @@ const MARK: &str = "#00000000";
 const SHIPPED_ARM: &str = "claude-balancer, as shipped";
 /// For attribution: the same with coalescing and session affinity off.
 const PLAIN_ARM: &str = "claude-balancer, coalescing and affinity off";
+/// The shipped settings with the Redis state backend (a local `redis-server`), when installed.
+const REDIS_ARM: &str = "claude-balancer, as shipped, redis state backend";
 /// Sessions the load is spread over (one per worker, as each Claude Code session is one client).
 const SESSIONS: usize = 16;
 
@@ -311,6 +313,58 @@ fn start_balancer(
     kind: &str,
     shipped: bool,
 ) -> (Proc, String) {
+    start_balancer_with(dir, name, upstream, kind, shipped, "")
+}
+
+/// A `redis-server` on a free port with its own folder, if one is installed, and its URL.
+fn start_redis(dir: &std::path::Path) -> Option<(Proc, String)> {
+    let port = free_port();
+    let folder = dir.join("redis");
+    std::fs::create_dir_all(&folder).ok()?;
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(&folder)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let proc = Proc(child);
+    for _ in 0..400 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some((proc, format!("redis://127.0.0.1:{port}/0")));
+        }
+        let (_keep, pause) = std::sync::mpsc::channel::<()>();
+        let _ = pause.recv_timeout(Duration::from_millis(25));
+    }
+    None
+}
+
+/// Waits until the balancer at `url` reports its Redis state backend up.
+async fn wait_shared(c: &HttpClient, url: &str) {
+    for _ in 0..400 {
+        let req = Request::get(format!("{url}/health")).body(Full::new(Bytes::new()));
+        if let Ok(req) = req
+            && let Ok(resp) = c.request(req).await
+            && let Ok(body) = resp.into_body().collect().await
+            && String::from_utf8_lossy(&body.to_bytes()).contains("\"status\":\"up\"")
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// [`start_balancer`] with more `settings` lines (each indented by two spaces).
+fn start_balancer_with(
+    dir: &std::path::Path,
+    name: &str,
+    upstream: &str,
+    kind: &str,
+    shipped: bool,
+    more_settings: &str,
+) -> (Proc, String) {
     let port = free_port();
     let base = if kind == "openai" {
         format!("{upstream}/v1")
@@ -326,7 +380,7 @@ fn start_balancer(
         } else {
             "  sticky_provider_duration: 0\n  deduplication:\n    enabled: false\n"
         }
-    );
+    ) + more_settings;
     let _ = std::fs::write(&config, yaml);
     let exe = sibling("claude-balancer");
     let child = wrapped(exe, "balancer")
@@ -532,21 +586,35 @@ async fn main() {
     let (oai_proc, oai_bal) = start_balancer(&dir, "conv", &oai.url(), "openai", true);
     let (plain_proc, plain) = start_balancer(&dir, "plain", &mock.url(), "anthropic", false);
     let (bare_proc, bare) = start_bare_proxy(&mock.url());
+    // The Redis arm, when `redis-server` is installed.
+    let redis = start_redis(&dir);
+    let shared = redis.as_ref().map(|(_, url)| {
+        let state = format!("  state:\n    backend: redis\n    redis:\n      url: \"{url}\"\n");
+        start_balancer_with(&dir, "redis", &mock.url(), "anthropic", true, &state)
+    });
     wait_up(&c, &bal).await;
     wait_up(&c, &oai_bal).await;
     wait_up(&c, &plain).await;
+    if let Some((_, url)) = &shared {
+        wait_shared(&c, url).await;
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle_rss = rss_mb(bal_proc.0.id());
-    let arms = [
+    let mut arms = vec![
         ("direct", mock.url()),
         ("bare proxy", bare.clone()),
         (SHIPPED_ARM, bal.clone()),
         (PLAIN_ARM, plain.clone()),
     ];
+    if let Some((_, url)) = &shared {
+        arms.push((REDIS_ARM, url.clone()));
+    }
+    let shared_pid = shared.as_ref().map(|(p, _)| p.0.id());
     let pids = |name: &str| match name {
         "bare proxy" => Some(bare_proc.0.id()),
         SHIPPED_ARM => Some(bal_proc.0.id()),
         PLAIN_ARM => Some(plain_proc.0.id()),
+        REDIS_ARM => shared_pid,
         _ => None,
     };
 
