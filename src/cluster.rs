@@ -94,6 +94,30 @@ pub fn instance_name(settings: &StateSettings) -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// `claude-balancer check`: connects to the Redis of `settings` once and pings it. `Ok` with
+/// nothing to report for the memory backend.
+pub async fn probe(settings: &StateSettings) -> Result<Option<String>, String> {
+    if settings.backend != StateBackend::Redis {
+        return Ok(None);
+    }
+    let url = settings
+        .redis_url
+        .as_ref()
+        .ok_or("settings.state.redis.url is not set")?;
+    let redactor = Redactor::new(url_password(url.expose()));
+    let masked = |e: &dyn std::fmt::Display| redactor.text(&e.to_string()).into_owned();
+    let client = redis::Client::open(url.expose()).map_err(|e| masked(&e))?;
+    let ping = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    match tokio::time::timeout(Duration::from_secs(3), ping).await {
+        Ok(Ok(_)) => Ok(Some(crate::secret::mask_url_credentials(url.expose()))),
+        Ok(Err(e)) => Err(masked(&e)),
+        Err(_) => Err("no answer within 3 s".to_owned()),
+    }
+}
+
 impl Cluster {
     /// The cluster for `settings`: `None` for the memory backend. Never waits for Redis; must be
     /// called inside a tokio runtime (the monitor and the connection's tasks run on it).

@@ -62,6 +62,7 @@ fn main() -> ExitCode {
             println!("warning: {w}");
         }
         print_routes(&loaded.config);
+        print_state_backend(&loaded.config.settings.state);
         println!("{}: OK", cli.config.display());
         return ExitCode::SUCCESS;
     }
@@ -238,6 +239,26 @@ async fn shutdown_signal() {
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
     tracing::info!("shutdown requested");
+}
+
+/// `check`: the state backend, and for Redis whether it answers now (the balancer starts and
+/// serves either way, on local state while Redis is down).
+fn print_state_backend(state: &config::StateSettings) {
+    print!("state backend: {}", state.backend.as_str());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let probe = match runtime {
+        Ok(rt) => rt.block_on(claude_balancer::cluster::probe(state)),
+        Err(e) => Err(e.to_string()),
+    };
+    match probe {
+        Ok(None) => println!(" (this instance only)"),
+        Ok(Some(url)) => println!(" at {url}: reachable"),
+        Err(e) => println!(
+            ": unreachable ({e}); the balancer would serve on local state until it answers"
+        ),
+    }
 }
 
 /// `check`: each route and its candidates in the order a request would try them (all healthy).

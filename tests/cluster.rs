@@ -325,3 +325,55 @@ async fn the_response_cache_is_the_clusters() {
     );
     assert_eq!(p.request_count(), 2);
 }
+
+/// `claude-balancer check` tries the Redis connection and says what it found, without failing
+/// the check (the balancer would serve on local state) and without showing the password.
+#[test]
+fn check_reports_whether_redis_answers() {
+    let Some(redis) = RedisServer::start(Some("check-password-77")) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    let run = |url: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "providers:\n  - {{name: A, type: anthropic, base_url: \"https://a.example\", auth_type: api_key, auth_value: k}}\nmodel_routes:\n  \"*\":\n    - {{provider: A}}\nsettings:\n{}",
+                redis_settings(url)
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_claude-balancer"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let up = run(&redis.url());
+    assert!(
+        up.contains("state backend: redis at redis://") && up.contains(": reachable"),
+        "{up}"
+    );
+    let wrong = run(&format!(
+        "redis://:wrong-password-88@127.0.0.1:{}/0",
+        redis.port
+    ));
+    assert!(
+        wrong.contains("state backend: redis: unreachable ("),
+        "{wrong}"
+    );
+    let down = run(&format!("redis://127.0.0.1:{}/0", free_port()));
+    assert!(
+        down.contains("state backend: redis: unreachable ("),
+        "{down}"
+    );
+    for out in [&up, &wrong, &down] {
+        assert!(
+            !out.contains("check-password-77") && !out.contains("wrong-password-88"),
+            "{out}"
+        );
+    }
+}
