@@ -94,25 +94,39 @@ pub fn instance_name(settings: &StateSettings) -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// `claude-balancer check`: connects to the Redis of `settings` once and pings it. `Ok` with
-/// nothing to report for the memory backend.
-pub async fn probe(settings: &StateSettings) -> Result<Option<String>, String> {
+/// The Redis client of `settings`, the redactor of its password and its URL; `None` for the
+/// memory backend.
+fn open(settings: &StateSettings) -> Result<Option<(redis::Client, Redactor, String)>, String> {
     if settings.backend != StateBackend::Redis {
         return Ok(None);
     }
     let url = settings
         .redis_url
         .as_ref()
-        .ok_or("settings.state.redis.url is not set")?;
+        .ok_or("settings.state.redis.url is required with the redis backend")?;
     let redactor = Redactor::new(url_password(url.expose()));
+    let client = redis::Client::open(url.expose()).map_err(|e| {
+        format!(
+            "settings.state.redis.url: {}",
+            redactor.text(&e.to_string())
+        )
+    })?;
+    Ok(Some((client, redactor, url.expose().to_owned())))
+}
+
+/// `claude-balancer check`: connects to the Redis of `settings` once and pings it. `Ok` with
+/// nothing to report for the memory backend.
+pub async fn probe(settings: &StateSettings) -> Result<Option<String>, String> {
+    let Some((client, redactor, url)) = open(settings)? else {
+        return Ok(None);
+    };
     let masked = |e: &dyn std::fmt::Display| redactor.text(&e.to_string()).into_owned();
-    let client = redis::Client::open(url.expose()).map_err(|e| masked(&e))?;
     let ping = async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         redis::cmd("PING").query_async::<String>(&mut conn).await
     };
     match tokio::time::timeout(Duration::from_secs(3), ping).await {
-        Ok(Ok(_)) => Ok(Some(crate::secret::mask_url_credentials(url.expose()))),
+        Ok(Ok(_)) => Ok(Some(crate::secret::mask_url_credentials(&url))),
         Ok(Err(e)) => Err(masked(&e)),
         Err(_) => Err("no answer within 3 s".to_owned()),
     }
@@ -122,20 +136,9 @@ impl Cluster {
     /// The cluster for `settings`: `None` for the memory backend. Never waits for Redis; must be
     /// called inside a tokio runtime (the monitor and the connection's tasks run on it).
     pub fn start(settings: &StateSettings) -> Result<Option<Arc<Self>>, String> {
-        if settings.backend != StateBackend::Redis {
+        let Some((client, redactor, _)) = open(settings)? else {
             return Ok(None);
-        }
-        let url = settings
-            .redis_url
-            .as_ref()
-            .ok_or("settings.state.redis.url is required with the redis backend")?;
-        let redactor = Redactor::new(url_password(url.expose()));
-        let client = redis::Client::open(url.expose()).map_err(|e| {
-            format!(
-                "settings.state.redis.url: {}",
-                redactor.text(&e.to_string())
-            )
-        })?;
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(COMMAND_TIMEOUT))
             .set_response_timeout(Some(COMMAND_TIMEOUT))

@@ -28,15 +28,7 @@ async fn state_of(bal: &Balancer) -> Value {
 }
 
 async fn backend_up_metric(bal: &Balancer) -> String {
-    let text = bal
-        .client
-        .get(format!("{}/metrics", bal.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = bal.get_text("/metrics").await;
     text.lines()
         .find(|l| l.starts_with("claude_balancer_state_backend_up"))
         .unwrap_or_default()
@@ -146,15 +138,7 @@ async fn a_wrong_password_is_degraded_and_never_shown() {
         .await
     );
     for path in ["/health", "/providers", "/metrics"] {
-        let text = bal
-            .client
-            .get(format!("{}{path}", bal.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = bal.get_text(path).await;
         assert!(
             !text.contains("the-wrong-password-2") && !text.contains("the-right-password-1"),
             "{path}: {text}"
@@ -306,15 +290,7 @@ async fn the_response_cache_is_the_clusters() {
         "{text}"
     );
 
-    let cleared: Value = two
-        .client
-        .post(format!("{}/cache/clear", two.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cleared = two.clear_cache().await;
     assert_eq!(cleared["shared"]["cleared"], true, "{cleared}");
     assert_eq!(cleared["shared"]["entries_removed"], 1, "{cleared}");
     let resp = three.post("/v1/messages", &request(false)).await;

@@ -289,15 +289,7 @@ async fn the_cache_serves_hits_as_stream_or_json_and_expires() {
     assert_eq!(resp.headers()["x-balancer-cache"], "miss");
     assert_eq!(p.request_count(), 2);
     // Clearing.
-    let r: Value = bal
-        .client
-        .post(format!("{}/cache/clear", bal.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = bal.clear_cache().await;
     assert_eq!(r["entries_removed"], 1);
     assert_eq!(
         bal.post("/v1/messages", &request(false)).await.headers()["x-balancer-cache"],

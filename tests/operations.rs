@@ -22,14 +22,7 @@ async fn two(settings: &str) -> (MockProvider, MockProvider, Balancer) {
 }
 
 async fn metrics(bal: &Balancer) -> String {
-    bal.client
-        .get(format!("{}/metrics", bal.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    bal.get_text("/metrics").await
 }
 
 fn metric_value(text: &str, line_prefix: &str) -> f64 {

@@ -100,6 +100,30 @@ impl Balancer {
         (status, resp.json().await.unwrap())
     }
 
+    /// The body of a `GET`, as text.
+    pub async fn get_text(&self, path: &str) -> String {
+        self.client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// `POST /cache/clear`, and its answer.
+    pub async fn clear_cache(&self) -> Value {
+        self.client
+            .post(format!("{}/cache/clear", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// The `GET /providers` entry of one provider.
     pub async fn provider(&self, name: &str) -> Value {
         let (_, v) = self.get_json("/providers").await;
