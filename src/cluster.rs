@@ -63,6 +63,8 @@ impl BackendStatus {
 pub struct Cluster {
     prefix: String,
     instance: String,
+    /// For the subscriber's own connection (a subscribed connection takes no other command).
+    client: redis::Client,
     redis: ConnectionManager,
     up: AtomicBool,
     last_error: Mutex<Option<String>>,
@@ -144,11 +146,12 @@ impl Cluster {
             .set_response_timeout(Some(COMMAND_TIMEOUT))
             .set_max_delay(MAX_RECONNECT_DELAY)
             .set_number_of_retries(2);
-        let redis = ConnectionManager::new_lazy_with_config(client, config)
+        let redis = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| format!("redis: {}", redactor.text(&e.to_string())))?;
         let cluster = Arc::new(Self {
             prefix: settings.key_prefix.clone(),
             instance: instance_name(settings),
+            client,
             redis,
             up: AtomicBool::new(false),
             last_error: Mutex::new(Some("not connected yet".to_owned())),
@@ -332,6 +335,30 @@ impl Cluster {
         }
     }
 
+    fn events_channel(&self) -> String {
+        format!("{}events", self.prefix)
+    }
+
+    /// Asks every other instance to reload its own configuration file; how many instances
+    /// listened.
+    pub async fn publish_reload(&self) -> Result<usize, String> {
+        let payload = serde_json::json!({"kind": "reload", "from": self.instance}).to_string();
+        let mut conn = self.connection();
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(self.events_channel()).arg(payload);
+        match tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<usize>(&mut conn)).await {
+            Ok(Ok(n)) => Ok(n.saturating_sub(1)),
+            Ok(Err(e)) => Err(self.redactor.text(&e.to_string()).into_owned()),
+            Err(_) => Err("redis did not answer".to_owned()),
+        }
+    }
+
+    /// Listens to the cluster's events for `state` until either is dropped, reconnecting with
+    /// backoff: a reload asked by another instance reloads this one's own file.
+    pub fn listen(self: &Arc<Self>, state: std::sync::Weak<crate::state::AppState>) {
+        tokio::spawn(listen(Arc::downgrade(self), state));
+    }
+
     /// Records the outcome of a ping; logs a transition once.
     fn observe(&self, result: Result<(), String>) {
         let was_up = self.up.swap(result.is_ok(), Ordering::Relaxed);
@@ -352,6 +379,49 @@ impl Cluster {
                 *last = Some(e);
             }
         }
+    }
+}
+
+/// An event another instance published.
+#[derive(serde::Deserialize)]
+struct Event {
+    kind: String,
+    from: String,
+}
+
+async fn listen(cluster: std::sync::Weak<Cluster>, state: std::sync::Weak<crate::state::AppState>) {
+    use futures_util::StreamExt;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let Some(c) = cluster.upgrade() else {
+            return;
+        };
+        let (channel, me) = (c.events_channel(), c.instance.clone());
+        let subscribed = async {
+            let mut pubsub = c.client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let subscribed = tokio::time::timeout(COMMAND_TIMEOUT * 4, subscribed).await;
+        drop(c);
+        if let Ok(Ok(pubsub)) = subscribed {
+            delay = Duration::from_millis(100);
+            let mut messages = pubsub.into_on_message();
+            while let Some(msg) = messages.next().await {
+                let Ok(event) = serde_json::from_slice::<Event>(msg.get_payload_bytes()) else {
+                    continue;
+                };
+                let Some(state) = state.upgrade() else {
+                    return;
+                };
+                if event.kind == "reload" && event.from != me {
+                    let why = format!("a cluster reload asked by {}", event.from);
+                    let _ = crate::reload::reload_and_log(&state, &why).await;
+                }
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(MAX_RECONNECT_DELAY);
     }
 }
 

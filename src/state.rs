@@ -156,7 +156,7 @@ impl AppState {
             Some(c) => c.instance().to_owned(),
             None => crate::cluster::instance_name(&state_settings),
         };
-        Ok(Arc::new(Self {
+        let state = Arc::new(Self {
             runtime: ArcSwap::from_pointee(runtime),
             health: HealthBook::new(),
             count_tokens: HealthBook::new(),
@@ -174,7 +174,11 @@ impl AppState {
             started_at: Instant::now(),
             cluster,
             instance,
-        }))
+        });
+        if let Some(cluster) = &state.cluster {
+            cluster.listen(Arc::downgrade(&state));
+        }
+        Ok(state)
     }
 
     /// What the state backend is and whether it is shared right now.

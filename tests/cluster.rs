@@ -353,3 +353,59 @@ fn check_reports_whether_redis_answers() {
         );
     }
 }
+
+/// `POST /providers/reload?scope=cluster` on one instance makes every other instance reload its
+/// own configuration file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_reload_reaches_every_instance() {
+    let Some(redis) = RedisServer::start(None) else {
+        return;
+    };
+    let a = MockProvider::start(Reply::message("m", "hi"))
+        .await
+        .unwrap();
+    // Each instance has its own name (an instance ignores the events it published itself).
+    let settings = redis_settings(&redis.url());
+    let named = |name: &str| settings.replace("gw-1", name);
+    let one = Balancer::start(&config_yaml(&[("A", &a.url(), 1)], &named("gw-1"))).await;
+    let two = Balancer::start(&config_yaml(&[("A", &a.url(), 1)], &named("gw-2"))).await;
+    for bal in [&one, &two] {
+        assert!(eventually(PATIENCE, || async { state_of(bal).await["status"] == "up" }).await);
+    }
+    // Instance 2's own file gains a provider; instance 1's does not change.
+    two.write_config(&config_yaml(
+        &[("A", &a.url(), 1), ("B", &a.url(), 2)],
+        &named("gw-2"),
+    ));
+    let providers = |bal: &Balancer| {
+        let url = format!("{}/providers", bal.url);
+        let client = bal.client.clone();
+        async move {
+            let v: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+            v["total_providers"].as_u64().unwrap()
+        }
+    };
+    assert_eq!(providers(&two).await, 1);
+    // The subscriber connects in the background: ask until someone listened.
+    let answer = std::sync::Arc::new(std::sync::Mutex::new(Value::Null));
+    assert!(
+        eventually(PATIENCE, || {
+            let url = format!("{}/providers/reload?scope=cluster", one.url);
+            let (client, answer) = (one.client.clone(), answer.clone());
+            async move {
+                let v: Value = client.post(url).send().await.unwrap().json().await.unwrap();
+                let listened = v["cluster"]["other_instances"] == 1;
+                *answer.lock().unwrap() = v;
+                listened
+            }
+        })
+        .await,
+        "{}",
+        answer.lock().unwrap()
+    );
+    assert!(
+        eventually(PATIENCE, || async { providers(&two).await == 2 }).await,
+        "instance 2 reloaded its own file"
+    );
+    assert_eq!(providers(&one).await, 1);
+}

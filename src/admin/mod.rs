@@ -1,11 +1,12 @@
 //! Admin and status endpoints: `GET /providers`, `POST /providers/reload`, `GET /health`, `GET /`.
 //! Secrets are masked in everything they return.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use serde_json::{Value, json};
@@ -140,7 +141,21 @@ pub async fn providers(State(state): State<Arc<AppState>>) -> Response {
     .into_response()
 }
 
-pub async fn reload(State(state): State<Arc<AppState>>) -> Response {
+pub async fn reload(
+    State(state): State<Arc<AppState>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    // `?scope=cluster`: every other instance is asked to reload its own file too.
+    let cluster = match (query.get("scope").map(String::as_str), &state.cluster) {
+        (Some("cluster"), Some(c)) => match c.publish_reload().await {
+            Ok(n) => json!({"requested": true, "other_instances": n}),
+            Err(e) => json!({"requested": false, "error": e}),
+        },
+        (Some("cluster"), None) => {
+            json!({"requested": false, "error": "the memory state backend has no cluster"})
+        }
+        _ => json!(null),
+    };
     match crate::reload::reload_and_log(&state, "POST /providers/reload").await {
         Ok(s) => Json(json!({
             "status": "reloaded",
@@ -149,6 +164,7 @@ pub async fn reload(State(state): State<Arc<AppState>>) -> Response {
             "added_providers": s.added,
             "removed_providers": s.removed,
             "warnings": s.warnings,
+            "cluster": cluster,
         }))
         .into_response(),
         Err(errors) => {
