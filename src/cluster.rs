@@ -219,15 +219,29 @@ impl Cluster {
             .ok()?
     }
 
-    /// Records `provider` for a session on a route, expiring after `ttl`, without waiting.
-    pub fn share_affinity(&self, key: u128, provider: &str, ttl: Duration) {
+    /// Records `provider` for a session on a route, expiring after `ttl`, without waiting;
+    /// `moved`: the session left another provider, so instances that hold it are told.
+    pub fn share_affinity(&self, key: u128, provider: &str, ttl: Duration, moved: bool) {
         if !self.is_up() {
             return;
         }
         let mut conn = self.connection();
         let (k, provider) = (self.affinity_key(key), provider.to_owned());
         let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let event = moved.then(|| {
+            (
+                self.events_channel(),
+                serde_json::json!({"kind": "affinity", "from": self.instance, "key": format!("{key:032x}"), "provider": provider})
+                    .to_string(),
+            )
+        });
         tokio::spawn(async move {
+            if let Some((channel, payload)) = event {
+                let mut publish = redis::cmd("PUBLISH");
+                publish.arg(channel).arg(payload);
+                let _ = tokio::time::timeout(COMMAND_TIMEOUT, publish.query_async::<()>(&mut conn))
+                    .await;
+            }
             let mut cmd = redis::cmd("SET");
             cmd.arg(k).arg(provider).arg("PX").arg(ms);
             let _ = tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<()>(&mut conn)).await;
@@ -387,6 +401,11 @@ impl Cluster {
 struct Event {
     kind: String,
     from: String,
+    /// `affinity`: the session's key (hex) and its new provider.
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    provider: String,
 }
 
 async fn listen(cluster: std::sync::Weak<Cluster>, state: std::sync::Weak<crate::state::AppState>) {
@@ -414,9 +433,24 @@ async fn listen(cluster: std::sync::Weak<Cluster>, state: std::sync::Weak<crate:
                 let Some(state) = state.upgrade() else {
                     return;
                 };
-                if event.kind == "reload" && event.from != me {
-                    let why = format!("a cluster reload asked by {}", event.from);
-                    let _ = crate::reload::reload_and_log(&state, &why).await;
+                if event.from == me {
+                    continue;
+                }
+                match event.kind.as_str() {
+                    "reload" => {
+                        let why = format!("a cluster reload asked by {}", event.from);
+                        let _ = crate::reload::reload_and_log(&state, &why).await;
+                    }
+                    "affinity" => {
+                        let runtime = state.runtime();
+                        if let (Ok(key), Some(p)) = (
+                            u128::from_str_radix(&event.key, 16),
+                            runtime.providers.get(&event.provider),
+                        ) {
+                            state.affinity.moved(key, &p.name);
+                        }
+                    }
+                    _ => {}
                 }
             }
         }

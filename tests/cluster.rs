@@ -409,3 +409,63 @@ async fn a_cluster_reload_reaches_every_instance() {
     );
     assert_eq!(providers(&one).await, 1);
 }
+
+/// A session that moves to another provider on one instance moves on every instance that holds
+/// it: instance 2 served it through A; after A failed for it on instance 1, instance 2 follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_moves_on_one_instance_moves_on_all() {
+    let Some(redis) = RedisServer::start(None) else {
+        return;
+    };
+    let a = MockProvider::start(Reply::message("m", "from A"))
+        .await
+        .unwrap();
+    let b = MockProvider::start(Reply::message("m", "from B"))
+        .await
+        .unwrap();
+    let settings = redis_settings(&redis.url());
+    let yaml = |name: &str| {
+        config_yaml(
+            &[("A", &a.url(), 1), ("B", &b.url(), 2)],
+            &settings.replace("gw-1", name),
+        )
+    };
+    let one = Balancer::start(&yaml("gw-1")).await;
+    let two = Balancer::start(&yaml("gw-2")).await;
+    let cluster = one.state.cluster.clone().unwrap();
+    // Both up, and instance 2 listening to the cluster's events.
+    assert!(
+        eventually(PATIENCE, || {
+            let cluster = cluster.clone();
+            async move { cluster.publish_reload().await == Ok(1) }
+        })
+        .await
+    );
+    let session = [("x-claude-code-session-id", "session-m")];
+    let resp = two
+        .post_with("/v1/messages", &request(false), &session)
+        .await;
+    assert_eq!(resp.headers()["x-provider-used"], "A");
+
+    a.push(Reply::error(500, "api_error", "boom"));
+    let resp = one
+        .post_with("/v1/messages", &request(false), &session)
+        .await;
+    assert_eq!(
+        resp.headers()["x-provider-used"],
+        "B",
+        "failed over on instance 1"
+    );
+    assert!(
+        eventually(PATIENCE, || async {
+            let now = tokio::time::Instant::now();
+            two.state.affinity.get("session-m", "*", now).as_deref() == Some("B")
+        })
+        .await,
+        "instance 2 heard that the session moved"
+    );
+    let resp = two
+        .post_with("/v1/messages", &request(false), &session)
+        .await;
+    assert_eq!(resp.headers()["x-provider-used"], "B");
+}

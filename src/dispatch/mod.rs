@@ -31,6 +31,7 @@ pub use classify::{Fault, FaultPolicy};
 use crate::config::ProviderKind;
 use crate::error::{ApiError, error_type_for_status};
 use crate::inbound::body::Envelope;
+use crate::routing::affinity::Share;
 use crate::routing::health::{HealthBook, HealthPolicy, HealthState, Verdict};
 use crate::routing::{Candidate, Plan, PlanContext};
 use crate::state::{AppState, Runtime};
@@ -291,12 +292,12 @@ pub async fn run(
         {
             let ttl = runtime.config.settings.sticky_provider_duration;
             let name = &candidate.provider.name;
-            let tell = state
+            let share = state
                 .affinity
                 .set(session, &plan.route, name, Instant::now(), ttl);
-            if let (true, Some(cluster)) = (tell, &state.cluster) {
+            if let (Some(cluster), false) = (&state.cluster, share == Share::No) {
                 let key = crate::routing::affinity::key(session, &plan.route);
-                cluster.share_affinity(key, name, ttl);
+                cluster.share_affinity(key, name, ttl, share == Share::Moved);
             }
         }
         if !failures.is_empty() {

@@ -28,6 +28,18 @@ pub fn key(session: &str, route: &str) -> Key {
 /// was told of it.
 type Entry = (Arc<str>, Instant, Instant);
 
+/// What the shared state (if any) should hear after [`AffinityBook::set`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Share {
+    /// Nothing: it knows.
+    No,
+    /// The session and its provider, with a fresh expiry: new here, or half its time to live
+    /// gone since it was last told.
+    Refresh,
+    /// The session left another provider: instances holding it must follow.
+    Moved,
+}
+
 #[derive(Debug, Default)]
 pub struct AffinityBook {
     map: Mutex<HashMap<Key, Entry>>,
@@ -46,9 +58,8 @@ impl AffinityBook {
             .map(|(p, _, _)| Arc::clone(p))
     }
 
-    /// Remembers `provider` for `session` on `route` for `ttl`. Returns whether the shared state
-    /// should hear of it: a new session, another provider, or half the time to live gone since
-    /// it was last told (so that its expiry there keeps up without a write per request).
+    /// Remembers `provider` for `session` on `route` for `ttl`, and says what the shared state
+    /// should hear of it (so that its expiry there keeps up without a write per request).
     pub fn set(
         &self,
         session: &str,
@@ -56,7 +67,7 @@ impl AffinityBook {
         provider: &Arc<str>,
         now: Instant,
         ttl: Duration,
-    ) -> bool {
+    ) -> Share {
         let k = key(session, route);
         let mut map = self.lock();
         if let Some(entry) = map.get_mut(&k) {
@@ -66,11 +77,17 @@ impl AffinityBook {
                 entry.0 = Arc::clone(provider);
             }
             entry.1 = now + ttl;
-            let tell = changed || entry.2 < now + ttl / 2;
-            if tell {
+            let share = if changed {
+                Share::Moved
+            } else if entry.2 < now + ttl / 2 {
+                Share::Refresh
+            } else {
+                Share::No
+            };
+            if share != Share::No {
                 entry.2 = now + ttl;
             }
-            return tell;
+            return share;
         }
         if map.len() >= MAX_SESSIONS {
             map.retain(|_, (_, expires, _)| *expires > now);
@@ -79,7 +96,19 @@ impl AffinityBook {
             }
         }
         map.insert(k, (Arc::clone(provider), now + ttl, now + ttl));
-        true
+        Share::Refresh
+    }
+
+    /// Another instance moved a session (by its key) to `provider`: an entry held here follows,
+    /// keeping its expiry; an unknown key is ignored (a lookup finds it when needed).
+    pub fn moved(&self, key: Key, provider: &Arc<str>) -> bool {
+        match self.lock().get_mut(&key) {
+            Some(entry) if *entry.0 != **provider => {
+                entry.0 = Arc::clone(provider);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Drops every expired entry (run on a timer, so a burst of sessions does not stay resident
@@ -129,30 +158,32 @@ mod tests {
         let book = AffinityBook::default();
         let ttl = Duration::from_secs(100);
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("A"), Arc::from("B"));
-        assert!(book.set("s", "*", &a, Instant::now(), ttl), "a new session");
+        let set = |p: &Arc<str>| book.set("s", "*", p, Instant::now(), ttl);
+        assert_eq!(set(&a), Share::Refresh, "a new session");
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert!(
-            !book.set("s", "*", &a, Instant::now(), ttl),
-            "the same provider, soon after"
-        );
+        assert_eq!(set(&a), Share::No, "the same provider, soon after");
         // Another Arc with the same name is the same provider (a reload makes new Arcs).
         let a2: Arc<str> = Arc::from("A");
-        assert!(!book.set("s", "*", &a2, Instant::now(), ttl));
-        assert!(
-            book.set("s", "*", &b, Instant::now(), ttl),
-            "another provider"
-        );
+        assert_eq!(set(&a2), Share::No);
+        assert_eq!(set(&b), Share::Moved, "another provider");
         // A request every 10 s: the shared state hears again once half the time to live has
         // passed since it was last told, however often the session is used meanwhile.
         let mut told = Vec::new();
         for _ in 0..6 {
             tokio::time::advance(Duration::from_secs(10)).await;
-            told.push(book.set("s", "*", &b, Instant::now(), ttl));
+            told.push(set(&b));
         }
+        use Share::{No, Refresh};
         assert_eq!(
             told,
-            [false, false, false, false, false, true],
+            [No, No, No, No, No, Refresh],
             "due past 50 s after being told"
         );
+        // Moved elsewhere by another instance: a held entry follows, an unknown one is ignored.
+        assert!(book.moved(key("s", "*"), &a));
+        assert_eq!(book.get("s", "*", Instant::now()), Some(Arc::clone(&a)));
+        assert!(!book.moved(key("s", "*"), &a), "already there");
+        assert!(!book.moved(key("unknown", "*"), &a));
+        assert_eq!(book.get("unknown", "*", Instant::now()), None);
     }
 }
