@@ -165,11 +165,6 @@ impl Cluster {
         &self.instance
     }
 
-    /// A key or channel name under this cluster's prefix.
-    pub fn key(&self, name: &str) -> String {
-        format!("{}{name}", self.prefix)
-    }
-
     /// Whether Redis answered the last ping.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
@@ -227,7 +222,7 @@ impl Cluster {
         }
         let mut conn = self.connection();
         let (k, provider) = (self.affinity_key(key), provider.to_owned());
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ms = expiry_ms(ttl);
         let event = moved.then(|| {
             (
                 self.events_channel(),
@@ -276,7 +271,7 @@ impl Cluster {
         }
         let mut conn = self.connection();
         let (k, index) = (self.cache_key(key), self.cache_index());
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ms = expiry_ms(ttl);
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
@@ -394,6 +389,11 @@ impl Cluster {
             }
         }
     }
+}
+
+/// A time to live as Redis's `PX` takes it: whole milliseconds, at least one.
+fn expiry_ms(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 /// An event another instance published.

@@ -298,11 +298,16 @@ pub async fn serve_on(
         .max_buf_size(READ_BUFFER_BYTES);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
-    // Aborted when `serve` returns or is dropped. Each runtime's timer driver gets its ticker.
-    let _tickers: Vec<AbortOnDrop> = std::iter::once(tokio::spawn(timer_ticker()))
-        .chain(workers.iter().map(|w| w.spawn(timer_ticker())))
-        .map(AbortOnDrop)
-        .collect();
+    // Aborted when `serve` returns or is dropped. Each serving runtime's timer driver gets its
+    // ticker (the binary's accepting runtime is one of its workers).
+    let _tickers: Vec<AbortOnDrop> = if workers.is_empty() {
+        vec![AbortOnDrop(tokio::spawn(timer_ticker()))]
+    } else {
+        workers
+            .iter()
+            .map(|w| AbortOnDrop(w.spawn(timer_ticker())))
+            .collect()
+    };
     let _housekeeping = AbortOnDrop(tokio::spawn(housekeeping(Arc::clone(&state))));
     let mut next_worker = 0usize;
     tokio::pin!(shutdown);

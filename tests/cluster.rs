@@ -27,6 +27,25 @@ async fn state_of(bal: &Balancer) -> Value {
     health["state"].clone()
 }
 
+/// Waits until every instance's Redis state backend is up.
+async fn all_up(instances: &[&Balancer]) {
+    for bal in instances {
+        assert!(eventually(PATIENCE, || async { state_of(bal).await["status"] == "up" }).await);
+    }
+}
+
+/// Two providers for the affinity tests: A first by priority, then B.
+async fn providers_a_and_b() -> (MockProvider, MockProvider) {
+    (
+        MockProvider::start(Reply::message("m", "from A"))
+            .await
+            .unwrap(),
+        MockProvider::start(Reply::message("m", "from B"))
+            .await
+            .unwrap(),
+    )
+}
+
 async fn backend_up_metric(bal: &Balancer) -> String {
     let text = bal.get_text("/metrics").await;
     text.lines()
@@ -154,12 +173,7 @@ async fn a_wrong_password_is_degraded_and_never_shown() {
         &redis_settings(&redis.url()),
     ))
     .await;
-    assert!(
-        eventually(PATIENCE, || async {
-            state_of(&good).await["status"] == "up"
-        })
-        .await
-    );
+    all_up(&[&good]).await;
 }
 
 /// The backend is chosen at start: a reload that changes it is refused and changes nothing.
@@ -190,21 +204,14 @@ async fn a_session_keeps_its_provider_across_instances() {
     let Some(redis) = RedisServer::start(None) else {
         return;
     };
-    let a = MockProvider::start(Reply::message("m", "from A"))
-        .await
-        .unwrap();
-    let b = MockProvider::start(Reply::message("m", "from B"))
-        .await
-        .unwrap();
+    let (a, b) = providers_a_and_b().await;
     let yaml = config_yaml(
         &[("A", &a.url(), 1), ("B", &b.url(), 2)],
         &redis_settings(&redis.url()),
     );
     let one = Balancer::start(&yaml).await;
     let two = Balancer::start(&yaml).await;
-    for bal in [&one, &two] {
-        assert!(eventually(PATIENCE, || async { state_of(bal).await["status"] == "up" }).await);
-    }
+    all_up(&[&one, &two]).await;
     // On instance 1, A fails once: the session is served by B.
     a.push(Reply::error(500, "api_error", "boom"));
     let session = [("x-claude-code-session-id", "session-s")];
@@ -250,9 +257,7 @@ async fn the_response_cache_is_the_clusters() {
     let one = Balancer::start(&yaml).await;
     let two = Balancer::start(&yaml).await;
     let three = Balancer::start(&yaml).await;
-    for bal in [&one, &two, &three] {
-        assert!(eventually(PATIENCE, || async { state_of(bal).await["status"] == "up" }).await);
-    }
+    all_up(&[&one, &two, &three]).await;
     let resp = one.post("/v1/messages", &request(false)).await;
     assert_eq!(resp.headers()["x-balancer-cache"], "miss");
     // The entry is written without waiting for it: wait until Redis holds it.
@@ -369,9 +374,7 @@ async fn a_cluster_reload_reaches_every_instance() {
     let named = |name: &str| settings.replace("gw-1", name);
     let one = Balancer::start(&config_yaml(&[("A", &a.url(), 1)], &named("gw-1"))).await;
     let two = Balancer::start(&config_yaml(&[("A", &a.url(), 1)], &named("gw-2"))).await;
-    for bal in [&one, &two] {
-        assert!(eventually(PATIENCE, || async { state_of(bal).await["status"] == "up" }).await);
-    }
+    all_up(&[&one, &two]).await;
     // Instance 2's own file gains a provider; instance 1's does not change.
     two.write_config(&config_yaml(
         &[("A", &a.url(), 1), ("B", &a.url(), 2)],
@@ -417,12 +420,7 @@ async fn a_session_that_moves_on_one_instance_moves_on_all() {
     let Some(redis) = RedisServer::start(None) else {
         return;
     };
-    let a = MockProvider::start(Reply::message("m", "from A"))
-        .await
-        .unwrap();
-    let b = MockProvider::start(Reply::message("m", "from B"))
-        .await
-        .unwrap();
+    let (a, b) = providers_a_and_b().await;
     let settings = redis_settings(&redis.url());
     let yaml = |name: &str| {
         config_yaml(

@@ -293,10 +293,17 @@ fn free_port() -> u16 {
 }
 
 async fn wait_up(c: &HttpClient, url: &str) {
+    wait_health(c, url, |_| true).await;
+}
+
+/// Polls `url`'s `/health` until it answers with a body `ready` accepts (at most 10 s).
+async fn wait_health(c: &HttpClient, url: &str, ready: impl Fn(&str) -> bool) {
     for _ in 0..400 {
         let req = Request::get(format!("{url}/health")).body(Full::new(Bytes::new()));
         if let Ok(req) = req
-            && c.request(req).await.is_ok()
+            && let Ok(resp) = c.request(req).await
+            && let Ok(body) = resp.into_body().collect().await
+            && ready(&String::from_utf8_lossy(&body.to_bytes()))
         {
             return;
         }
@@ -343,17 +350,7 @@ fn start_redis(dir: &std::path::Path) -> Option<(Proc, String)> {
 
 /// Waits until the balancer at `url` reports its Redis state backend up.
 async fn wait_shared(c: &HttpClient, url: &str) {
-    for _ in 0..400 {
-        let req = Request::get(format!("{url}/health")).body(Full::new(Bytes::new()));
-        if let Ok(req) = req
-            && let Ok(resp) = c.request(req).await
-            && let Ok(body) = resp.into_body().collect().await
-            && String::from_utf8_lossy(&body.to_bytes()).contains("\"status\":\"up\"")
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_health(c, url, |body| body.contains("\"status\":\"up\"")).await;
 }
 
 /// [`start_balancer`] with more `settings` lines (each indented by two spaces).
