@@ -15,6 +15,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::config::{StateBackend, StateSettings};
+use crate::routing::health::{Change, HealthBook, SharedHealth};
 use crate::secret::{Redactor, url_password};
 
 /// How often the monitor pings Redis.
@@ -29,6 +30,42 @@ pub const CACHE_LOOKUP_TIMEOUT: Duration = Duration::from_millis(50);
 pub const MAX_SHARED_ENTRY_BYTES: usize = 1024 * 1024;
 /// Reconnection attempts back off up to this delay.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
+/// Every instance re-reads the shared health this often (besides the published changes, which
+/// arrive at once), so a missed message costs at most this long.
+pub const RESYNC_EVERY: Duration = Duration::from_secs(5);
+/// The longest probe lease: if the instance that took it dies, the others wait at most this long
+/// (or the request timeout, when shorter) before one of them probes.
+pub const MAX_PROBE_LEASE: Duration = Duration::from_secs(30);
+/// A probe lease that Redis does not grant within this long: the instance probes on its own.
+pub const LEASE_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// Writes a provider's shared health only if the stored version is the one the writer started
+/// from (`ARGV[2]`), and publishes it; otherwise returns the stored record (or an empty string) so
+/// the writer can apply its verdict to it and try again. One round trip, atomic in Redis.
+const HEALTH_CAS: &str = r"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+local version = 0
+if cur then version = cjson.decode(cur)['version'] end
+if version ~= tonumber(ARGV[2]) then return cur or '' end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('PUBLISH', KEYS[2], ARGV[4])
+return 1
+";
+
+/// Takes the probe lease (`SET NX PX`): `-1` when granted, else the milliseconds it still runs.
+const PROBE_LEASE: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return -1 end
+return redis.call('PTTL', KEYS[1])
+";
+
+/// Whether this instance may probe a provider whose cooldown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    /// Granted to this instance (or Redis is not there to ask): probe.
+    Granted,
+    /// Another instance probes; it holds the lease this much longer.
+    Elsewhere(Duration),
+}
 
 /// What `/health`, `/providers` and `/metrics` show of the state backend.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -69,6 +106,9 @@ pub struct Cluster {
     up: AtomicBool,
     last_error: Mutex<Option<String>>,
     redactor: Redactor,
+    /// The provider health book this instance serves from: its changes are shared, and what other
+    /// instances share is taken into it.
+    health: Arc<HealthBook>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -137,7 +177,10 @@ pub async fn probe(settings: &StateSettings) -> Result<Option<String>, String> {
 impl Cluster {
     /// The cluster for `settings`: `None` for the memory backend. Never waits for Redis; must be
     /// called inside a tokio runtime (the monitor and the connection's tasks run on it).
-    pub fn start(settings: &StateSettings) -> Result<Option<Arc<Self>>, String> {
+    pub fn start(
+        settings: &StateSettings,
+        health: &Arc<HealthBook>,
+    ) -> Result<Option<Arc<Self>>, String> {
         let Some((client, redactor, _)) = open(settings)? else {
             return Ok(None);
         };
@@ -156,7 +199,11 @@ impl Cluster {
             up: AtomicBool::new(false),
             last_error: Mutex::new(Some("not connected yet".to_owned())),
             redactor,
+            health: Arc::clone(health),
         });
+        let (changes, rx) = tokio::sync::mpsc::unbounded_channel();
+        health.share_changes(changes);
+        tokio::spawn(share_health(Arc::downgrade(&cluster), rx));
         tokio::spawn(monitor(Arc::downgrade(&cluster)));
         Ok(Some(cluster))
     }
@@ -344,6 +391,113 @@ impl Cluster {
         }
     }
 
+    fn health_key(&self) -> String {
+        format!("{}health", self.prefix)
+    }
+
+    /// Writes one change into the shared record of its provider (applied again to the stored
+    /// record, so concurrent changes from several instances all count) and publishes the result.
+    async fn share_change(&self, change: &Change) -> Result<(), redis::RedisError> {
+        let mut conn = self.connection();
+        let script = redis::Script::new(HEALTH_CAS);
+        let mut base = self.health.shared(&change.provider);
+        for _ in 0..8 {
+            let now = tokio::time::Instant::now();
+            let next = self.health.next_shared(
+                &base,
+                &change.verdict,
+                &change.policy,
+                &self.instance,
+                now,
+            );
+            let event = serde_json::json!({
+                "kind": "health",
+                "from": self.instance,
+                "provider": change.provider,
+                "record": next,
+            });
+            let answer: redis::Value = script
+                .key(self.health_key())
+                .key(self.events_channel())
+                .arg(&change.provider)
+                .arg(base.version)
+                .arg(serde_json::to_string(&next).unwrap_or_default())
+                .arg(event.to_string())
+                .invoke_async(&mut conn)
+                .await?;
+            let stored = match answer {
+                redis::Value::Int(_) => {
+                    self.adopt(&change.provider, next);
+                    return Ok(());
+                }
+                redis::Value::BulkString(b) => b,
+                redis::Value::SimpleString(s) => s.into_bytes(),
+                _ => Vec::new(),
+            };
+            // Another instance wrote first (or Redis lost the record): build on what is stored.
+            base = serde_json::from_slice::<SharedHealth>(&stored).unwrap_or_default();
+            if base.version != 0 {
+                self.adopt(&change.provider, base.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a shared record into the local book; a state change is logged.
+    fn adopt(&self, provider: &str, record: SharedHealth) {
+        let by = record.by.clone();
+        if let Some((from, to)) = self
+            .health
+            .adopt(provider, record, tokio::time::Instant::now())
+        {
+            if by != self.instance {
+                tracing::warn!(
+                    provider,
+                    from = from.as_str(),
+                    to = to.as_str(),
+                    by = %by,
+                    "provider state changed on another instance"
+                );
+            }
+        }
+    }
+
+    /// Reads every provider's shared health into the local book (at start, when Redis comes
+    /// back, and every [`RESYNC_EVERY`]).
+    async fn resync(&self) -> Result<(), redis::RedisError> {
+        let mut conn = self.connection();
+        let records: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+            .arg(self.health_key())
+            .query_async(&mut conn)
+            .await?;
+        for (provider, json) in records {
+            if let Ok(record) = serde_json::from_slice::<SharedHealth>(&json) {
+                self.adopt(&provider, record);
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks for the probe of `provider` after the cooldown of shared record `version`: one
+    /// instance of the cluster gets it; it runs out after `lease` (the probe's own deadline).
+    /// If Redis is down or slow, the answer is `Granted`: each instance then probes on its own.
+    pub async fn probe_lease(&self, provider: &str, version: u64, lease: Duration) -> Lease {
+        if !self.is_up() {
+            return Lease::Granted;
+        }
+        let mut conn = self.connection();
+        let script = redis::Script::new(PROBE_LEASE);
+        let mut invocation = script.key(format!("{}probe:{provider}:{version}", self.prefix));
+        invocation.arg(&self.instance).arg(expiry_ms(lease));
+        let take = invocation.invoke_async::<i64>(&mut conn);
+        match tokio::time::timeout(LEASE_TIMEOUT, take).await {
+            Ok(Ok(ms)) if ms >= 0 => Lease::Elsewhere(Duration::from_millis(ms.unsigned_abs())),
+            // -1: granted; -2 (the lease ran out between the two commands): nobody probes, so
+            // this instance may.
+            _ => Lease::Granted,
+        }
+    }
+
     fn events_channel(&self) -> String {
         format!("{}events", self.prefix)
     }
@@ -406,6 +560,9 @@ struct Event {
     key: String,
     #[serde(default)]
     provider: String,
+    /// `health`: the provider's new shared record.
+    #[serde(default)]
+    record: Option<SharedHealth>,
 }
 
 async fn listen(cluster: std::sync::Weak<Cluster>, state: std::sync::Weak<crate::state::AppState>) {
@@ -441,6 +598,11 @@ async fn listen(cluster: std::sync::Weak<Cluster>, state: std::sync::Weak<crate:
                         let why = format!("a cluster reload asked by {}", event.from);
                         let _ = crate::reload::reload_and_log(&state, &why).await;
                     }
+                    "health" => {
+                        if let (Some(record), Some(c)) = (event.record, cluster.upgrade()) {
+                            c.adopt(&event.provider, record);
+                        }
+                    }
                     "affinity" => {
                         let runtime = state.runtime();
                         if let (Ok(key), Some(p)) = (
@@ -463,6 +625,7 @@ async fn listen(cluster: std::sync::Weak<Cluster>, state: std::sync::Weak<crate:
 async fn monitor(cluster: std::sync::Weak<Cluster>) {
     let mut tick = tokio::time::interval(PING_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_resync: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
         let Some(cluster) = cluster.upgrade() else {
@@ -483,5 +646,33 @@ async fn monitor(cluster: std::sync::Weak<Cluster>) {
             )),
         };
         cluster.observe(result);
+        // Right after (re)connecting, then every RESYNC_EVERY; a failed resync is tried at the
+        // next tick.
+        let now = tokio::time::Instant::now();
+        let due = last_resync.is_none_or(|t| now.duration_since(t) >= RESYNC_EVERY);
+        if !cluster.is_up() {
+            last_resync = None;
+        } else if due {
+            let resync = tokio::time::timeout(COMMAND_TIMEOUT * 4, cluster.resync()).await;
+            if let Ok(Ok(())) = resync {
+                last_resync = Some(now);
+            }
+        }
+    }
+}
+
+/// Shares each change of the local health book, in order, while Redis is up (while it is down,
+/// changes stay local).
+async fn share_health(
+    cluster: std::sync::Weak<Cluster>,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
+) {
+    while let Some(change) = changes.recv().await {
+        let Some(cluster) = cluster.upgrade() else {
+            return;
+        };
+        if cluster.is_up() {
+            let _ = tokio::time::timeout(COMMAND_TIMEOUT * 4, cluster.share_change(&change)).await;
+        }
     }
 }

@@ -150,15 +150,16 @@ impl AppState {
         let clients = ClientPool::default();
         let state_settings = config.settings.state.clone();
         let runtime = Runtime::build(config, &clients)?;
-        let cluster =
-            crate::cluster::Cluster::start(&state_settings).map_err(|e| ConfigErrors(vec![e]))?;
+        let health = HealthBook::new();
+        let cluster = crate::cluster::Cluster::start(&state_settings, &health)
+            .map_err(|e| ConfigErrors(vec![e]))?;
         let instance = match &cluster {
             Some(c) => c.instance().to_owned(),
             None => crate::cluster::instance_name(&state_settings),
         };
         let state = Arc::new(Self {
             runtime: ArcSwap::from_pointee(runtime),
-            health: HealthBook::new(),
+            health,
             count_tokens: HealthBook::new(),
             dedup: Dedup::default(),
             counting: Arc::new(tokio::sync::Semaphore::new(

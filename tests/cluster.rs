@@ -467,3 +467,102 @@ async fn a_session_that_moves_on_one_instance_moves_on_all() {
         .await;
     assert_eq!(resp.headers()["x-provider-used"], "B");
 }
+
+/// A provider that fails on one instance is skipped by the others during its cooldown (the
+/// change is published, not polled), and after the cooldown exactly one instance probes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_health_is_shared_and_one_instance_probes() {
+    let Some(redis) = RedisServer::start(None) else {
+        return;
+    };
+    let a = MockProvider::start(Reply::error(500, "api_error", "A is broken"))
+        .await
+        .unwrap();
+    let b = MockProvider::start(Reply::message("m", "from B"))
+        .await
+        .unwrap();
+    let settings = format!(
+        "  unhealthy_threshold: 1\n  failure_cooldown: 1.5\n{}",
+        redis_settings(&redis.url())
+    );
+    let named = |name: &str| settings.replace("gw-1", name);
+    let providers = |name| config_yaml(&[("A", &a.url(), 1), ("B", &b.url(), 2)], &named(name));
+    let one = Balancer::start(&providers("gw-1")).await;
+    let two = Balancer::start(&providers("gw-2")).await;
+    all_up(&[&one, &two]).await;
+
+    let resp = one.post("/v1/messages", &request(false)).await;
+    assert_eq!(resp.headers()["x-provider-used"], "B");
+    assert_eq!(a.request_count(), 1);
+    assert!(
+        eventually(PATIENCE, || async {
+            two.provider("A").await["state"] == "cooling_down"
+        })
+        .await,
+        "instance 2 learns that A is down"
+    );
+    let shown = two.provider("A").await;
+    assert_eq!(shown["state_changed_by"], "gw-1", "{shown}");
+    assert_eq!(
+        shown["last_error"]
+            .as_str()
+            .map(|e| e.contains("A is broken")),
+        Some(true)
+    );
+    for _ in 0..3 {
+        let resp = two.post("/v1/messages", &request(false)).await;
+        assert_eq!(resp.headers()["x-provider-used"], "B");
+    }
+    assert_eq!(
+        a.request_count(),
+        1,
+        "instance 2 never paid for A's failure"
+    );
+
+    // The cooldown ends on both: requests on both at once, one probe in all.
+    assert!(
+        eventually(PATIENCE, || async {
+            one.provider("A").await["state"] == "probing"
+                && two.provider("A").await["state"] == "probing"
+        })
+        .await
+    );
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        for bal in [&one, &two] {
+            calls.push(bal.post("/v1/messages", &request(false)));
+        }
+    }
+    for resp in futures_util::future::join_all(calls).await {
+        assert_eq!(resp.status(), 200);
+    }
+    assert_eq!(
+        a.request_count(),
+        2,
+        "exactly one probe across the instances"
+    );
+    // The failed probe doubled the cooldown everywhere.
+    for bal in [&one, &two] {
+        assert!(
+            eventually(PATIENCE, || async {
+                let p = bal.provider("A").await;
+                p["state"] == "cooling_down" && p["consecutive_failures"] == 2
+            })
+            .await
+        );
+    }
+
+    // A new instance (or a restarted one) starts with what the cluster knows.
+    let three = Balancer::start(&providers("gw-3")).await;
+    all_up(&[&three]).await;
+    assert!(
+        eventually(PATIENCE, || async {
+            three.provider("A").await["state"] == "cooling_down"
+        })
+        .await,
+        "health outlives an instance's restart"
+    );
+    let resp = three.post("/v1/messages", &request(false)).await;
+    assert_eq!(resp.headers()["x-provider-used"], "B");
+    assert_eq!(a.request_count(), 2);
+}

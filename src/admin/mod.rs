@@ -107,6 +107,7 @@ pub async fn providers(State(state): State<Arc<AppState>>) -> Response {
             "successes": h.successes,
             "failures": h.failures,
             "avg_ttfb_ms": h.ttfb_ewma_ms.map(|v| (v * 10.0).round() / 10.0),
+            "state_changed_by": h.changed_by,
         }));
     }
     let mut routes = serde_json::Map::new();

@@ -16,6 +16,7 @@ pub mod attempt;
 pub mod classify;
 pub mod relay;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,7 @@ pub use answer::{
 };
 pub use classify::{Fault, FaultPolicy};
 
+use crate::cluster::{Lease, MAX_PROBE_LEASE};
 use crate::config::ProviderKind;
 use crate::error::{ApiError, error_type_for_status};
 use crate::inbound::body::Envelope;
@@ -110,6 +112,8 @@ struct Lane<'a> {
     anthropic_only: bool,
     /// Record session affinity on commit.
     affinity: bool,
+    /// The book is shared by the cluster (Redis backend): a probe needs the cluster's lease.
+    shared: bool,
 }
 
 impl<'a> Lane<'a> {
@@ -121,6 +125,7 @@ impl<'a> Lane<'a> {
                 skip_cooling: false,
                 anthropic_only: false,
                 affinity: runtime.config.settings.sticky_provider_duration > Duration::ZERO,
+                shared: true,
             },
             Endpoint::CountTokens => Lane {
                 book: &state.count_tokens,
@@ -128,6 +133,7 @@ impl<'a> Lane<'a> {
                 skip_cooling: true,
                 anthropic_only: true,
                 affinity: false,
+                shared: false,
             },
         }
     }
@@ -240,7 +246,11 @@ pub async fn run(
     let mut attempts: Vec<Attempt> = Vec::new();
     let mut failures: Vec<(String, Fault)> = Vec::new();
     let mut unsupported: Vec<String> = Vec::new();
-    for candidate in &plan.candidates {
+    // A candidate whose probe another instance holds goes to the end, once: like a provider
+    // cooling down, it is tried only if every other candidate fails.
+    let mut queue: VecDeque<(&Candidate, bool)> =
+        plan.candidates.iter().map(|c| (c, false)).collect();
+    while let Some((candidate, deferred)) = queue.pop_front() {
         let name = candidate.provider.config.name.as_str();
         if lane.anthropic_only && candidate.provider.config.kind != ProviderKind::Anthropic {
             continue;
@@ -249,6 +259,18 @@ pub async fn run(
             continue;
         }
         let ticket = lane.book.begin(name, Instant::now());
+        if let (true, Some(cluster)) = (lane.shared && ticket.is_probe(), &state.cluster) {
+            let lease = runtime.config.settings.timeout.min(MAX_PROBE_LEASE);
+            let version = ticket.shared_version();
+            if let Lease::Elsewhere(left) = cluster.probe_lease(name, version, lease).await {
+                tracing::debug!(provider = %name, "another instance probes this provider; skipped");
+                lane.book.probe_elsewhere(ticket, Instant::now() + left);
+                if !deferred {
+                    queue.push_back((candidate, true));
+                }
+                continue;
+            }
+        }
         let started = Instant::now();
         let mut outcome = attempt::attempt(state, runtime, candidate, inbound, endpoint).await;
         if let Outcome::Fault(f) = &mut outcome {

@@ -72,15 +72,96 @@ impl HealthState {
     }
 }
 
-#[derive(Debug, Default, Clone)]
-struct Entry {
+/// The part of a provider's health that instances share with the Redis backend: the fault count,
+/// the cooldown and its doubling factor, the last error. Requests, successes, failures and the
+/// latency average stay per instance.
+#[derive(Debug, Clone)]
+struct Condition {
     consecutive_faults: u32,
     last_fault_at: Option<Instant>,
     /// Set while the provider is marked unhealthy; cleared by a success.
     cooldown_until: Option<Instant>,
     backoff: u32,
-    probe_in_flight: bool,
     last_error: Option<(String, SystemTime)>,
+}
+
+impl Default for Condition {
+    fn default() -> Self {
+        Self {
+            consecutive_faults: 0,
+            last_fault_at: None,
+            cooldown_until: None,
+            backoff: 1,
+            last_error: None,
+        }
+    }
+}
+
+impl Condition {
+    fn state(&self, now: Instant) -> HealthState {
+        match self.cooldown_until {
+            None => HealthState::Healthy,
+            Some(until) if until > now => HealthState::CoolingDown,
+            Some(_) => HealthState::Probing,
+        }
+    }
+
+    /// Records a verdict; returns whether anything changed (a success on a healthy provider with
+    /// no fault counted changes nothing, so it is never shared).
+    fn apply(&mut self, verdict: &Verdict, now: Instant, policy: &HealthPolicy) -> bool {
+        let before = self.state(now);
+        match verdict {
+            Verdict::Up { .. } => {
+                let forgive = (policy.reset_on_success || self.cooldown_until.is_some())
+                    && self.consecutive_faults != 0;
+                let changed = forgive || self.cooldown_until.is_some() || self.backoff != 1;
+                if forgive {
+                    self.consecutive_faults = 0;
+                }
+                self.cooldown_until = None;
+                self.backoff = 1;
+                changed
+            }
+            Verdict::Fault {
+                reason,
+                retry_after,
+            } => {
+                self.last_error = Some((reason.clone(), SystemTime::now()));
+                if self
+                    .last_fault_at
+                    .is_some_and(|t| now.saturating_duration_since(t) > policy.forget_after)
+                {
+                    self.consecutive_faults = 0;
+                }
+                self.consecutive_faults = self.consecutive_faults.saturating_add(1);
+                self.last_fault_at = Some(now);
+                let was_marked = self.cooldown_until.is_some();
+                self.backoff = self.backoff.max(1);
+                if was_marked && before != HealthState::CoolingDown {
+                    // A failed probe (or a failure while waiting for one): back off further.
+                    self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                    self.cooldown_until =
+                        Some(now + retry_after.unwrap_or(policy.cooldown * self.backoff));
+                } else if retry_after.is_some() || self.consecutive_faults >= policy.threshold {
+                    let base = policy.cooldown * self.backoff;
+                    let until = now + retry_after.unwrap_or(base);
+                    // Never shorten a cooldown that is already running.
+                    self.cooldown_until = Some(self.cooldown_until.map_or(until, |u| u.max(until)));
+                }
+                true
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Entry {
+    condition: Condition,
+    /// The shared record this instance last adopted (Redis backend); its version orders records.
+    shared: Option<SharedHealth>,
+    probe_in_flight: bool,
+    /// Another instance holds the probe lease until then: skip the provider like one cooling down.
+    probe_elsewhere_until: Option<Instant>,
     requests: u64,
     successes: u64,
     failures: u64,
@@ -89,20 +170,24 @@ struct Entry {
 
 impl Entry {
     fn state(&self, now: Instant) -> HealthState {
-        match self.cooldown_until {
-            None => HealthState::Healthy,
-            Some(until) if until > now => HealthState::CoolingDown,
-            Some(_) => HealthState::Probing,
-        }
+        self.condition.state(now)
+    }
+
+    fn probe_elsewhere(&self, now: Instant) -> Option<Duration> {
+        self.probe_elsewhere_until
+            .filter(|u| *u > now)
+            .map(|u| u - now)
     }
 }
 
 /// What the ordering code needs to know about one provider right now.
 #[derive(Debug, Clone, Copy)]
 pub struct Standing {
-    /// May be tried first: healthy, or probing with no probe under way.
+    /// May be tried first: healthy, or probing with no probe under way (here or, with the Redis
+    /// backend, on another instance).
     pub available: bool,
-    /// Time until the cooldown ends (zero when not cooling down).
+    /// Time until the cooldown ends, or until another instance's probe lease runs out (zero when
+    /// neither).
     pub remaining: Duration,
     pub ttfb_ewma_ms: Option<f64>,
 }
@@ -118,6 +203,8 @@ pub struct HealthReport {
     pub successes: u64,
     pub failures: u64,
     pub ttfb_ewma_ms: Option<f64>,
+    /// The instance that made the shared state shown (Redis backend), when known.
+    pub changed_by: Option<String>,
 }
 
 /// What the dispatcher reports after an attempt.
@@ -132,9 +219,130 @@ pub enum Verdict {
     },
 }
 
-#[derive(Debug, Default)]
+/// A change of a provider's [`Condition`], for the cluster to share: the verdict that made it and
+/// the policy it was judged by (the cluster applies it again to the shared record).
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub provider: String,
+    pub verdict: Verdict,
+    pub policy: HealthPolicy,
+}
+
+/// A provider's shared health as it is stored in Redis and published to every instance. Times are
+/// Unix milliseconds; `version` orders records (the larger of the previous version plus one and
+/// the writer's clock, so records written after a Redis restart still win).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SharedHealth {
+    pub version: u64,
+    pub consecutive_faults: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_fault_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooldown_until_ms: Option<u64>,
+    pub backoff: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error_ms: Option<u64>,
+    /// The instance that wrote it.
+    pub by: String,
+}
+
+/// Maps the book's clock (tokio's, which tests pause) to Unix time and back, from one pair of
+/// readings taken when the book was made.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    instant: Instant,
+    unix: SystemTime,
+}
+
+impl Clock {
+    fn now() -> Self {
+        Self {
+            instant: Instant::now(),
+            unix: SystemTime::now(),
+        }
+    }
+
+    fn to_ms(self, at: Instant) -> u64 {
+        let unix = if at >= self.instant {
+            self.unix + (at - self.instant)
+        } else {
+            self.unix
+                .checked_sub(self.instant - at)
+                .unwrap_or(SystemTime::UNIX_EPOCH)
+        };
+        unix_ms(unix)
+    }
+
+    /// `None` for a moment this process's clock cannot express (before the machine started).
+    fn to_instant(self, ms: u64) -> Option<Instant> {
+        let anchor = unix_ms(self.unix);
+        if ms >= anchor {
+            Some(self.instant + Duration::from_millis(ms - anchor))
+        } else {
+            self.instant.checked_sub(Duration::from_millis(anchor - ms))
+        }
+    }
+}
+
+/// Unix time in whole milliseconds.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl SharedHealth {
+    fn of(c: &Condition, clock: Clock) -> Self {
+        Self {
+            version: 0,
+            consecutive_faults: c.consecutive_faults,
+            last_fault_ms: c.last_fault_at.map(|t| clock.to_ms(t)),
+            cooldown_until_ms: c.cooldown_until.map(|t| clock.to_ms(t)),
+            backoff: c.backoff,
+            last_error: c.last_error.as_ref().map(|(e, _)| e.clone()),
+            last_error_ms: c.last_error.as_ref().map(|(_, t)| unix_ms(*t)),
+            by: String::new(),
+        }
+    }
+
+    fn condition(&self, clock: Clock) -> Condition {
+        let instant = |ms: Option<u64>| ms.and_then(|ms| clock.to_instant(ms));
+        Condition {
+            consecutive_faults: self.consecutive_faults,
+            last_fault_at: instant(self.last_fault_ms),
+            // A deadline too old to express has long passed: the clock's earliest moment will do.
+            cooldown_until: self.cooldown_until_ms.map(|ms| {
+                clock
+                    .to_instant(ms)
+                    .unwrap_or(clock.instant.min(Instant::now()))
+            }),
+            backoff: self.backoff.clamp(1, MAX_BACKOFF),
+            last_error: self.last_error.clone().map(|e| {
+                let at = SystemTime::UNIX_EPOCH
+                    + Duration::from_millis(self.last_error_ms.unwrap_or_default());
+                (e, at)
+            }),
+        }
+    }
+}
+
+#[derive(Debug)]
 pub struct HealthBook {
     entries: Mutex<HashMap<String, Entry>>,
+    clock: Clock,
+    /// Where changes go to be shared (set by the cluster with the Redis backend).
+    sink: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Change>>,
+}
+
+impl Default for HealthBook {
+    fn default() -> Self {
+        Self {
+            entries: Mutex::default(),
+            clock: Clock::now(),
+            sink: std::sync::OnceLock::new(),
+        }
+    }
 }
 
 impl HealthBook {
@@ -147,6 +355,12 @@ impl HealthBook {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Sends every later change of a provider's condition to `sink` (once; later calls are
+    /// ignored).
+    pub fn share_changes(&self, sink: tokio::sync::mpsc::UnboundedSender<Change>) {
+        let _ = self.sink.set(sink);
+    }
+
     pub fn standing(&self, provider: &str, now: Instant) -> Standing {
         let map = self.lock();
         let Some(e) = map.get(provider) else {
@@ -157,12 +371,15 @@ impl HealthBook {
             };
         };
         let state = e.state(now);
+        let elsewhere = e.probe_elsewhere(now);
+        let cooling = e
+            .condition
+            .cooldown_until
+            .map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
         Standing {
             available: state == HealthState::Healthy
-                || (state == HealthState::Probing && !e.probe_in_flight),
-            remaining: e
-                .cooldown_until
-                .map_or(Duration::ZERO, |u| u.saturating_duration_since(now)),
+                || (state == HealthState::Probing && !e.probe_in_flight && elsewhere.is_none()),
+            remaining: cooling.max(elsewhere.unwrap_or_default()),
             ttfb_ewma_ms: e.ttfb_ewma_ms,
         }
     }
@@ -173,7 +390,9 @@ impl HealthBook {
         let mut map = self.lock();
         let e = map.entry(provider.to_owned()).or_default();
         e.requests += 1;
-        let probe = e.state(now) == HealthState::Probing && !e.probe_in_flight;
+        let probe = e.state(now) == HealthState::Probing
+            && !e.probe_in_flight
+            && e.probe_elsewhere(now).is_none();
         if probe {
             e.probe_in_flight = true;
         }
@@ -182,6 +401,22 @@ impl HealthBook {
             provider: provider.to_owned(),
             probe,
             resolved: false,
+            shared_version: e.shared.as_ref().map_or(0, |s| s.version),
+        }
+    }
+
+    /// Another instance holds the probe of this provider until `until`: the probe `ticket` had
+    /// is given up without a verdict, and the provider is skipped like one cooling down until the
+    /// probe's outcome arrives or the lease runs out.
+    pub fn probe_elsewhere(&self, mut ticket: AttemptTicket, until: Instant) {
+        ticket.resolved = true;
+        let mut map = self.lock();
+        if let Some(e) = map.get_mut(&ticket.provider) {
+            if ticket.probe {
+                e.probe_in_flight = false;
+            }
+            e.requests = e.requests.saturating_sub(1);
+            e.probe_elsewhere_until = Some(until);
         }
     }
 
@@ -203,7 +438,7 @@ impl HealthBook {
                 e.probe_in_flight = false;
             }
         }
-        Self::record_in(&mut map, &ticket.provider, verdict, now, policy)
+        self.record_in(&mut map, &ticket.provider, verdict, now, policy)
     }
 
     /// Records a verdict outside an attempt, e.g. a stream that broke after it was committed.
@@ -214,10 +449,11 @@ impl HealthBook {
         now: Instant,
         policy: &HealthPolicy,
     ) -> Option<(HealthState, HealthState)> {
-        Self::record_in(&mut self.lock(), provider, verdict, now, policy)
+        self.record_in(&mut self.lock(), provider, verdict, now, policy)
     }
 
     fn record_in(
+        &self,
         map: &mut HashMap<String, Entry>,
         provider: &str,
         verdict: Verdict,
@@ -226,14 +462,9 @@ impl HealthBook {
     ) -> Option<(HealthState, HealthState)> {
         let e = map.entry(provider.to_owned()).or_default();
         let before = e.state(now);
-        match verdict {
+        match &verdict {
             Verdict::Up { ttfb } => {
                 e.successes += 1;
-                if policy.reset_on_success || e.cooldown_until.is_some() {
-                    e.consecutive_faults = 0;
-                }
-                e.cooldown_until = None;
-                e.backoff = 1;
                 if let Some(t) = ttfb {
                     let ms = t.as_secs_f64() * 1000.0;
                     e.ttfb_ewma_ms = Some(match e.ttfb_ewma_ms {
@@ -242,36 +473,71 @@ impl HealthBook {
                     });
                 }
             }
-            Verdict::Fault {
-                reason,
-                retry_after,
-            } => {
-                e.failures += 1;
-                e.last_error = Some((reason, SystemTime::now()));
-                if e.last_fault_at
-                    .is_some_and(|t| now.saturating_duration_since(t) > policy.forget_after)
-                {
-                    e.consecutive_faults = 0;
-                }
-                e.consecutive_faults = e.consecutive_faults.saturating_add(1);
-                e.last_fault_at = Some(now);
-                let was_marked = e.cooldown_until.is_some();
-                if e.backoff == 0 {
-                    e.backoff = 1;
-                }
-                if was_marked && before != HealthState::CoolingDown {
-                    // A failed probe (or a failure while waiting for one): back off further.
-                    e.backoff = (e.backoff * 2).min(MAX_BACKOFF);
-                    e.cooldown_until =
-                        Some(now + retry_after.unwrap_or(policy.cooldown * e.backoff));
-                } else if retry_after.is_some() || e.consecutive_faults >= policy.threshold {
-                    let base = policy.cooldown * e.backoff;
-                    let until = now + retry_after.unwrap_or(base);
-                    // Never shorten a cooldown that is already running.
-                    e.cooldown_until = Some(e.cooldown_until.map_or(until, |u| u.max(until)));
-                }
+            Verdict::Fault { .. } => e.failures += 1,
+        }
+        let changed = e.condition.apply(&verdict, now, policy);
+        let after = e.state(now);
+        if changed {
+            if let Some(sink) = self.sink.get() {
+                let _ = sink.send(Change {
+                    provider: provider.to_owned(),
+                    verdict,
+                    policy: *policy,
+                });
             }
         }
+        (before != after).then_some((before, after))
+    }
+
+    /// The shared record this instance last adopted for `provider` (version 0 when none).
+    pub fn shared(&self, provider: &str) -> SharedHealth {
+        self.lock()
+            .get(provider)
+            .and_then(|e| e.shared.clone())
+            .unwrap_or_default()
+    }
+
+    /// `base` with `verdict` applied, as the next shared record written by `by` (pure: the book is
+    /// not changed).
+    pub fn next_shared(
+        &self,
+        base: &SharedHealth,
+        verdict: &Verdict,
+        policy: &HealthPolicy,
+        by: &str,
+        now: Instant,
+    ) -> SharedHealth {
+        let mut condition = base.condition(self.clock);
+        condition.apply(verdict, now, policy);
+        SharedHealth {
+            version: (base.version + 1).max(self.clock.to_ms(now)),
+            by: by.to_owned(),
+            ..SharedHealth::of(&condition, self.clock)
+        }
+    }
+
+    /// Takes a shared record (published by an instance, or read back by a resync) as this
+    /// provider's condition, unless a newer one was already taken. Returns the state change, if
+    /// any, for logging.
+    pub fn adopt(
+        &self,
+        provider: &str,
+        record: SharedHealth,
+        now: Instant,
+    ) -> Option<(HealthState, HealthState)> {
+        let mut map = self.lock();
+        let e = map.entry(provider.to_owned()).or_default();
+        if e.shared
+            .as_ref()
+            .is_some_and(|s| s.version >= record.version)
+        {
+            return None;
+        }
+        let before = e.state(now);
+        e.condition = record.condition(self.clock);
+        e.shared = Some(record);
+        // The probe's outcome (or any newer state) ends another instance's probe lease.
+        e.probe_elsewhere_until = None;
         let after = e.state(now);
         (before != after).then_some((before, after))
     }
@@ -281,15 +547,17 @@ impl HealthBook {
         let e = map.get(provider).cloned().unwrap_or_default();
         HealthReport {
             state: e.state(now),
-            consecutive_faults: e.consecutive_faults,
+            consecutive_faults: e.condition.consecutive_faults,
             cooldown_remaining: e
+                .condition
                 .cooldown_until
                 .map_or(Duration::ZERO, |u| u.saturating_duration_since(now)),
-            last_error: e.last_error,
+            last_error: e.condition.last_error,
             requests: e.requests,
             successes: e.successes,
             failures: e.failures,
             ttfb_ewma_ms: e.ttfb_ewma_ms,
+            changed_by: e.shared.map(|s| s.by).filter(|b| !b.is_empty()),
         }
     }
 }
@@ -301,11 +569,22 @@ pub struct AttemptTicket {
     provider: String,
     probe: bool,
     resolved: bool,
+    /// The version of the shared record the probe follows (its lease is per version).
+    shared_version: u64,
 }
 
 impl AttemptTicket {
     pub fn is_probe(&self) -> bool {
         self.probe
+    }
+
+    pub fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    /// The version of the shared record this attempt follows: a probe's lease is taken for it.
+    pub fn shared_version(&self) -> u64 {
+        self.shared_version
     }
 }
 
@@ -659,6 +938,128 @@ mod tests {
         record(&book, ttfb(200), &policy);
         let avg = report(&book).ttfb_ewma_ms.unwrap();
         assert!((avg - 130.0).abs() < 1e-9, "{avg}");
+    }
+
+    /// Receives what the book hands to the cluster.
+    fn shared_book() -> (
+        Arc<HealthBook>,
+        tokio::sync::mpsc::UnboundedReceiver<Change>,
+    ) {
+        let book = HealthBook::new();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        book.share_changes(tx);
+        (book, rx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn successes_of_a_healthy_provider_are_not_shared_and_every_change_is() {
+        let (book, mut changes) = shared_book();
+        let policy = policy(2);
+        // The hot path: nothing to share.
+        record(&book, up(), &policy);
+        record(
+            &book,
+            Verdict::Up {
+                ttfb: Some(secs(1)),
+            },
+            &policy,
+        );
+        assert!(changes.try_recv().is_err());
+        // A fault is shared with its verdict and policy; the success that forgives it too.
+        record(&book, fault(), &policy);
+        let c = changes.try_recv().unwrap();
+        assert_eq!(c.provider, P);
+        assert!(matches!(c.verdict, Verdict::Fault { ref reason, .. } if reason == "boom"));
+        assert_eq!(c.policy, policy);
+        record(&book, up(), &policy);
+        assert!(matches!(
+            changes.try_recv().unwrap().verdict,
+            Verdict::Up { .. }
+        ));
+        record(&book, up(), &policy);
+        assert!(changes.try_recv().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_record_applies_verdicts_like_the_book_and_is_adopted_by_another_book() {
+        let policy = policy(2);
+        let here = HealthBook::new();
+        let base = here.shared(P);
+        assert_eq!(base.version, 0);
+        let one = here.next_shared(&base, &fault(), &policy, "gw-1", Instant::now());
+        assert_eq!(one.consecutive_faults, 1);
+        assert_eq!(one.cooldown_until_ms, None);
+        assert!(one.version > 0);
+        assert_eq!(one.by, "gw-1");
+        // A fault from another instance on top of it reaches the threshold: the cooldown starts.
+        let two = here.next_shared(&one, &fault(), &policy, "gw-2", Instant::now());
+        assert!(two.version > one.version);
+        assert_eq!(two.consecutive_faults, 2);
+        let now_ms = unix_ms(SystemTime::now());
+        let until = two.cooldown_until_ms.unwrap();
+        assert!(
+            until.abs_diff(now_ms + 10_000) < 1_000,
+            "{until} vs {now_ms}"
+        );
+        assert_eq!(two.last_error.as_deref(), Some("boom"));
+
+        // Another book (another instance) takes it: cooling down, for the same remaining time.
+        let there = HealthBook::new();
+        assert_eq!(
+            there.adopt(P, two.clone(), Instant::now()),
+            Some((HealthState::Healthy, HealthState::CoolingDown))
+        );
+        let r = there.report(P, Instant::now());
+        assert_eq!(r.consecutive_faults, 2);
+        assert!(r.cooldown_remaining > secs(9) && r.cooldown_remaining <= secs(10));
+        assert_eq!(r.changed_by.as_deref(), Some("gw-2"));
+        assert_eq!(r.last_error.map(|(e, _)| e).as_deref(), Some("boom"));
+        // Local counters are not shared.
+        assert_eq!(r.failures, 0);
+        // An older record (a resync read before the change arrived) is ignored.
+        assert_eq!(there.adopt(P, one, Instant::now()), None);
+        assert_eq!(there.report(P, Instant::now()).consecutive_faults, 2);
+        assert_eq!(there.shared(P), two);
+
+        // After the cooldown, the book probes; the healed record brings it back.
+        advance(secs(10)).await;
+        assert_eq!(there.report(P, Instant::now()).state, HealthState::Probing);
+        let healed = there.next_shared(&two, &up(), &policy, "gw-3", Instant::now());
+        assert_eq!(healed.consecutive_faults, 0);
+        assert_eq!(healed.cooldown_until_ms, None);
+        there.adopt(P, healed, Instant::now());
+        assert_eq!(there.report(P, Instant::now()).state, HealthState::Healthy);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_held_elsewhere_skips_the_provider_until_the_lease_ends_or_news_arrive() {
+        let book = HealthBook::new();
+        let policy = policy(1);
+        trip(&book, &policy);
+        advance(policy.cooldown).await;
+        let ticket = book.begin(P, Instant::now());
+        assert!(ticket.is_probe());
+        book.probe_elsewhere(ticket, Instant::now() + secs(30));
+        let s = standing(&book);
+        assert!(!s.available);
+        assert_eq!(s.remaining, secs(30));
+        // A last-resort attempt meanwhile is no probe, and the skipped one counted no request.
+        let last_resort = book.begin(P, Instant::now());
+        assert!(!last_resort.is_probe());
+        drop(last_resort);
+        assert_eq!(report(&book).requests, 1);
+        // The lease runs out: this instance may probe.
+        advance(secs(30)).await;
+        assert!(standing(&book).available);
+        let ticket = book.begin(P, Instant::now());
+        assert!(ticket.is_probe());
+        book.probe_elsewhere(ticket, Instant::now() + secs(30));
+        // The probe's outcome arrives from the other instance: the lease no longer matters.
+        let healed = book.next_shared(&book.shared(P), &up(), &policy, "gw-2", Instant::now());
+        book.adopt(P, healed, Instant::now());
+        let s = standing(&book);
+        assert!(s.available);
+        assert_eq!(s.remaining, Duration::ZERO);
     }
 
     #[test]
