@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::config::{StateBackend, StateSettings};
@@ -102,7 +103,9 @@ pub struct Cluster {
     instance: String,
     /// For the subscriber's own connection (a subscribed connection takes no other command).
     client: redis::Client,
-    redis: ConnectionManager,
+    /// Replaced by the monitor when a ping fails in a way the manager does not recover from by
+    /// itself (it reconnects only after I/O errors: a refused password would stick).
+    redis: ArcSwap<ConnectionManager>,
     up: AtomicBool,
     last_error: Mutex<Option<String>>,
     redactor: Redactor,
@@ -184,13 +187,7 @@ impl Cluster {
         let Some((client, redactor, _)) = open(settings)? else {
             return Ok(None);
         };
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_max_delay(MAX_RECONNECT_DELAY)
-            .set_number_of_retries(2);
-        let redis = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| format!("redis: {}", redactor.text(&e.to_string())))?;
+        let redis = ArcSwap::from_pointee(manager(&client, &redactor)?);
         let cluster = Arc::new(Self {
             prefix: settings.key_prefix.clone(),
             instance: instance_name(settings),
@@ -219,7 +216,7 @@ impl Cluster {
 
     /// A connection to run commands on (cheap: a handle on the shared multiplexed connection).
     pub fn connection(&self) -> ConnectionManager {
-        self.redis.clone()
+        ConnectionManager::clone(&self.redis.load())
     }
 
     pub fn status(&self) -> BackendStatus {
@@ -545,6 +542,19 @@ impl Cluster {
     }
 }
 
+/// A lazy, self-reconnecting connection to `client`: made without waiting for Redis. No retries
+/// inside a command: a command fails at once while Redis is away (the callers fall back to local
+/// state) and the monitor's next ping shows why.
+fn manager(client: &redis::Client, redactor: &Redactor) -> Result<ConnectionManager, String> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(COMMAND_TIMEOUT))
+        .set_response_timeout(Some(COMMAND_TIMEOUT))
+        .set_max_delay(MAX_RECONNECT_DELAY)
+        .set_number_of_retries(0);
+    ConnectionManager::new_lazy_with_config(client.clone(), config)
+        .map_err(|e| format!("redis: {}", redactor.text(&e.to_string())))
+}
+
 /// A time to live as Redis's `PX` takes it: whole milliseconds, at least one.
 fn expiry_ms(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
@@ -639,7 +649,16 @@ async fn monitor(cluster: std::sync::Weak<Cluster>) {
         .await;
         let result = match ping {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => {
+                if !e.is_io_error() {
+                    // Refused credentials, a failed TLS handshake...: the manager would keep
+                    // answering with the same error. A new one connects afresh on the next ping.
+                    if let Ok(fresh) = manager(&cluster.client, &cluster.redactor) {
+                        cluster.redis.store(Arc::new(fresh));
+                    }
+                }
+                Err(e.to_string())
+            }
             Err(_) => Err(format!(
                 "no answer within {} ms",
                 COMMAND_TIMEOUT.as_millis()

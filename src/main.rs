@@ -43,6 +43,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // TLS (providers, proxies, `rediss://`) for the server and for `check` alike.
+    upstream::install_crypto_provider();
     let loaded = match config::load_file(&cli.config) {
         Ok(l) => l,
         Err(errors) => {
@@ -169,7 +171,6 @@ impl Workers {
 async fn run(cli: Cli, config: Config, workers: Vec<tokio::runtime::Handle>) -> Result<(), String> {
     let host = cli.host.unwrap_or_else(|| config.settings.host.clone());
     let port = cli.port.unwrap_or(config.settings.port);
-    upstream::install_crypto_provider();
     // Every client connection holds a descriptor: the soft limit (often 1,024) is raised to the
     // hard one, so many Claude Code sessions and their streams fit.
     match rlimit::increase_nofile_limit(u64::MAX) {

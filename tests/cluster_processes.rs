@@ -44,6 +44,17 @@ fn config(name: &str, a: &str, b: &str, redis_url: &str, settings: &str, logs: &
 impl Instance {
     /// Starts the binary and waits until it answers `/health`.
     async fn start(name: &str, a: &str, b: &str, redis_url: &str, settings: &str) -> Self {
+        Self::start_with_env(name, a, b, redis_url, settings, &[]).await
+    }
+
+    async fn start_with_env(
+        name: &str,
+        a: &str,
+        b: &str,
+        redis_url: &str,
+        settings: &str,
+        env: &[(&str, &std::path::Path)],
+    ) -> Self {
         claude_balancer::upstream::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let logs = dir.path().join("logs");
@@ -66,6 +77,7 @@ impl Instance {
             .arg(&path)
             .args(["--port", &port.to_string()])
             .env("TOKIO_WORKER_THREADS", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("console.txt")).unwrap())
             .spawn()
@@ -463,6 +475,18 @@ async fn instances_start_without_redis_and_recover_when_it_comes() {
         let providers = i.get("/providers").await.unwrap();
         assert_eq!(providers["state"]["shared"], false);
     }
+    // Each says why, without the password.
+    let why = |s: Value| s["error"].as_str().unwrap_or_default().to_lowercase();
+    assert!(
+        why(one.backend().await).contains("refused"),
+        "{}",
+        one.backend().await
+    );
+    let refused = why(two.backend().await);
+    assert!(
+        refused.contains("authentication") && !refused.contains("the-wrong-pass-42"),
+        "{refused}"
+    );
 
     // Redis appears where instance 1 looks for it; instance 2's Redis now takes its password.
     let _absent = RedisServer::start_on(absent_port, None).unwrap();
@@ -485,5 +509,81 @@ async fn instances_start_without_redis_and_recover_when_it_comes() {
             "{logs}"
         );
         assert!(!logs.contains("the-wrong-pass-42") && !logs.contains("the-right-pass-31"));
+    }
+}
+
+/// A certificate authority and a certificate for 127.0.0.1 signed by it, written as `ca.pem`,
+/// `server.pem` and `server.key` in a new folder.
+fn certificates() -> tempfile::TempDir {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.path().join("server.pem"), server.pem()).unwrap();
+    std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
+    dir
+}
+
+/// A `rediss://` URL connects over TLS, and the server's certificate is verified: trusted
+/// through `SSL_CERT_FILE` it is up, untrusted it is degraded (and the instance still serves).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rediss_url_connects_over_verified_tls() {
+    let certs = certificates();
+    let Some(redis) = RedisServer::start_tls(certs.path()) else {
+        return;
+    };
+    let url = redis.url();
+    assert!(url.starts_with("rediss://"), "{url}");
+    let a = MockProvider::start(Reply::message("m", "from A"))
+        .await
+        .unwrap();
+    let b = MockProvider::start(Reply::message("m", "from B"))
+        .await
+        .unwrap();
+    let ca = certs.path().join("ca.pem");
+    let trusting = Instance::start_with_env(
+        "gw-1",
+        &a.url(),
+        &b.url(),
+        &url,
+        "",
+        &[("SSL_CERT_FILE", &ca)],
+    )
+    .await;
+    // A file holding no certificate: the system's store is used, which does not know this CA.
+    let empty = certs.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let doubting = Instance::start_with_env(
+        "gw-2",
+        &a.url(),
+        &b.url(),
+        &url,
+        "",
+        &[("SSL_CERT_FILE", &empty)],
+    )
+    .await;
+    all_up(&[&trusting]).await;
+    assert!(
+        eventually(PATIENCE, || async {
+            let s = doubting.backend().await;
+            s["status"] == "degraded"
+                && s["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("certificate"))
+        })
+        .await
+    );
+    for i in [&trusting, &doubting] {
+        assert_eq!(i.ask(None, "over tls").await.0, 200);
     }
 }

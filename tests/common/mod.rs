@@ -209,6 +209,8 @@ pub fn names(events: &[(String, Value)]) -> Vec<&str> {
 pub struct RedisServer {
     pub port: u16,
     password: Option<String>,
+    /// A folder with `ca.pem`, `server.pem` and `server.key`: the server speaks only TLS.
+    tls: Option<std::path::PathBuf>,
     dir: tempfile::TempDir,
     child: Option<std::process::Child>,
 }
@@ -221,6 +223,19 @@ impl RedisServer {
     }
 
     pub fn start_on(port: u16, password: Option<&str>) -> Option<Self> {
+        Self::start_with(port, password, None)
+    }
+
+    /// A server that accepts only TLS connections, with the certificates in `tls` (see the field).
+    pub fn start_tls(tls: &std::path::Path) -> Option<Self> {
+        Self::start_with(free_port(), None, Some(tls.to_path_buf()))
+    }
+
+    fn start_with(
+        port: u16,
+        password: Option<&str>,
+        tls: Option<std::path::PathBuf>,
+    ) -> Option<Self> {
         if std::process::Command::new("redis-server")
             .arg("--version")
             .output()
@@ -238,6 +253,7 @@ impl RedisServer {
         let mut server = Self {
             port,
             password: password.map(str::to_owned),
+            tls,
             dir: tempfile::tempdir().unwrap(),
             child: None,
         };
@@ -246,16 +262,36 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         match &self.password {
-            Some(p) => format!("redis://:{p}@127.0.0.1:{}/0", self.port),
-            None => format!("redis://127.0.0.1:{}/0", self.port),
+            Some(p) => format!("{scheme}://:{p}@127.0.0.1:{}/0", self.port),
+            None => format!("{scheme}://127.0.0.1:{}/0", self.port),
         }
     }
 
     /// Starts it again on the same port (after `kill`), and waits until it accepts connections.
     pub fn restart(&mut self) {
         let mut cmd = std::process::Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        match &self.tls {
+            Some(dir) => {
+                cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(dir.join("server.pem"))
+                    .arg("--tls-key-file")
+                    .arg(dir.join("server.key"))
+                    .arg("--tls-ca-cert-file")
+                    .arg(dir.join("ca.pem"))
+                    .args(["--tls-auth-clients", "no"]);
+            }
+            None => {
+                cmd.args(["--port", &self.port.to_string()]);
+            }
+        }
+        cmd.args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
