@@ -108,6 +108,35 @@ fn the_shipped_example_loads_with_no_variables_set() {
     );
 }
 
+/// The README's three instances on one machine: the shipped example becomes instance `gw-2` of a
+/// Redis cluster with its own log file when `STATE_BACKEND` and `INSTANCE_NAME` are set, and is a
+/// single memory-backed instance when they are not.
+#[test]
+fn the_shipped_example_becomes_a_cluster_instance_from_the_environment() {
+    use claude_balancer::config::StateBackend;
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml"))
+        .unwrap();
+    let alone = load_str(&text, &no_env).unwrap().config.settings;
+    assert_eq!(alone.state.backend, StateBackend::Memory);
+    assert_eq!(alone.state.instance_name, None);
+    assert_eq!(alone.log_file_path, "logs/logs.jsonl");
+
+    let env = |n: &str| match n {
+        "STATE_BACKEND" => Some("redis".to_owned()),
+        "INSTANCE_NAME" => Some("gw-2".to_owned()),
+        _ => None,
+    };
+    let member = load_str(&text, &env).unwrap().config.settings;
+    assert_eq!(member.state.backend, StateBackend::Redis);
+    assert_eq!(member.state.instance_name.as_deref(), Some("gw-2"));
+    assert_eq!(member.log_file_path, "logs/gw-2.jsonl");
+    assert_eq!(
+        member.state.redis_url.as_ref().map(|u| u.expose().to_owned()),
+        Some("redis://127.0.0.1:6379/0".to_owned())
+    );
+    assert_eq!(member.state.key_prefix, "claude-balancer:");
+}
+
 #[test]
 fn variables_expand_in_any_string_value() {
     let yaml = r#"
