@@ -117,14 +117,7 @@ impl Instance {
     }
 
     async fn provider(&self, name: &str) -> Value {
-        let v = self.get("/providers").await.unwrap();
-        v["providers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .cloned()
-            .unwrap()
+        common::provider_in(&self.get("/providers").await.unwrap(), name)
     }
 
     /// Sends a request; its status and the provider that served it.
@@ -183,6 +176,18 @@ async fn all_up(instances: &[&Instance]) {
             i.backend().await
         );
     }
+}
+
+/// Providers A and B, both answering.
+async fn providers_a_and_b() -> (MockProvider, MockProvider) {
+    (
+        MockProvider::start(Reply::message("m", "from A"))
+            .await
+            .unwrap(),
+        MockProvider::start(Reply::message("m", "from B"))
+            .await
+            .unwrap(),
+    )
 }
 
 /// Three instances gw-1, gw-2, gw-3 on one Redis, with providers A and B.
@@ -275,12 +280,7 @@ async fn three_instances_share_health_and_probe_once() {
     let Some(redis) = RedisServer::start(None) else {
         return;
     };
-    let a = MockProvider::start(Reply::message("m", "from A"))
-        .await
-        .unwrap();
-    let b = MockProvider::start(Reply::message("m", "from B"))
-        .await
-        .unwrap();
+    let (a, b) = providers_a_and_b().await;
     let fleet = fleet(
         &redis,
         &a,
@@ -298,12 +298,7 @@ async fn three_instances_share_sessions_and_the_cache() {
     let Some(redis) = RedisServer::start(None) else {
         return;
     };
-    let a = MockProvider::start(Reply::message("m", "from A"))
-        .await
-        .unwrap();
-    let b = MockProvider::start(Reply::message("m", "from B"))
-        .await
-        .unwrap();
+    let (a, b) = providers_a_and_b().await;
     let [one, two, three] = fleet(
         &redis,
         &a,
@@ -366,12 +361,7 @@ async fn killing_redis_under_load_fails_no_request_and_sharing_resumes() {
     let Some(mut redis) = RedisServer::start(None) else {
         return;
     };
-    let a = MockProvider::start(Reply::message("m", "from A"))
-        .await
-        .unwrap();
-    let b = MockProvider::start(Reply::message("m", "from B"))
-        .await
-        .unwrap();
+    let (a, b) = providers_a_and_b().await;
     let fleet = std::sync::Arc::new(
         fleet(
             &redis,
@@ -446,12 +436,7 @@ async fn instances_start_without_redis_and_recover_when_it_comes() {
     let Some(mut guarded) = RedisServer::start(Some("the-right-pass-31")) else {
         return;
     };
-    let a = MockProvider::start(Reply::message("m", "from A"))
-        .await
-        .unwrap();
-    let b = MockProvider::start(Reply::message("m", "from B"))
-        .await
-        .unwrap();
+    let (a, b) = providers_a_and_b().await;
     let absent_port = free_port();
     let absent = format!("redis://127.0.0.1:{absent_port}/0");
     let wrong = format!("redis://:the-wrong-pass-42@127.0.0.1:{}/0", guarded.port);
@@ -544,12 +529,7 @@ async fn a_rediss_url_connects_over_verified_tls() {
     };
     let url = redis.url();
     assert!(url.starts_with("rediss://"), "{url}");
-    let a = MockProvider::start(Reply::message("m", "from A"))
-        .await
-        .unwrap();
-    let b = MockProvider::start(Reply::message("m", "from B"))
-        .await
-        .unwrap();
+    let (a, b) = providers_a_and_b().await;
     let ca = certs.path().join("ca.pem");
     let trusting = Instance::start_with_env(
         "gw-1",

@@ -131,7 +131,11 @@ fn the_shipped_example_becomes_a_cluster_instance_from_the_environment() {
     assert_eq!(member.state.instance_name.as_deref(), Some("gw-2"));
     assert_eq!(member.log_file_path, "logs/gw-2.jsonl");
     assert_eq!(
-        member.state.redis_url.as_ref().map(|u| u.expose().to_owned()),
+        member
+            .state
+            .redis_url
+            .as_ref()
+            .map(|u| u.expose().to_owned()),
         Some("redis://127.0.0.1:6379/0".to_owned())
     );
     assert_eq!(member.state.key_prefix, "claude-balancer:");

@@ -126,15 +126,19 @@ impl Balancer {
 
     /// The `GET /providers` entry of one provider.
     pub async fn provider(&self, name: &str) -> Value {
-        let (_, v) = self.get_json("/providers").await;
-        v["providers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .cloned()
-            .unwrap()
+        provider_in(&self.get_json("/providers").await.1, name)
     }
+}
+
+/// The entry of provider `name` in a `GET /providers` answer.
+pub fn provider_in(providers: &Value, name: &str) -> Value {
+    providers["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .cloned()
+        .unwrap()
 }
 
 /// A provider entry of type anthropic with a key.
