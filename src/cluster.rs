@@ -35,8 +35,10 @@ const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(5);
 /// arrive at once), so a missed message costs at most this long.
 pub const RESYNC_EVERY: Duration = Duration::from_secs(5);
 /// The longest probe lease: if the instance that took it dies, the others wait at most this long
-/// (or the request timeout, when shorter) before one of them probes.
-pub const MAX_PROBE_LEASE: Duration = Duration::from_secs(30);
+/// before one of them probes. A probe's lease lasts as long as its attempt may take to reach a
+/// verdict (connect and read timeouts), within this bound; a probe that ends without one (its
+/// client left, or it could not be sent) gives the lease back at once.
+pub const MAX_PROBE_LEASE: Duration = Duration::from_secs(300);
 /// A probe lease that Redis does not grant within this long: the instance probes on its own.
 pub const LEASE_TIMEOUT: Duration = Duration::from_millis(50);
 
@@ -46,17 +48,33 @@ pub const LEASE_TIMEOUT: Duration = Duration::from_millis(50);
 const HEALTH_CAS: &str = r"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 local version = 0
-if cur then version = cjson.decode(cur)['version'] end
+if cur then
+  local ok, record = pcall(cjson.decode, cur)
+  if ok and type(record) == 'table' and tonumber(record['version']) then
+    version = tonumber(record['version'])
+  end
+end
 if version ~= tonumber(ARGV[2]) then return cur or '' end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('PUBLISH', KEYS[2], ARGV[4])
 return 1
 ";
 
-/// Takes the probe lease (`SET NX PX`): `-1` when granted, else the milliseconds it still runs.
+/// Takes the probe lease (`SET NX PX`), or renews it for the instance that holds it: `-1` when
+/// granted, else the milliseconds it still runs.
 const PROBE_LEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return -1
+end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return -1 end
 return redis.call('PTTL', KEYS[1])
+";
+
+/// Gives the probe lease back, if this instance (`ARGV[1]`) holds it.
+const PROBE_RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 ";
 
 /// Whether this instance may probe a provider whose cooldown ended.
@@ -399,13 +417,12 @@ impl Cluster {
         let script = redis::Script::new(HEALTH_CAS);
         let mut base = self.health.shared(&change.provider);
         for _ in 0..8 {
-            let now = tokio::time::Instant::now();
             let next = self.health.next_shared(
                 &base,
                 &change.verdict,
                 &change.policy,
                 &self.instance,
-                now,
+                change.at,
             );
             let event = serde_json::json!({
                 "kind": "health",
@@ -484,7 +501,7 @@ impl Cluster {
         }
         let mut conn = self.connection();
         let script = redis::Script::new(PROBE_LEASE);
-        let mut invocation = script.key(format!("{}probe:{provider}:{version}", self.prefix));
+        let mut invocation = script.key(self.probe_key(provider, version));
         invocation.arg(&self.instance).arg(expiry_ms(lease));
         let take = invocation.invoke_async::<i64>(&mut conn);
         match tokio::time::timeout(LEASE_TIMEOUT, take).await {
@@ -493,6 +510,32 @@ impl Cluster {
             // this instance may.
             _ => Lease::Granted,
         }
+    }
+
+    fn probe_key(&self, provider: &str, version: u64) -> String {
+        format!("{}probe:{provider}:{version}", self.prefix)
+    }
+
+    /// Gives back the probe lease of `provider` after shared record `version`, if this instance
+    /// holds it, without waiting.
+    pub fn release_probe_lease(&self, provider: &str, version: u64) {
+        if !self.is_up() {
+            return;
+        }
+        // Called from a drop: outside a runtime (at exit) there is nothing to give back to.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut conn = self.connection();
+        let (key, me) = (self.probe_key(provider, version), self.instance.clone());
+        runtime.spawn(async move {
+            let script = redis::Script::new(PROBE_RELEASE);
+            let mut invocation = script.key(key);
+            invocation.arg(me);
+            let _ =
+                tokio::time::timeout(COMMAND_TIMEOUT, invocation.invoke_async::<i64>(&mut conn))
+                    .await;
+        });
     }
 
     fn events_channel(&self) -> String {

@@ -566,3 +566,73 @@ async fn provider_health_is_shared_and_one_instance_probes() {
     assert_eq!(resp.headers()["x-provider-used"], "B");
     assert_eq!(a.request_count(), 2);
 }
+
+/// A probe that ends without a verdict (its client left) gives the cluster's probe lease back at
+/// once: another instance probes the provider instead of waiting for the lease to run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_whose_client_leaves_gives_the_lease_back() {
+    let Some(redis) = RedisServer::start(None) else {
+        return;
+    };
+    let a = MockProvider::start(Reply::error(500, "api_error", "A is broken"))
+        .await
+        .unwrap();
+    let b = MockProvider::start(Reply::message("m", "from B"))
+        .await
+        .unwrap();
+    let settings = format!(
+        "  unhealthy_threshold: 1\n  failure_cooldown: 1\n{}",
+        redis_settings(&redis.url())
+    );
+    let named = |name: &str| settings.replace("gw-1", name);
+    let providers = |name| config_yaml(&[("A", &a.url(), 1), ("B", &b.url(), 2)], &named(name));
+    let one = Balancer::start(&providers("gw-1")).await;
+    let two = Balancer::start(&providers("gw-2")).await;
+    all_up(&[&one, &two]).await;
+    assert_eq!(
+        one.post("/v1/messages", &request(false)).await.headers()["x-provider-used"],
+        "B"
+    );
+    assert!(
+        eventually(PATIENCE, || async {
+            one.provider("A").await["state"] == "probing"
+                && two.provider("A").await["state"] == "probing"
+        })
+        .await
+    );
+    // Instance 1 probes A, which takes its time; the client gives up first.
+    a.set_default(Reply::message("m", "from A").with_delay(Duration::from_secs(3)));
+    let impatient = one
+        .client
+        .post(format!("{}/v1/messages", one.url))
+        .timeout(Duration::from_millis(300))
+        .json(&request(false))
+        .send()
+        .await;
+    assert!(impatient.is_err(), "the client gave up");
+    assert_eq!(a.request_count(), 2, "the probe reached A");
+    let conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    assert!(
+        eventually(PATIENCE, || {
+            let mut conn = conn.clone();
+            async move {
+                let held: Vec<String> = redis::cmd("KEYS")
+                    .arg("test:probe:*")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                held.is_empty()
+            }
+        })
+        .await,
+        "the lease was given back"
+    );
+    // Instance 2's next request probes A itself.
+    let resp = two.post("/v1/messages", &request(false)).await;
+    assert_eq!(resp.headers()["x-provider-used"], "A");
+    assert_eq!(a.request_count(), 3);
+}

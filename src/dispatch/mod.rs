@@ -259,16 +259,25 @@ pub async fn run(
             continue;
         }
         let ticket = lane.book.begin(name, Instant::now());
-        if let (true, Some(cluster)) = (lane.shared && ticket.is_probe(), &state.cluster) {
-            let lease = runtime.config.settings.timeout.min(MAX_PROBE_LEASE);
+        // The cluster's probe lease (Redis backend): one instance probes after a cooldown. A
+        // deferred candidate is a last resort and asks for none.
+        let mut lease = None;
+        if let (true, Some(cluster)) = (
+            lane.shared && ticket.is_probe() && !deferred,
+            &state.cluster,
+        ) {
             let version = ticket.shared_version();
-            if let Lease::Elsewhere(left) = cluster.probe_lease(name, version, lease).await {
-                tracing::debug!(provider = %name, "another instance probes this provider; skipped");
-                lane.book.probe_elsewhere(ticket, Instant::now() + left);
-                if !deferred {
+            match cluster
+                .probe_lease(name, version, probe_lease(runtime, inbound))
+                .await
+            {
+                Lease::Elsewhere(left) => {
+                    tracing::debug!(provider = %name, "another instance probes this provider; deferred");
+                    lane.book.probe_elsewhere(ticket, Instant::now() + left);
                     queue.push_back((candidate, true));
+                    continue;
                 }
-                continue;
+                Lease::Granted => lease = Some(HeldLease::new(cluster, name, version)),
             }
         }
         let started = Instant::now();
@@ -294,6 +303,9 @@ pub async fn run(
                     lane.book
                         .resolve(ticket, verdict, Instant::now(), lane.policy),
                 );
+                if let Some(l) = lease.as_mut() {
+                    l.resolved();
+                }
                 failures.push((name.to_owned(), fault));
                 continue;
             }
@@ -309,6 +321,9 @@ pub async fn run(
             lane.book
                 .resolve(ticket, verdict, Instant::now(), lane.policy),
         );
+        if let Some(l) = lease.as_mut() {
+            l.resolved();
+        }
         if let (true, Some(session), true) =
             (lane.affinity, &inbound.session, reply.status.is_success())
         {
@@ -345,6 +360,52 @@ pub async fn run(
         failures,
         unsupported,
     })
+}
+
+/// How long a probe of this request may hold the cluster's lease: the time its attempt may take
+/// to reach a verdict (connect, then the answer's head or first event), within the cluster's bound.
+fn probe_lease(runtime: &Runtime, inbound: &Inbound) -> Duration {
+    let t = &runtime.config.settings.timeouts;
+    let set = if inbound.envelope.stream {
+        &t.streaming
+    } else {
+        &t.non_streaming
+    };
+    (set.connect + set.read).min(MAX_PROBE_LEASE)
+}
+
+/// A probe lease this instance holds for one attempt: given back if the attempt ends without a
+/// verdict (its client left, or the request could not be sent to this provider). A verdict
+/// changes the shared record's version, which retires the lease.
+struct HeldLease<'a> {
+    cluster: &'a crate::cluster::Cluster,
+    provider: &'a str,
+    version: u64,
+    resolved: bool,
+}
+
+impl<'a> HeldLease<'a> {
+    fn new(cluster: &'a crate::cluster::Cluster, provider: &'a str, version: u64) -> Self {
+        Self {
+            cluster,
+            provider,
+            version,
+            resolved: false,
+        }
+    }
+
+    fn resolved(&mut self) {
+        self.resolved = true;
+    }
+}
+
+impl Drop for HeldLease<'_> {
+    fn drop(&mut self) {
+        if !self.resolved {
+            self.cluster
+                .release_probe_lease(self.provider, self.version);
+        }
+    }
 }
 
 /// The redactor for what one request's providers send back: every configured secret and the

@@ -226,12 +226,15 @@ pub struct Change {
     pub provider: String,
     pub verdict: Verdict,
     pub policy: HealthPolicy,
+    /// When the verdict was given (the cluster may apply it a little later).
+    pub at: Instant,
 }
 
 /// A provider's shared health as it is stored in Redis and published to every instance. Times are
 /// Unix milliseconds; `version` orders records (the larger of the previous version plus one and
 /// the writer's clock, so records written after a Redis restart still win).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct SharedHealth {
     pub version: u64,
     pub consecutive_faults: u32,
@@ -248,8 +251,8 @@ pub struct SharedHealth {
     pub by: String,
 }
 
-/// Maps the book's clock (tokio's, which tests pause) to Unix time and back, from one pair of
-/// readings taken when the book was made.
+/// Maps the book's clock (tokio's, which tests pause) to Unix time and back, from a pair of
+/// readings taken for each conversion (so a wall clock stepped by NTP is followed at once).
 #[derive(Debug, Clone, Copy)]
 struct Clock {
     instant: Instant,
@@ -330,7 +333,6 @@ impl SharedHealth {
 #[derive(Debug)]
 pub struct HealthBook {
     entries: Mutex<HashMap<String, Entry>>,
-    clock: Clock,
     /// Where changes go to be shared (set by the cluster with the Redis backend).
     sink: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Change>>,
 }
@@ -339,7 +341,6 @@ impl Default for HealthBook {
     fn default() -> Self {
         Self {
             entries: Mutex::default(),
-            clock: Clock::now(),
             sink: std::sync::OnceLock::new(),
         }
     }
@@ -483,6 +484,7 @@ impl HealthBook {
                     provider: provider.to_owned(),
                     verdict,
                     policy: *policy,
+                    at: now,
                 });
             }
         }
@@ -497,22 +499,23 @@ impl HealthBook {
             .unwrap_or_default()
     }
 
-    /// `base` with `verdict` applied, as the next shared record written by `by` (pure: the book is
-    /// not changed).
+    /// `base` with `verdict` (given at `at`) applied, as the next shared record written by `by`
+    /// (pure: the book is not changed).
     pub fn next_shared(
         &self,
         base: &SharedHealth,
         verdict: &Verdict,
         policy: &HealthPolicy,
         by: &str,
-        now: Instant,
+        at: Instant,
     ) -> SharedHealth {
-        let mut condition = base.condition(self.clock);
-        condition.apply(verdict, now, policy);
+        let clock = Clock::now();
+        let mut condition = base.condition(clock);
+        condition.apply(verdict, at, policy);
         SharedHealth {
-            version: (base.version + 1).max(self.clock.to_ms(now)),
+            version: base.version.saturating_add(1).max(unix_ms(clock.unix)),
             by: by.to_owned(),
-            ..SharedHealth::of(&condition, self.clock)
+            ..SharedHealth::of(&condition, clock)
         }
     }
 
@@ -534,7 +537,7 @@ impl HealthBook {
             return None;
         }
         let before = e.state(now);
-        e.condition = record.condition(self.clock);
+        e.condition = record.condition(Clock::now());
         e.shared = Some(record);
         // The probe's outcome (or any newer state) ends another instance's probe lease.
         e.probe_elsewhere_until = None;
