@@ -18,6 +18,7 @@
 
 pub mod adapter;
 pub mod admin;
+pub mod clients;
 pub mod cluster;
 pub mod config;
 pub mod dedup;
@@ -25,6 +26,7 @@ pub mod dispatch;
 pub mod error;
 pub mod inbound;
 pub mod observability;
+pub mod pricing;
 pub mod reload;
 pub mod respond;
 pub mod routing;

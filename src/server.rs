@@ -102,10 +102,18 @@ fn front(
 
 async fn messages(state: Arc<AppState>, request: Request<Incoming>) -> Response {
     let (parts, body) = request.into_parts();
-    if let Some(refused) = inbound::auth::refusal(&state, &parts.uri, &parts.headers) {
-        return refused;
-    }
-    inbound::messages(State(state), parts.uri, parts.headers, Body::new(body)).await
+    let caller = match inbound::auth::check(&state, &parts.uri, &parts.headers) {
+        Ok(caller) => caller,
+        Err(why) => return inbound::auth::refuse(why),
+    };
+    inbound::messages(
+        State(state),
+        axum::Extension(caller),
+        parts.uri,
+        parts.headers,
+        Body::new(body),
+    )
+    .await
 }
 
 /// Keeps a timer always due within [`TICK`]. tokio wakes its timer driver (an `eventfd` write and

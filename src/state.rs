@@ -39,6 +39,10 @@ pub struct Runtime {
     pub redactor: Arc<Redactor>,
     /// `max_concurrent_requests` as permits; a response body holds one until it ends.
     pub limit: Option<Arc<tokio::sync::Semaphore>>,
+    /// The named clients (`clients:`).
+    pub clients: crate::clients::ClientTable,
+    /// What requests cost (`pricing:` and the defaults).
+    pub pricing: crate::pricing::Pricing,
     pub loaded_at: SystemTime,
 }
 
@@ -71,6 +75,8 @@ impl Runtime {
             });
         let redactor = Arc::new(configured_secrets(&config));
         Ok(Self {
+            clients: crate::clients::ClientTable::new(&config.clients),
+            pricing: crate::pricing::Pricing::new(&config.pricing),
             redactor,
             faults: FaultPolicy::new(settings),
             count_faults: FaultPolicy::every_status(),
@@ -105,6 +111,11 @@ fn configured_secrets(config: &Config) -> Redactor {
             .chain(&auth.admin_keys)
             .map(Secret::expose),
     );
+    for c in &config.clients {
+        if let crate::config::ClientKey::Plain(k) = &c.key {
+            secrets.push(k.expose());
+        }
+    }
     Redactor::new(secrets)
 }
 
@@ -122,6 +133,8 @@ pub struct AppState {
     pub recent: Recent,
     pub affinity: AffinityBook,
     pub clients: ClientPool,
+    /// What each named client used, against its limits; kept across reloads.
+    pub ledger: Arc<crate::clients::Ledger>,
     /// The file `POST /providers/reload` re-reads; `None` for a configuration given in memory.
     pub config_path: Option<PathBuf>,
     reload_lock: tokio::sync::Mutex<()>,
@@ -169,6 +182,7 @@ impl AppState {
             recent: Recent::default(),
             affinity: AffinityBook::default(),
             clients,
+            ledger: Arc::default(),
             config_path,
             reload_lock: tokio::sync::Mutex::new(()),
             closing: tokio::sync::watch::channel(false).0,

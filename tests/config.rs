@@ -434,3 +434,103 @@ fn the_state_backend_keys_load_and_are_checked() {
     let e = errors("    backend: redis\n    redis:\n      url: \"redis://:${NOPE}@h:1\"\n");
     assert!(e.iter().any(|e| e.contains("${NOPE}")), "{e:?}");
 }
+
+#[test]
+fn clients_pricing_and_usage_load_and_each_mistake_is_named() {
+    let good = r#"
+providers:
+  - {name: A, type: anthropic, base_url: "https://a.example", auth_type: api_key, auth_value: k}
+model_routes:
+  "*":
+    - provider: A
+clients:
+  - name: alice
+    key: "${ALICE_KEY}"
+    models: ["*sonnet*", "*haiku*"]
+    limits:
+      requests_per_minute: 30
+      concurrent_requests: 4
+      tokens: { window: "5h", max: 2000000 }
+      budget_usd: { window: "30d", max: 50 }
+  - name: bob
+    key_sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+pricing:
+  "deepseek/*": { input: 0.27, output: 1.10 }
+settings:
+  usage:
+    path: "/var/lib/cb/usage.db"
+"#;
+    let env = |n: &str| (n == "ALICE_KEY").then(|| "sk-alice".to_owned());
+    let c = load_str(good, &env).unwrap().config;
+    assert_eq!(c.clients.len(), 2);
+    let alice = &c.clients[0];
+    assert_eq!(alice.models, vec!["*sonnet*", "*haiku*"]);
+    assert_eq!(alice.limits.requests_per_minute, Some(30));
+    assert_eq!(alice.limits.concurrent_requests, Some(4));
+    let tokens = alice.limits.tokens.unwrap();
+    assert_eq!((tokens.window.as_str(), tokens.max), ("5h", 2_000_000.0));
+    assert_eq!(alice.limits.budget_usd.unwrap().window.as_str(), "30d");
+    assert!(c.clients[1].limits.is_empty());
+    // Cache prices default to Anthropic's rule: writes 1.25 times input, reads a tenth.
+    let p = &c.pricing[0];
+    assert_eq!(p.pattern, "deepseek/*");
+    assert!((p.cache_write - 0.3375).abs() < 1e-12 && (p.cache_read - 0.027).abs() < 1e-12);
+    assert_eq!(c.settings.usage.path, "/var/lib/cb/usage.db");
+    assert_eq!(
+        load_str(
+            &good.replace("  usage:\n    path: \"/var/lib/cb/usage.db\"\n", ""),
+            &env
+        )
+        .unwrap()
+        .config
+        .settings
+        .usage
+        .path,
+        "data/usage.db"
+    );
+
+    let bad = r#"
+providers:
+  - {name: A, type: anthropic, base_url: "https://a.example", auth_type: api_key, auth_value: k}
+model_routes:
+  "*":
+    - provider: A
+clients:
+  - name: alice
+    key: "${UNSET_KEY}"
+  - name: bob
+    key: k1
+    key_sha256: "00"
+  - name: carol
+    key_sha256: "not-hex"
+  - name: dave
+    key: same
+    limits:
+      tokens: { window: "2h", max: 10 }
+      budget_usd: { window: "1d", max: 0 }
+  - name: dave
+    key: same
+pricing:
+  "gpt-*": { input: 1 }
+"#;
+    let errors = load_str(bad, &no_env).unwrap_err().0.join("\n");
+    for expected in [
+        "clients[0].key: uses ${UNSET_KEY} which is not set",
+        "clients[1]: give either key or key_sha256, not both",
+        "clients[2].key_sha256: expected 64 hexadecimal digits",
+        "clients[3].limits.tokens.window: expected one of 1m, 1h, 5h, 1d, 7d, 30d, found \"2h\"",
+        "clients[3].limits.budget_usd.max: must be above 0",
+        "clients[4].name: \"dave\" is used by another client",
+        "clients: \"dave\" and \"dave\" have the same key",
+        "pricing.\"gpt-*\": input and output prices are required",
+    ] {
+        assert!(
+            errors.contains(expected),
+            "missing {expected:?} in:\n{errors}"
+        );
+    }
+    assert!(
+        !errors.contains("sk-") && !errors.contains("same\""),
+        "{errors}"
+    );
+}

@@ -77,7 +77,13 @@ pub fn load_str(
     }
 }
 
-const TOP_KEYS: &[&str] = &["providers", "model_routes", "settings"];
+const TOP_KEYS: &[&str] = &[
+    "providers",
+    "model_routes",
+    "settings",
+    "clients",
+    "pricing",
+];
 const PROVIDER_KEYS: &[&str] = &[
     "name",
     "type",
@@ -123,6 +129,7 @@ const SETTINGS_KEYS: &[&str] = &[
     "max_concurrent_requests",
     "shutdown_grace_seconds",
     "state",
+    "usage",
 ];
 /// Keys of the earlier program that have no meaning here: accepted with a warning.
 const SETTINGS_IGNORED: &[&str] = &[
@@ -140,6 +147,29 @@ struct Walker<'a> {
     errors: Vec<String>,
     warnings: Vec<String>,
     lookup: &'a dyn Fn(&str) -> Option<String>,
+}
+
+/// The 32 bytes written as 64 hexadecimal digits.
+fn sha256_hex(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Whether two client keys would accept the same presented key.
+fn same_key(a: &ClientKey, b: &ClientKey) -> bool {
+    use sha2::Digest;
+    let digest = |k: &ClientKey| match k {
+        ClientKey::Plain(s) => sha2::Sha256::digest(s.expose().as_bytes()).into(),
+        ClientKey::Sha256(d) => *d,
+    };
+    digest(a) == digest(b)
 }
 
 /// `parent.key`, quoting keys that are not plain identifiers.
@@ -368,11 +398,239 @@ impl Walker<'_> {
         let routes = self.routes(top.get("model_routes"), &providers);
         let settings_map = self.map(top.get("settings"), "settings").unwrap_or(&empty);
         let settings = self.settings(settings_map);
+        let clients = self.clients(top.get("clients"));
+        let pricing = self.pricing(top.get("pricing"));
+        if settings.auth.enabled && settings.auth.api_keys.is_empty() && clients.is_empty() {
+            self.error(
+                "settings.auth.api_keys",
+                "auth is enabled but no key is configured: every request would be refused",
+            );
+        }
         Config {
             providers,
             routes,
             settings,
+            clients,
+            pricing,
         }
+    }
+
+    /// `clients:`: named client keys with their models and limits.
+    fn clients(&mut self, v: Option<&Value>) -> Vec<ClientConfig> {
+        let items = match v {
+            None | Some(Value::Null) => return Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(_) => {
+                self.error("clients", "expected a list of clients");
+                return Vec::new();
+            }
+        };
+        let mut out: Vec<ClientConfig> = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("clients[{i}]");
+            let Some(m) = self.map(Some(item), &path) else {
+                continue;
+            };
+            self.check_keys(
+                m,
+                &path,
+                &["name", "key", "key_sha256", "models", "limits"],
+                &[],
+            );
+            let Some(name) = self.required_string(m, "name", &path) else {
+                continue;
+            };
+            if out.iter().any(|c| c.name == name) {
+                self.error(
+                    &join(&path, "name"),
+                    format!("{name:?} is used by another client"),
+                );
+            }
+            let key = match (
+                self.text(m, "key", &path),
+                self.string(m, "key_sha256", &path),
+            ) {
+                (Some(_), Some(_)) => {
+                    self.error(&path, "give either key or key_sha256, not both");
+                    continue;
+                }
+                (Some(k), None) if !k.unset.is_empty() => {
+                    let shown: Vec<String> = k.unset.iter().map(|v| format!("${{{v}}}")).collect();
+                    self.error(
+                        &join(&path, "key"),
+                        format!("uses {} which is not set", shown.join(", ")),
+                    );
+                    continue;
+                }
+                (Some(k), None) if k.value.trim().is_empty() => {
+                    self.error(&join(&path, "key"), "must not be empty");
+                    continue;
+                }
+                (Some(k), None) => ClientKey::Plain(Secret::new(k.value.trim())),
+                (None, Some(hex)) => match sha256_hex(&hex) {
+                    Some(digest) => ClientKey::Sha256(digest),
+                    None => {
+                        self.error(
+                            &join(&path, "key_sha256"),
+                            "expected 64 hexadecimal digits (the SHA-256 of the key)",
+                        );
+                        continue;
+                    }
+                },
+                (None, None) => {
+                    self.error(&path, "a client needs key or key_sha256");
+                    continue;
+                }
+            };
+            let models = self.string_list(m, "models", &path);
+            let limits_path = join(&path, "limits");
+            let limits = match self.map(m.get("limits"), &limits_path) {
+                Some(l) => self.limits(l, &limits_path),
+                None => Limits::default(),
+            };
+            out.push(ClientConfig {
+                name,
+                key,
+                models,
+                limits,
+            });
+        }
+        // Two clients with one key: a request could not tell them apart.
+        for (i, a) in out.iter().enumerate() {
+            for b in &out[i + 1..] {
+                if same_key(&a.key, &b.key) {
+                    self.error(
+                        "clients",
+                        format!("{:?} and {:?} have the same key", a.name, b.name),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    fn limits(&mut self, m: &Map<String, Value>, path: &str) -> Limits {
+        self.check_keys(
+            m,
+            path,
+            &[
+                "requests_per_minute",
+                "concurrent_requests",
+                "tokens",
+                "budget_usd",
+            ],
+            &[],
+        );
+        Limits {
+            requests_per_minute: self
+                .integer(m, "requests_per_minute", path, 1, i64::MAX)
+                .map(|n| n as u64),
+            concurrent_requests: self
+                .integer(m, "concurrent_requests", path, 1, i64::MAX)
+                .map(|n| n as u64),
+            tokens: self.window_limit(m, "tokens", path),
+            budget_usd: self.window_limit(m, "budget_usd", path),
+        }
+    }
+
+    /// `{ window: "5h", max: 2000000 }`.
+    fn window_limit(
+        &mut self,
+        m: &Map<String, Value>,
+        key: &str,
+        path: &str,
+    ) -> Option<WindowLimit> {
+        let path = join(path, key);
+        let l = self.map(m.get(key), &path)?;
+        self.check_keys(l, &path, &["window", "max"], &[]);
+        let window = match self.string(l, "window", &path) {
+            Some(w) => match Window::parse(&w) {
+                Some(w) => w,
+                None => {
+                    let all: Vec<&str> = Window::ALL.iter().map(|w| w.as_str()).collect();
+                    self.error(
+                        &join(&path, "window"),
+                        format!("expected one of {}, found {w:?}", all.join(", ")),
+                    );
+                    return None;
+                }
+            },
+            None => {
+                self.error(&join(&path, "window"), "is required");
+                return None;
+            }
+        };
+        match self.number(l, "max", &path) {
+            Some(max) if max > 0.0 => Some(WindowLimit { window, max }),
+            Some(max) => {
+                self.error(&join(&path, "max"), format!("must be above 0, found {max}"));
+                None
+            }
+            None => {
+                self.error(&join(&path, "max"), "is required");
+                None
+            }
+        }
+    }
+
+    /// `pricing:`: USD per million tokens by upstream model glob.
+    fn pricing(&mut self, v: Option<&Value>) -> Vec<PriceConfig> {
+        let Some(m) = self.map(v, "pricing") else {
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(m.len());
+        for (pattern, prices) in m {
+            let path = join("pricing", pattern);
+            let Some(p) = self.map(Some(prices), &path) else {
+                continue;
+            };
+            self.check_keys(
+                p,
+                &path,
+                &["input", "output", "cache_write", "cache_read"],
+                &[],
+            );
+            let mut price = |key: &str| match self.number(p, key, &path) {
+                Some(n) if n >= 0.0 => Some(n),
+                Some(n) => {
+                    self.error(
+                        &join(&path, key),
+                        format!("must not be negative, found {n}"),
+                    );
+                    None
+                }
+                None => None,
+            };
+            let (input, output) = (price("input"), price("output"));
+            let (cache_write, cache_read) = (price("cache_write"), price("cache_read"));
+            let (Some(input), Some(output)) = (input, output) else {
+                self.error(&path, "input and output prices are required");
+                continue;
+            };
+            out.push(PriceConfig {
+                pattern: pattern.clone(),
+                input,
+                output,
+                // Anthropic's rule when not given: writes cost 1.25 times input, reads a tenth.
+                cache_write: cache_write.unwrap_or(input * 1.25),
+                cache_read: cache_read.unwrap_or(input * 0.1),
+            });
+        }
+        out
+    }
+
+    /// `settings.usage`.
+    fn usage(&mut self, v: Option<&Value>) -> UsageSettings {
+        let path = "settings.usage";
+        let mut out = UsageSettings::default();
+        let Some(m) = self.map(v, path) else {
+            return out;
+        };
+        self.check_keys(m, path, &["path"], &[]);
+        if let Some(p) = self.string(m, "path", path) {
+            out.path = p.trim().to_owned();
+        }
+        out
     }
 
     fn providers(&mut self, v: Option<&Value>) -> Vec<ProviderConfig> {
@@ -891,17 +1149,12 @@ impl Walker<'_> {
                 .collect(),
             exempt_paths: self.string_list(au, "exempt_paths", au_path),
         };
-        if auth.enabled && auth.api_keys.is_empty() {
-            self.error(
-                "settings.auth.api_keys",
-                "auth is enabled but no key is configured: every request would be refused",
-            );
-        }
 
         let port = self
             .integer(m, "port", path, 0, 65535)
             .map_or(9090, |p| p as u16);
         let state = self.state(m.get("state"));
+        let usage = self.usage(m.get("usage"));
         Settings {
             selection_strategy,
             failure_cooldown,
@@ -944,6 +1197,7 @@ impl Walker<'_> {
             max_concurrent_requests: self.unsigned(m, "max_concurrent_requests", path, 0),
             shutdown_grace: self.seconds(m, "shutdown_grace_seconds", path, 30.0),
             state,
+            usage,
         }
     }
 

@@ -21,6 +21,126 @@ pub struct Config {
     /// In file order.
     pub routes: Vec<RouteConfig>,
     pub settings: Settings,
+    /// Named clients (`clients:`), in file order.
+    pub clients: Vec<ClientConfig>,
+    /// `pricing:` entries, in file order (they come before the shipped defaults).
+    pub pricing: Vec<PriceConfig>,
+}
+
+/// How a named client proves who it is.
+#[derive(Debug, Clone)]
+pub enum ClientKey {
+    /// The key itself (`key`, literal or `${VAR}`).
+    Plain(Secret),
+    /// The SHA-256 of the key (`key_sha256`), so the file need not hold the key.
+    Sha256([u8; 32]),
+}
+
+/// A rolling window of a limit: `1m`, `1h`, `5h`, `1d`, `7d` or `30d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Window {
+    Minute,
+    Hour,
+    FiveHours,
+    Day,
+    Week,
+    Month,
+}
+
+impl Window {
+    pub const ALL: [Window; 6] = [
+        Window::Minute,
+        Window::Hour,
+        Window::FiveHours,
+        Window::Day,
+        Window::Week,
+        Window::Month,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Window::Minute => "1m",
+            Window::Hour => "1h",
+            Window::FiveHours => "5h",
+            Window::Day => "1d",
+            Window::Week => "7d",
+            Window::Month => "30d",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|w| w.as_str() == s.trim())
+    }
+
+    pub fn duration(self) -> std::time::Duration {
+        let minutes = match self {
+            Window::Minute => 1,
+            Window::Hour => 60,
+            Window::FiveHours => 300,
+            Window::Day => 1_440,
+            Window::Week => 10_080,
+            Window::Month => 43_200,
+        };
+        std::time::Duration::from_secs(minutes * 60)
+    }
+}
+
+/// An amount allowed over a rolling window (tokens, or USD).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WindowLimit {
+    pub window: Window,
+    pub max: f64,
+}
+
+/// A client's limits (`clients[].limits`); each is optional.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Limits {
+    pub requests_per_minute: Option<u64>,
+    pub concurrent_requests: Option<u64>,
+    /// Input + output + cache-write + cache-read tokens.
+    pub tokens: Option<WindowLimit>,
+    pub budget_usd: Option<WindowLimit>,
+}
+
+impl Limits {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// One named client (`clients[]`).
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub name: String,
+    pub key: ClientKey,
+    /// Glob patterns over the requested model; empty: every model.
+    pub models: Vec<String>,
+    pub limits: Limits,
+}
+
+/// Prices in USD per million tokens for upstream models matching `pattern` (`pricing:`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PriceConfig {
+    pub pattern: String,
+    pub input: f64,
+    pub output: f64,
+    pub cache_write: f64,
+    pub cache_read: f64,
+}
+
+/// `settings.usage`: where usage is kept with the memory backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageSettings {
+    /// The SQLite file (created on first use); empty: usage is not recorded.
+    pub path: String,
+}
+
+impl Default for UsageSettings {
+    fn default() -> Self {
+        Self {
+            path: "data/usage.db".to_owned(),
+        }
+    }
 }
 
 impl Config {
@@ -357,4 +477,5 @@ pub struct Settings {
     pub max_concurrent_requests: u64,
     pub shutdown_grace: Duration,
     pub state: StateSettings,
+    pub usage: UsageSettings,
 }

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode, Uri};
 use subtle::ConstantTimeEq;
 
+use crate::clients::Caller;
 use crate::error::ApiError;
 use crate::secret::Secret;
 use crate::state::AppState;
@@ -64,17 +65,22 @@ pub fn matches_any(key: &[u8], keys: &[Secret]) -> bool {
     found.into()
 }
 
-fn refuse(message: &str) -> Response {
+/// The 401 for a key check that failed with `message`.
+pub fn refuse(message: &str) -> Response {
     ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", message).into_response()
 }
 
-/// The refusal for a request to `uri` that may not pass; `None` lets it through.
-pub fn refusal(state: &AppState, uri: &Uri, headers: &HeaderMap) -> Option<Response> {
+/// Who a request to `uri` comes from, or why it may not pass (for [`refuse`]).
+///
+/// With named clients configured, every path but `exempt_paths` needs a key, as with
+/// `auth.enabled`: a client's key (the request is then that client's), an `auth.api_keys` key or
+/// an admin key. Admin paths need an admin key when `admin_keys` is set.
+pub fn check(state: &AppState, uri: &Uri, headers: &HeaderMap) -> Result<Caller, &'static str> {
     let runtime = state.runtime();
     let auth = &runtime.config.settings.auth;
     let path = uri.path();
     if auth.exempt_paths.iter().any(|p| p == path) {
-        return None;
+        return Ok(Caller::default());
     }
     // The dashboard page is opened in a browser: it may carry its key as `?key=`.
     let query_key = if path.starts_with("/dashboard") {
@@ -87,21 +93,37 @@ pub fn refusal(state: &AppState, uri: &Uri, headers: &HeaderMap) -> Option<Respo
     let key = presented(headers).or(query_key);
     if is_admin(path) && !auth.admin_keys.is_empty() {
         if !key.is_some_and(|k| matches_any(k, &auth.admin_keys)) {
-            return Some(refuse("an admin key is required for this endpoint"));
+            return Err("an admin key is required for this endpoint");
         }
-    } else if auth.enabled
-        && !key.is_some_and(|k| matches_any(k, &auth.api_keys) || matches_any(k, &auth.admin_keys))
-    {
-        return Some(refuse("invalid or missing API key for this balancer"));
+        return Ok(Caller::default());
     }
-    None
+    let clients = &runtime.clients;
+    if !auth.enabled && clients.is_empty() {
+        return Ok(Caller::default());
+    }
+    if let Some(k) = key {
+        if let Some(client) = clients.identify(k) {
+            return Ok(Caller(Some(client)));
+        }
+        if matches_any(k, &auth.api_keys) || matches_any(k, &auth.admin_keys) {
+            return Ok(Caller::default());
+        }
+    }
+    Err("invalid or missing API key for this balancer")
 }
 
-/// [`refusal`] as a router layer.
-pub async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    match refusal(&state, request.uri(), request.headers()) {
-        None => next.run(request).await,
-        Some(refused) => refused,
+/// [`check`] as a router layer: the request goes on with its [`Caller`] as an extension.
+pub async fn guard(
+    State(state): State<Arc<AppState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    match check(&state, request.uri(), request.headers()) {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(why) => refuse(why),
     }
 }
 

@@ -7,6 +7,7 @@ pub mod count_tokens;
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::Response;
@@ -15,6 +16,7 @@ use http::{HeaderMap, Uri};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::Semaphore;
 
+use crate::clients::{Caller, Client};
 use crate::dispatch::{Answer, Endpoint, Inbound};
 use crate::error::ApiError;
 use crate::observability::{self, Record};
@@ -151,6 +153,7 @@ async fn accept(
 
 pub async fn messages(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
@@ -174,11 +177,59 @@ pub async fn messages(
         }
     };
     match accept(&state, Endpoint::Messages, id, &uri, headers, body).await {
-        Ok((record, inbound)) => {
+        Ok((mut record, inbound)) => {
+            if let Some(client) = caller.0 {
+                record.client = Some(Arc::clone(&client.name));
+                if let Err(refusal) = admit(&state, &client, &inbound.envelope.model, &mut record) {
+                    return respond(&state, record, permit, Answer::error(refusal));
+                }
+                record.charge_to = Some(client);
+            }
             let answer = crate::dedup::serve(&state, inbound).await;
             respond(&state, record, permit, answer)
         }
-        Err((record, refusal)) => respond(&state, record, permit, Answer::error(refusal)),
+        Err((mut record, refusal)) => {
+            record.client = caller.0.map(|c| Arc::clone(&c.name));
+            respond(&state, record, permit, Answer::error(refusal))
+        }
+    }
+}
+
+/// A named client's request: refused with 403 for a model it may not use, or with 429 when it is
+/// over one of its limits (before any provider is asked); else admitted, holding its place among
+/// the client's concurrent requests until the response ends.
+fn admit(
+    state: &Arc<AppState>,
+    client: &Arc<Client>,
+    model: &str,
+    record: &mut Record,
+) -> Result<(), ApiError> {
+    if !client.may_use(model) {
+        state.metrics.client_refused(&client.name, "models");
+        return Err(ApiError::new(
+            http::StatusCode::FORBIDDEN,
+            "permission_error",
+            format!("client {:?} may not use model {model:?}", &*client.name),
+        ));
+    }
+    if client.limits.is_empty() {
+        return Ok(());
+    }
+    match state.ledger.admit(client, tokio::time::Instant::now()) {
+        Ok(admission) => {
+            record.admission = Some(admission);
+            Ok(())
+        }
+        Err(refusal) => {
+            state.metrics.client_refused(&client.name, refusal.limit);
+            let secs = refusal.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            Err(ApiError::new(
+                http::StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                refusal.message,
+            )
+            .with_retry_after(secs))
+        }
     }
 }
 

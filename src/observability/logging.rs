@@ -178,6 +178,8 @@ pub struct RequestLine<'a> {
     /// `messages` or `count_tokens`.
     pub endpoint: &'a str,
     pub session_id: &'a str,
+    /// The named client's name (empty for requests of no named client).
+    pub client: &'a str,
     pub model: &'a str,
     pub route: &'a str,
     pub provider: &'a str,
@@ -231,8 +233,13 @@ pub fn request_line(line: &RequestLine<'_>) {
         (true, s) => format!("\x1b[31m{s}\x1b[0m"),
     };
     let text = format!(
-        "{dim}{now}{reset}  INFO {bold}request{reset} {} {status} {} -> {} {}{}ms (ttfb {}ms, overhead {}ms) tokens {}/{} cache={} attempts={}\n",
+        "{dim}{now}{reset}  INFO {bold}request{reset} {} {status} {}{} -> {} {}{}ms (ttfb {}ms, overhead {}ms) tokens {}/{} cache={} attempts={}\n",
         line.request_id,
+        if line.client.is_empty() {
+            String::new()
+        } else {
+            format!("[{}] ", line.client)
+        },
         line.model,
         if line.provider.is_empty() {
             "-"

@@ -51,6 +51,25 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientTokenLabels {
+    /// A configured client's name (never a key, never a free-form value).
+    pub client: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientLabels {
+    pub client: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub client: String,
+    /// `models`, `requests_per_minute`, `concurrent_requests`, `tokens` or `budget_usd`.
+    pub limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub provider: String,
     pub state: String,
@@ -86,6 +105,10 @@ pub struct Metrics {
     pub reloads: Family<ResultLabels, Counter>,
     /// 1 while the state backend works (the memory backend always; Redis while it answers).
     pub state_backend_up: Gauge,
+    pub client_tokens: Family<ClientTokenLabels, Counter>,
+    /// In millionths of a dollar (a counter counts whole numbers).
+    pub client_cost: Family<ClientLabels, Counter>,
+    pub client_refusals: Family<RefusalLabels, Counter>,
     in_flight_now: AtomicI64,
 }
 
@@ -172,7 +195,28 @@ impl Default for Metrics {
             "1 while the state backend works (memory: always; redis: while it answers)",
             state_backend_up.clone(),
         );
+        let client_tokens = Family::<ClientTokenLabels, Counter>::default();
+        registry.register(
+            "client_tokens",
+            "Tokens charged to each named client, by kind",
+            client_tokens.clone(),
+        );
+        let client_cost = Family::<ClientLabels, Counter>::default();
+        registry.register(
+            "client_cost_microdollars",
+            "What each named client's requests cost, in millionths of a US dollar",
+            client_cost.clone(),
+        );
+        let client_refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "client_refusals",
+            "Requests of named clients refused, by the limit (or model list) that refused them",
+            client_refusals.clone(),
+        );
         Self {
+            client_tokens,
+            client_cost,
+            client_refusals,
             registry,
             requests,
             count_tokens,
@@ -200,6 +244,43 @@ impl Metrics {
 
     pub fn in_flight_now(&self) -> i64 {
         self.in_flight_now.load(Ordering::Relaxed)
+    }
+
+    /// A named client's request refused by `limit`.
+    pub fn client_refused(&self, client: &str, limit: &str) {
+        self.client_refusals
+            .get_or_create(&RefusalLabels {
+                client: client.to_owned(),
+                limit: limit.to_owned(),
+            })
+            .inc();
+    }
+
+    /// What a named client's request used.
+    pub fn client_charged(&self, client: &str, usage: &crate::dispatch::Usage, cost: f64) {
+        for (kind, n) in [
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+            ("cache_write", usage.cache_creation_input_tokens),
+            ("cache_read", usage.cache_read_input_tokens),
+        ] {
+            if n > 0 {
+                self.client_tokens
+                    .get_or_create(&ClientTokenLabels {
+                        client: client.to_owned(),
+                        kind: kind.to_owned(),
+                    })
+                    .inc_by(n);
+            }
+        }
+        let micro = (cost * 1_000_000.0).round();
+        if micro >= 1.0 {
+            self.client_cost
+                .get_or_create(&ClientLabels {
+                    client: client.to_owned(),
+                })
+                .inc_by(micro as u64);
+        }
     }
 
     pub fn reload(&self, ok: bool) {

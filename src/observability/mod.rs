@@ -36,6 +36,15 @@ pub struct Record {
     pub usage: Usage,
     /// The provider that served the request.
     pub provider: Option<String>,
+    /// The model name the provider was asked for.
+    pub upstream_model: Option<String>,
+    /// The named client that sent it (its name: never its key).
+    pub client: Option<Arc<str>>,
+    /// The client whose limits are charged what the request used (a named client's admitted
+    /// request).
+    pub charge_to: Option<Arc<crate::clients::Client>>,
+    /// The place among its client's concurrent requests, held until the record is finished.
+    pub admission: Option<crate::clients::Admission>,
     /// The answer is an event stream (usage is read from its events as they pass).
     answer_is_stream: bool,
 }
@@ -62,6 +71,10 @@ impl Record {
             status: 0,
             usage: Usage::default(),
             provider: None,
+            upstream_model: None,
+            client: None,
+            charge_to: None,
+            admission: None,
             answer_is_stream: false,
         }
     }
@@ -74,6 +87,9 @@ impl Record {
         self.attempts = std::mem::take(&mut answer.attempts);
         self.cache = answer.cache;
         self.provider = answer.source.provider().map(str::to_owned);
+        if let crate::dispatch::Source::Provider { upstream_model, .. } = &answer.source {
+            self.upstream_model = Some(upstream_model.clone());
+        }
         self.answer_is_stream = answer.is_stream();
         if let Some(u) = answer.usage {
             self.usage = u;
@@ -111,6 +127,7 @@ fn ms(d: Duration) -> f64 {
 /// secret and the client's credentials, before anything else sees it.
 fn finish(state: &AppState, r: &Record) {
     let now = Instant::now();
+    charge(state, r, now);
     let total = now.saturating_duration_since(r.started);
     let ttfb = r.headers_at.map(|t| t.saturating_duration_since(r.started));
     let overhead = r.overhead();
@@ -123,6 +140,7 @@ fn finish(state: &AppState, r: &Record) {
         request_id: &r.id,
         endpoint: r.endpoint.as_str(),
         session_id: r.session.as_deref().unwrap_or(""),
+        client: r.client.as_deref().unwrap_or(""),
         model: &r.model,
         route: r.route.as_deref().unwrap_or(""),
         provider: r.provider.as_deref().unwrap_or(""),
@@ -138,6 +156,30 @@ fn finish(state: &AppState, r: &Record) {
         cache_creation_input_tokens: r.usage.cache_creation_input_tokens,
         cache: r.cache.as_str(),
     });
+}
+
+/// Charges a named client what its request used: the usage the provider reported (for a stream,
+/// what passed before it ended or the client left), priced by the upstream model. Answers that
+/// made no provider call (cache hits, coalesced duplicates, refusals) cost nothing.
+fn charge(state: &AppState, r: &Record, now: Instant) {
+    let Some(client) = &r.charge_to else {
+        return;
+    };
+    if !matches!(r.cache, CacheStatus::Off | CacheStatus::Miss) || r.provider.is_none() {
+        return;
+    }
+    let u = &r.usage;
+    let tokens = u.input_tokens
+        + u.output_tokens
+        + u.cache_creation_input_tokens
+        + u.cache_read_input_tokens;
+    let cost = r
+        .upstream_model
+        .as_deref()
+        .and_then(|m| state.runtime().pricing.cost(m, u))
+        .unwrap_or(0.0);
+    state.ledger.charge(client, tokens, cost, now, now);
+    state.metrics.client_charged(&client.name, u, cost);
 }
 
 /// Ends the record when the body is done or dropped, and releases the request's concurrency

@@ -72,6 +72,12 @@ pub struct RouteTable {
 
 /// Translates a pattern with `*` and `?` into an anchored, case-insensitive regex.
 fn glob_regex(pattern: &str) -> Option<Regex> {
+    Regex::new(&glob_pattern(pattern)).ok()
+}
+
+/// The regex of a glob with `*` and `?`: anchored, case-insensitive, every other character
+/// literal (route patterns, client model lists, pricing).
+pub fn glob_pattern(pattern: &str) -> String {
     let mut re = String::with_capacity(pattern.len() + 8);
     re.push_str("(?is)^");
     for c in pattern.chars() {
@@ -82,7 +88,7 @@ fn glob_regex(pattern: &str) -> Option<Regex> {
         }
     }
     re.push('$');
-    Regex::new(&re).ok()
+    re
 }
 
 impl RouteTable {

@@ -1,0 +1,265 @@
+//! Named clients (`clients:`): identified by their key, refused models (403) and limits (429 with
+//! `retry-after`) before any provider is asked, and charged what the provider reported.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const ALICE: &str = "sk-alice-key-0001";
+const BOB: &str = "sk-bob-key-0002";
+
+/// One provider P and the given `clients:` section.
+async fn with_clients(reply: Reply, clients: &str) -> (MockProvider, Balancer) {
+    let p = MockProvider::start(reply).await.unwrap();
+    let yaml = config_yaml(&[("P", &p.url(), 1)], "") + clients;
+    (p, Balancer::start(&yaml).await)
+}
+
+async fn ask(bal: &Balancer, key: &str, model: &str, stream: bool) -> (u16, Option<String>, Value) {
+    let mut body = request(stream);
+    body["model"] = model.into();
+    let resp = bal
+        .client
+        .post(format!("{}/v1/messages", bal.url))
+        .header("x-api-key", key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        retry,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// `/metrics`, with a client's key (with clients configured and no `admin_keys`, any accepted key
+/// may read the admin endpoints).
+async fn metrics(bal: &Balancer, key: &str) -> String {
+    bal.client
+        .get(format!("{}/metrics", bal.url))
+        .header("x-api-key", key)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn a_client_is_known_by_its_key_and_kept_to_its_models() {
+    // bob is configured by the SHA-256 of his key.
+    use sha2::Digest;
+    let bob_sha = format!("{:x}", sha2::Sha256::digest(BOB.as_bytes()));
+    let (p, bal) = with_clients(
+        Reply::message("m", "hi"),
+        &format!(
+            "clients:\n  - name: alice\n    key: \"{ALICE}\"\n    models: [\"*sonnet*\"]\n  - name: bob\n    key_sha256: \"{bob_sha}\"\n"
+        ),
+    )
+    .await;
+    assert_eq!(ask(&bal, ALICE, "claude-sonnet-4-6", false).await.0, 200);
+    assert_eq!(ask(&bal, BOB, "claude-opus-4-5", false).await.0, 200);
+    // With clients configured, a key is needed.
+    let resp = bal.post("/v1/messages", &request(false)).await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        ask(&bal, "sk-nobody", "claude-sonnet-4-6", false).await.0,
+        401
+    );
+    // A model outside alice's list: 403 naming it, and no provider is asked.
+    let (status, _, body) = ask(&bal, ALICE, "claude-opus-4-5", false).await;
+    assert_eq!(status, 403);
+    assert_eq!(body["error"]["type"], "permission_error");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("claude-opus-4-5") && message.contains("alice"),
+        "{message}"
+    );
+    assert_eq!(p.request_count(), 2);
+    // Metrics name clients, never keys.
+    let metrics = metrics(&bal, ALICE).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "claude_balancer_client_tokens_total{client=\"alice\",kind=\"input\"}"
+        ),
+        Some(12.0)
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "claude_balancer_client_refusals_total{client=\"alice\",limit=\"models\"}"
+        ),
+        Some(1.0)
+    );
+    assert!(!metrics.contains(ALICE) && !metrics.contains(BOB));
+}
+
+#[tokio::test]
+async fn settings_auth_api_keys_remain_one_anonymous_client() {
+    let p = MockProvider::start(Reply::message("m", "hi"))
+        .await
+        .unwrap();
+    let yaml = config_yaml(
+        &[("P", &p.url(), 1)],
+        "  auth:\n    enabled: true\n    api_keys: [\"sk-team-shared\"]\n",
+    ) + &format!(
+        "clients:\n  - name: alice\n    key: \"{ALICE}\"\n    limits:\n      requests_per_minute: 1\n"
+    );
+    let bal = Balancer::start(&yaml).await;
+    // The shared key has no limits; alice has hers.
+    for _ in 0..3 {
+        assert_eq!(
+            ask(&bal, "sk-team-shared", "claude-sonnet-4-6", false)
+                .await
+                .0,
+            200
+        );
+    }
+    assert_eq!(ask(&bal, ALICE, "claude-sonnet-4-6", false).await.0, 200);
+    assert_eq!(ask(&bal, ALICE, "claude-sonnet-4-6", false).await.0, 429);
+    assert_eq!(
+        ask(&bal, "sk-wrong", "claude-sonnet-4-6", false).await.0,
+        401
+    );
+}
+
+#[tokio::test]
+async fn requests_per_minute_are_refused_with_retry_after_and_never_reach_a_provider() {
+    let (p, bal) = with_clients(
+        Reply::message("m", "hi"),
+        &format!("clients:\n  - name: alice\n    key: \"{ALICE}\"\n    limits:\n      requests_per_minute: 2\n"),
+    )
+    .await;
+    assert_eq!(ask(&bal, ALICE, "claude-sonnet-4-6", false).await.0, 200);
+    assert_eq!(ask(&bal, ALICE, "claude-sonnet-4-6", false).await.0, 200);
+    let (status, retry, body) = ask(&bal, ALICE, "claude-sonnet-4-6", false).await;
+    assert_eq!(status, 429);
+    assert_eq!(body["type"], "error");
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("alice") && message.contains("2 requests per minute"),
+        "{message}"
+    );
+    let retry: u64 = retry.unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(p.request_count(), 2, "a refusal never reaches a provider");
+    // ... and never counts against one.
+    let providers: Value = bal
+        .client
+        .get(format!("{}/providers", bal.url))
+        .header("x-api-key", ALICE)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let p_entry = provider_in(&providers, "P");
+    assert_eq!(p_entry["state"], "healthy");
+    assert_eq!(p_entry["failures"], 0);
+}
+
+#[tokio::test]
+async fn tokens_are_charged_from_what_the_provider_reported_streams_included() {
+    // 12 input + 5 output tokens per answer; 30 tokens per hour: two answers, then refused.
+    for stream in [false, true] {
+        let reply = if stream {
+            Reply::message_stream("m", "one two three")
+        } else {
+            Reply::message("m", "hi")
+        };
+        let (p, bal) = with_clients(
+            reply,
+            &format!("clients:\n  - name: alice\n    key: \"{ALICE}\"\n    limits:\n      tokens: {{ window: 1h, max: 30 }}\n"),
+        )
+        .await;
+        assert_eq!(ask(&bal, ALICE, "claude-sonnet-4-6", stream).await.0, 200);
+        // 17 of 30: admitted, and it overshoots (34).
+        assert_eq!(ask(&bal, ALICE, "claude-sonnet-4-6", stream).await.0, 200);
+        let (status, retry, body) = ask(&bal, ALICE, "claude-sonnet-4-6", stream).await;
+        assert_eq!(status, 429, "stream: {stream}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("30 tokens per 1h"), "{message}");
+        let retry: u64 = retry.unwrap().parse().unwrap();
+        assert!((3000..=3600).contains(&retry), "{retry}");
+        assert_eq!(p.request_count(), 2);
+    }
+}
+
+#[tokio::test]
+async fn a_budget_is_charged_the_cost_of_the_upstream_model() {
+    // claude-sonnet-4-6 at $3 / $15 per million: 12 in + 5 out = $0.000111 per answer.
+    // A budget of $0.0002: two answers ($0.000222), then refused.
+    let (p, bal) = with_clients(
+        Reply::message("m", "hi"),
+        &format!("clients:\n  - name: alice\n    key: \"{ALICE}\"\n    limits:\n      budget_usd: {{ window: 30d, max: 0.0002 }}\n"),
+    )
+    .await;
+    assert_eq!(ask(&bal, ALICE, "claude-sonnet-4-6", false).await.0, 200);
+    assert_eq!(ask(&bal, ALICE, "claude-sonnet-4-6", false).await.0, 200);
+    let (status, _, body) = ask(&bal, ALICE, "claude-sonnet-4-6", false).await;
+    assert_eq!(status, 429);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("budget of 0.0002 USD per 30d")
+    );
+    assert_eq!(p.request_count(), 2);
+    let metrics = metrics(&bal, ALICE).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "claude_balancer_client_cost_microdollars_total{client=\"alice\"}"
+        ),
+        Some(222.0)
+    );
+}
+
+#[tokio::test]
+async fn concurrent_requests_are_counted_until_the_response_ends() {
+    let (p, bal) = with_clients(
+        Reply::message("m", "slow").with_delay(Duration::from_millis(500)),
+        &format!("clients:\n  - name: alice\n    key: \"{ALICE}\"\n    limits:\n      concurrent_requests: 1\n"),
+    )
+    .await;
+    let first = ask(&bal, ALICE, "claude-sonnet-4-6", false);
+    let second = async {
+        // Once the first is in flight.
+        assert!(eventually(Duration::from_secs(5), || async { p.request_count() == 1 }).await);
+        ask(&bal, ALICE, "claude-sonnet-4-6", false).await
+    };
+    let ((one, _, _), (two, retry, body)) = tokio::join!(first, second);
+    assert_eq!(one, 200);
+    assert_eq!(two, 429);
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 concurrent requests")
+    );
+    // The first has ended: its place is free.
+    assert_eq!(ask(&bal, ALICE, "claude-sonnet-4-6", false).await.0, 200);
+}
