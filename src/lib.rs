@@ -35,3 +35,4 @@ pub mod server;
 pub mod state;
 pub mod tokens;
 pub mod upstream;
+pub mod usage;

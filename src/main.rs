@@ -39,6 +39,65 @@ struct Cli {
 enum Command {
     /// Validate the configuration and print each route with its ordered candidates.
     Check,
+    /// Print usage and cost from the usage file (`settings.usage.path`) as a table.
+    Usage {
+        /// Start: a date (2026-12-01), an RFC 3339 time or Unix seconds (default: 24 hours before `to`).
+        #[arg(long)]
+        from: Option<String>,
+        /// End, exclusive (default: now).
+        #[arg(long)]
+        to: Option<String>,
+        /// Comma-separated: client, provider, model, route.
+        #[arg(long = "group-by")]
+        group_by: Option<String>,
+        /// hour or day (default: one row per group).
+        #[arg(long)]
+        bucket: Option<String>,
+    },
+}
+
+/// `claude-balancer usage`: the same query as `GET /usage`, read from the file, as a table.
+fn print_usage(
+    path: &str,
+    from: Option<String>,
+    to: Option<String>,
+    group_by: Option<String>,
+    bucket: Option<String>,
+) -> ExitCode {
+    use claude_balancer::usage;
+    if path.trim().is_empty() {
+        eprintln!("usage is not recorded: settings.usage.path is empty");
+        return ExitCode::from(2);
+    }
+    let get = |key: &str| match key {
+        "from" => from.clone(),
+        "to" => to.clone(),
+        "group_by" => group_by.clone(),
+        "bucket" => bucket.clone(),
+        _ => None,
+    };
+    let query = match usage::Query::from_params(get, std::time::SystemTime::now()) {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!("{}", e.replacen("group_by", "--group-by", 1));
+            return ExitCode::from(2);
+        }
+    };
+    match usage::query(std::path::Path::new(path), &query) {
+        Ok((rows, totals)) => {
+            println!(
+                "usage from {} to {} ({path})",
+                humantime::format_rfc3339_seconds(query.from),
+                humantime::format_rfc3339_seconds(query.to)
+            );
+            print!("{}", usage::table(&query, &rows, &totals));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{path}: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -59,6 +118,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Usage {
+        from,
+        to,
+        group_by,
+        bucket,
+    }) = &cli.command
+    {
+        return print_usage(
+            &loaded.config.settings.usage.path,
+            from.clone(),
+            to.clone(),
+            group_by.clone(),
+            bucket.clone(),
+        );
+    }
     if let Some(Command::Check) = cli.command {
         for w in &loaded.warnings {
             println!("warning: {w}");
@@ -216,9 +290,16 @@ async fn run(cli: Cli, config: Config, workers: Vec<tokio::runtime::Handle>) -> 
         None
     };
     drop(runtime);
+    let usage = state.usage.clone();
     server::serve_on(listener, state, shutdown_signal(), &workers)
         .await
         .map_err(|e| format!("server error: {e}"))?;
+    if let Some(usage) = usage {
+        // The last second of usage, before the process ends.
+        tokio::task::spawn_blocking(move || usage.flush())
+            .await
+            .ok();
+    }
     tracing::info!("shut down");
     Ok(())
 }

@@ -44,6 +44,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/providers", get(admin::providers))
         .route("/providers/reload", post(admin::reload))
         .route("/cache/clear", post(admin::clear_cache))
+        .route("/usage", get(admin::usage))
         .route("/health", get(admin::health))
         .route("/metrics", get(admin::metrics))
         .route("/dashboard", get(admin::dashboard))

@@ -135,6 +135,8 @@ pub struct AppState {
     pub clients: ClientPool,
     /// What each named client used, against its limits; kept across reloads.
     pub ledger: Arc<crate::clients::Ledger>,
+    /// The usage file (`settings.usage.path`, fixed at start); `None` when the path is empty.
+    pub usage: Option<Arc<crate::usage::UsageStore>>,
     /// The file `POST /providers/reload` re-reads; `None` for a configuration given in memory.
     pub config_path: Option<PathBuf>,
     reload_lock: tokio::sync::Mutex<()>,
@@ -162,6 +164,7 @@ impl AppState {
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Self>, ConfigErrors> {
         let clients = ClientPool::default();
         let state_settings = config.settings.state.clone();
+        let usage = crate::usage::UsageStore::start(&config.settings.usage.path);
         let runtime = Runtime::build(config, &clients)?;
         let health = HealthBook::new();
         let cluster = crate::cluster::Cluster::start(&state_settings, &health)
@@ -183,6 +186,7 @@ impl AppState {
             affinity: AffinityBook::default(),
             clients,
             ledger: Arc::default(),
+            usage,
             config_path,
             reload_lock: tokio::sync::Mutex::new(()),
             closing: tokio::sync::watch::channel(false).0,
@@ -193,7 +197,44 @@ impl AppState {
         if let Some(cluster) = &state.cluster {
             cluster.listen(Arc::downgrade(&state));
         }
+        state.rebuild_limits();
         Ok(state)
+    }
+
+    /// Charges the named clients' token and budget windows with what the usage file holds for
+    /// them (after a restart, a client over its budget stays over it).
+    fn rebuild_limits(&self) {
+        let (Some(usage), runtime) = (&self.usage, self.runtime()) else {
+            return;
+        };
+        let longest = runtime
+            .clients
+            .iter()
+            .flat_map(|c| [c.limits.tokens, c.limits.budget_usd])
+            .flatten()
+            .map(|l| l.window.duration())
+            .max();
+        let Some(longest) = longest else {
+            return;
+        };
+        let since = SystemTime::now() - longest;
+        match usage.recent_by_client(since) {
+            Ok(rows) => {
+                let (now, wall) = (Instant::now(), SystemTime::now());
+                for (name, minute_ms, tokens, cost) in rows {
+                    let Some(client) = runtime.clients.iter().find(|c| *c.name == *name) else {
+                        continue;
+                    };
+                    let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(minute_ms);
+                    let ago = wall.duration_since(at).unwrap_or_default();
+                    let at = now.checked_sub(ago).unwrap_or(now);
+                    self.ledger.charge(client, tokens, cost, now, at);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, file = %usage.path().display(), "the usage file could not be read: limits start empty")
+            }
+        }
     }
 
     /// What the state backend is and whether it is shared right now.

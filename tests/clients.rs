@@ -263,3 +263,134 @@ async fn concurrent_requests_are_counted_until_the_response_ends() {
     // The first has ended: its place is free.
     assert_eq!(ask(&bal, ALICE, "claude-sonnet-4-6", false).await.0, 200);
 }
+
+/// `GET /usage` and `claude-balancer usage` report the requests made: by client and model, with
+/// tokens and cost; requests of no named client count too.
+#[tokio::test]
+async fn usage_and_the_usage_command_agree_with_the_requests_made() {
+    let p = MockProvider::start(Reply::message("m", "hi"))
+        .await
+        .unwrap();
+    let yaml = config_yaml(
+        &[("P", &p.url(), 1)],
+        "  auth:\n    enabled: true\n    api_keys: [\"sk-team-shared\"]\n    admin_keys: [\"sk-admin-1\"]\n",
+    ) + &format!(
+        "clients:\n  - name: alice\n    key: \"{ALICE}\"\n  - name: bob\n    key: \"{BOB}\"\n"
+    );
+    let bal = Balancer::start(&yaml).await;
+    for (key, model, n) in [
+        (ALICE, "claude-sonnet-4-6", 3),
+        (BOB, "claude-haiku-4-5", 2),
+        ("sk-team-shared", "gpt-5", 1),
+    ] {
+        for _ in 0..n {
+            assert_eq!(ask(&bal, key, model, false).await.0, 200);
+        }
+    }
+    // Admin keys only.
+    let url = format!("{}/usage?group_by=client,model&bucket=day", bal.url);
+    let refused = bal
+        .client
+        .get(&url)
+        .header("x-api-key", ALICE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let usage: Value = bal
+        .client
+        .get(&url)
+        .header("x-api-key", "sk-admin-1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rows = usage["rows"].as_array().unwrap();
+    let row = |client: &str| {
+        rows.iter()
+            .find(|r| r["client"] == client)
+            .unwrap_or_else(|| panic!("no row for {client:?}: {usage}"))
+            .clone()
+    };
+    let alice = row("alice");
+    assert_eq!(alice["model"], "claude-sonnet-4-6");
+    assert_eq!(
+        (
+            alice["requests"].as_u64(),
+            alice["input_tokens"].as_u64(),
+            alice["output_tokens"].as_u64()
+        ),
+        (Some(3), Some(36), Some(15))
+    );
+    // 3 × (12 × $3 + 5 × $15) / 1e6 = $0.000333; haiku 4.5: 2 × (12 × $1 + 5 × $5) / 1e6.
+    assert!((alice["cost_usd"].as_f64().unwrap() - 0.000333).abs() < 1e-12);
+    let bob = row("bob");
+    assert!((bob["cost_usd"].as_f64().unwrap() - 0.000074).abs() < 1e-12);
+    let shared = row("");
+    assert_eq!(
+        (
+            shared["requests"].as_u64(),
+            shared["unpriced_requests"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+    assert_eq!(usage["totals"]["requests"], 6);
+    assert!(alice["start"].as_str().unwrap().ends_with("T00:00:00Z"));
+    assert_eq!(
+        serde_json::to_string(&usage["clients"]).unwrap(),
+        r#"[{"name":"alice","limits":[]},{"name":"bob","limits":[]}]"#
+    );
+    // Bad parameters: a 400 that names them.
+    let bad = bal
+        .client
+        .get(format!("{}/usage?group_by=team", bal.url))
+        .header("x-api-key", "sk-admin-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert!(
+        bad.text()
+            .await
+            .unwrap()
+            .contains("group_by: expected client, provider, model or route")
+    );
+
+    // The command reads the same file.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_claude-balancer"))
+        .args(["usage", "--group-by", "client", "--config"])
+        .arg(bal.config_file.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8(out.stdout).unwrap();
+    let line = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} line in:\n{table}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        line("alice"),
+        ["alice", "3", "36", "15", "0", "0", "0.0003"]
+    );
+    assert_eq!(line("bob"), ["bob", "2", "24", "10", "0", "0", "0.0001"]);
+    assert_eq!(line("-"), ["-", "1", "12", "5", "0", "0", "0.0000"]);
+    assert_eq!(
+        line("total"),
+        ["total", "6", "72", "30", "0", "0", "0.0004"]
+    );
+    assert!(
+        table.contains("1 request(s) used models with no price"),
+        "{table}"
+    );
+}

@@ -35,9 +35,16 @@ impl Drop for Instance {
 
 /// The configuration of instance `name`: providers A (priority 1) and B (priority 2) in route
 /// `*`, the given extra settings, and the Redis state backend at `redis_url`.
-fn config(name: &str, a: &str, b: &str, redis_url: &str, settings: &str, logs: &str) -> String {
+fn config(
+    name: &str,
+    a: &str,
+    b: &str,
+    redis_url: &str,
+    settings: &str,
+    (logs, data): (&str, &str),
+) -> String {
     format!(
-        "providers:\n  - {{name: A, type: anthropic, base_url: \"{a}\", auth_type: api_key, auth_value: key-a}}\n  - {{name: B, type: anthropic, base_url: \"{b}\", auth_type: api_key, auth_value: key-b}}\nmodel_routes:\n  \"*\":\n    - {{provider: A, model: passthrough, priority: 1}}\n    - {{provider: B, model: passthrough, priority: 2}}\nsettings:\n  log_file_path: \"{logs}\"\n  log_level: INFO\n{settings}  state:\n    backend: redis\n    redis:\n      url: \"{redis_url}\"\n      key_prefix: \"fleet:\"\n    instance_name: {name}\n"
+        "providers:\n  - {{name: A, type: anthropic, base_url: \"{a}\", auth_type: api_key, auth_value: key-a}}\n  - {{name: B, type: anthropic, base_url: \"{b}\", auth_type: api_key, auth_value: key-b}}\nmodel_routes:\n  \"*\":\n    - {{provider: A, model: passthrough, priority: 1}}\n    - {{provider: B, model: passthrough, priority: 2}}\nsettings:\n  log_file_path: \"{logs}\"\n  log_level: INFO\n  usage:\n    path: \"{data}/usage.db\"\n{settings}  state:\n    backend: redis\n    redis:\n      url: \"{redis_url}\"\n      key_prefix: \"fleet:\"\n    instance_name: {name}\n"
     )
 }
 
@@ -67,7 +74,10 @@ impl Instance {
                 b,
                 redis_url,
                 settings,
-                &format!("{}/logs.jsonl", logs.display()),
+                (
+                    &format!("{}/logs.jsonl", logs.display()),
+                    &dir.path().display().to_string(),
+                ),
             ),
         )
         .unwrap();

@@ -504,9 +504,10 @@ async fn oversized_client_strings_are_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_spread_over_worker_runtimes_and_drained_at_shutdown() {
     let a = MockProvider::start(Reply::message("m", "x")).await.unwrap();
-    let loaded =
+    let mut loaded =
         claude_balancer::config::load_str(&config_yaml(&[("A", &a.url(), 1)], ""), &|_| None)
             .unwrap();
+    loaded.config.settings.usage.path = String::new();
     let state = claude_balancer::state::AppState::new(loaded.config, None).unwrap();
     let mut threads = Vec::new();
     let mut handles = Vec::new();

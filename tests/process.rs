@@ -47,8 +47,16 @@ fn yaml(providers: &[(&str, &str)], route_to: &str, settings: &str, log_dir: &Pa
         "model_routes:\n  \"*\":\n    - {{provider: \"{route_to}\", model: passthrough}}\n"
     ));
     y.push_str(&format!(
-        "settings:\n  log_file_path: \"{}/logs.jsonl\"\n  log_level: INFO\n{settings}",
-        log_dir.display()
+        "settings:\n  log_file_path: \"{0}/logs.jsonl\"\n  log_level: INFO\n{1}{settings}",
+        log_dir.display(),
+        if settings.contains("  usage:") {
+            String::new()
+        } else {
+            format!(
+                "  usage:\n    path: \"{}/../usage.db\"\n",
+                log_dir.display()
+            )
+        }
     ));
     y
 }
@@ -548,4 +556,53 @@ async fn the_open_file_limit_is_raised_to_the_hard_limit() {
     let (soft, hard) = (fields[3], fields[4]);
     assert_eq!(soft, hard, "{line}");
     assert_ne!(soft, "256", "{line}");
+}
+
+/// A client over its budget is still refused after the balancer restarts: the usage file keeps
+/// what it spent, and the new process charges it back into the client's window.
+#[tokio::test]
+async fn a_spent_budget_is_still_spent_after_a_restart() {
+    let a = MockProvider::start(Reply::message("m", "ok"))
+        .await
+        .unwrap();
+    let ua = a.url();
+    let data = tempfile::tempdir().unwrap();
+    let usage = data.path().join("usage.db");
+    let settings = format!("  usage:\n    path: \"{}\"\n", usage.display());
+    // claude-sonnet-4-6: 12 input and 5 output tokens cost $0.000111; the budget holds one.
+    let text = move |logs: &Path| {
+        yaml(&[("A", &ua)], "A", &settings, logs)
+            + &format!(
+                "clients:\n  - name: alice\n    key: \"{CLIENT_KEY}\"\n    limits:\n      budget_usd: {{ window: 1d, max: 0.0001 }}\n"
+            )
+    };
+    let ask = |url: String| async move {
+        let mut body = request();
+        body["model"] = "claude-sonnet-4-6".into();
+        let resp = reqwest::Client::new()
+            .post(format!("{url}/v1/messages"))
+            .header("x-api-key", CLIENT_KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap())
+    };
+    let mut first = start(&text).await;
+    assert_eq!(ask(first.url.clone()).await.0, 200);
+    assert_eq!(ask(first.url.clone()).await.0, 429);
+    signal(&first, "-TERM");
+    assert_eq!(wait_exit(&mut first).await, 0);
+    drop(first);
+
+    let second = start(&text).await;
+    let (status, body) = ask(second.url.clone()).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("budget of 0.0001 USD per 1d"), "{body}");
+    assert_eq!(
+        a.request_count(),
+        1,
+        "only the first request reached the provider"
+    );
 }

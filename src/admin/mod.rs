@@ -182,6 +182,87 @@ pub async fn reload(
     }
 }
 
+/// `GET /usage`: usage and cost from the usage file, grouped and bucketed as asked
+/// (`from`, `to`, `group_by`, `bucket`), with each named client's limits and their use now.
+pub async fn usage(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let query =
+        match crate::usage::Query::from_params(|k| params.get(k).cloned(), SystemTime::now()) {
+            Ok(q) => q,
+            Err(e) => return crate::error::ApiError::invalid_request(e).into_response(),
+        };
+    let Some(store) = state.usage.clone() else {
+        return crate::error::ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            "usage is not recorded: settings.usage.path is empty",
+        )
+        .into_response();
+    };
+    let q = query.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        store.flush();
+        crate::usage::query(store.path(), &q)
+    })
+    .await;
+    let (rows, totals) = match answer {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            return crate::error::ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                format!("the usage file could not be read: {e}"),
+            )
+            .into_response();
+        }
+        Err(_) => {
+            return crate::error::ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                "the usage query did not finish",
+            )
+            .into_response();
+        }
+    };
+    let runtime = state.runtime();
+    let now = Instant::now();
+    let clients: Vec<Value> = runtime
+        .clients
+        .iter()
+        .map(|c| {
+            let limits: Vec<Value> = state
+                .ledger
+                .use_of(c, now)
+                .into_iter()
+                .map(|u| {
+                    json!({
+                        "limit": u.limit,
+                        "window": u.window.map(|w| w.as_str()),
+                        "used": u.used,
+                        "max": u.max,
+                    })
+                })
+                .collect();
+            json!({"name": &*c.name, "limits": limits})
+        })
+        .collect();
+    Json(json!({
+        "from": rfc3339(query.from),
+        "to": rfc3339(query.to),
+        "group_by": query.group_by.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
+        "bucket": query.bucket.map(|b| match b {
+            crate::usage::Bucket::Hour => "hour",
+            crate::usage::Bucket::Day => "day",
+        }),
+        "rows": rows,
+        "totals": totals,
+        "clients": clients,
+    }))
+    .into_response()
+}
+
 /// `POST /cache/clear`: empties the response cache.
 pub async fn clear_cache(State(state): State<Arc<AppState>>) -> Response {
     let mut removed = state.dedup.clear_cache();

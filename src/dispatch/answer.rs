@@ -163,6 +163,16 @@ pub struct Usage {
     pub cache_creation_input_tokens: u64,
 }
 
+impl Usage {
+    /// All four kinds together.
+    pub fn total(&self) -> u64 {
+        self.input_tokens
+            + self.output_tokens
+            + self.cache_read_input_tokens
+            + self.cache_creation_input_tokens
+    }
+}
+
 /// The usage fields of an Anthropic `usage` object (read without building a JSON tree).
 #[derive(Debug, Default, serde::Deserialize)]
 struct UsageFields {

@@ -26,6 +26,7 @@ pub const ADMIN_PATHS: &[&str] = &[
     "/dashboard",
     "/dashboard/data",
     "/cache/clear",
+    "/usage",
 ];
 
 pub fn is_admin(path: &str) -> bool {

@@ -162,24 +162,32 @@ fn finish(state: &AppState, r: &Record) {
 /// what passed before it ended or the client left), priced by the upstream model. Answers that
 /// made no provider call (cache hits, coalesced duplicates, refusals) cost nothing.
 fn charge(state: &AppState, r: &Record, now: Instant) {
-    let Some(client) = &r.charge_to else {
-        return;
-    };
-    if !matches!(r.cache, CacheStatus::Off | CacheStatus::Miss) || r.provider.is_none() {
+    if r.endpoint != Endpoint::Messages || !matches!(r.cache, CacheStatus::Off | CacheStatus::Miss)
+    {
         return;
     }
+    let (Some(provider), Some(model), Some(route)) = (&r.provider, &r.upstream_model, &r.route)
+    else {
+        return;
+    };
     let u = &r.usage;
-    let tokens = u.input_tokens
-        + u.output_tokens
-        + u.cache_creation_input_tokens
-        + u.cache_read_input_tokens;
-    let cost = r
-        .upstream_model
-        .as_deref()
-        .and_then(|m| state.runtime().pricing.cost(m, u))
-        .unwrap_or(0.0);
-    state.ledger.charge(client, tokens, cost, now, now);
-    state.metrics.client_charged(&client.name, u, cost);
+    let priced = state.runtime().pricing.cost(model, u);
+    if let Some(usage) = &state.usage {
+        usage.record(&crate::usage::Charge {
+            client: r.client.clone().unwrap_or_else(|| Arc::from("")),
+            route: Arc::clone(route),
+            provider: provider.clone(),
+            model: model.clone(),
+            usage: *u,
+            cost: priced,
+            at: std::time::SystemTime::now(),
+        });
+    }
+    if let Some(client) = &r.charge_to {
+        let cost = priced.unwrap_or(0.0);
+        state.ledger.charge(client, u.total(), cost, now, now);
+        state.metrics.client_charged(&client.name, u, cost);
+    }
 }
 
 /// Ends the record when the body is done or dropped, and releases the request's concurrency

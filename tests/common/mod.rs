@@ -20,6 +20,8 @@ pub struct Balancer {
     pub url: String,
     pub state: Arc<AppState>,
     pub config_file: tempfile::NamedTempFile,
+    /// Holds the usage file.
+    pub data: tempfile::TempDir,
     pub client: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
@@ -29,7 +31,28 @@ impl Balancer {
     pub async fn start(yaml: &str) -> Self {
         upstream::install_crypto_provider();
         let config_file = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(config_file.path(), yaml).unwrap();
+        let data = tempfile::tempdir().unwrap();
+        // The usage file goes into a folder of its own, not into the working folder, unless the
+        // test chose its own.
+        let yaml = if yaml.contains("\n  usage:") {
+            yaml.to_owned()
+        } else if !yaml.starts_with("settings:\n") && !yaml.contains("\nsettings:\n") {
+            format!(
+                "{yaml}{}settings:\n  usage:\n    path: \"{}/usage.db\"\n",
+                if yaml.ends_with('\n') { "" } else { "\n" },
+                data.path().display()
+            )
+        } else {
+            yaml.replacen(
+                "\nsettings:\n",
+                &format!(
+                    "\nsettings:\n  usage:\n    path: \"{}/usage.db\"\n",
+                    data.path().display()
+                ),
+                1,
+            )
+        };
+        std::fs::write(config_file.path(), &yaml).unwrap();
         let loaded =
             load_file(config_file.path()).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
         let state = AppState::new(loaded.config, Some(config_file.path().to_path_buf())).unwrap();
@@ -49,6 +72,7 @@ impl Balancer {
             url: format!("http://{addr}"),
             state,
             config_file,
+            data,
             client,
             shutdown: Some(tx),
             server: Some(server),
