@@ -1147,7 +1147,12 @@ impl Walker<'_> {
                 .filter(|k| !k.is_empty())
                 .map(Secret::new)
                 .collect(),
-            exempt_paths: self.string_list(au, "exempt_paths", au_path),
+            // Absent: `/health` needs no key (load balancers and probes call it); `[]`: every path does.
+            exempt_paths: if au.contains_key("exempt_paths") {
+                self.string_list(au, "exempt_paths", au_path)
+            } else {
+                vec!["/health".to_owned()]
+            },
         };
 
         let port = self

@@ -38,7 +38,7 @@ start_balancer() {
   BALANCER_PID=$!
   BALANCER_URL="http://127.0.0.1:$port"
   for _ in $(seq 1 200); do
-    if curl -fsS "$BALANCER_URL/" >/dev/null 2>&1; then return 0; fi
+    if curl -fsS "$BALANCER_URL/health" >/dev/null 2>&1; then return 0; fi
     sleep 0.05
   done
   echo "balancer did not start:"; cat "$log"; return 1

@@ -42,6 +42,15 @@ model_routes:
       model: "mock-model"
 settings:
   log_level: WARNING
+  usage:
+    path: "$WORK/usage.db"
+  auth:
+    api_keys: ["sk-client-test"]
+clients:
+  - name: limited
+    key: "sk-limited-client"
+    limits:
+      requests_per_minute: 1
 YAML
 start_balancer "$WORK/config.yaml" "$WORK/balancer.log"
 BALANCER_URL="$BALANCER_URL" "$VENV/bin/python" tests/e2e/sdk_check.py || { echo "--- balancer log"; tail -n 50 "$WORK/balancer.log"; exit 1; }

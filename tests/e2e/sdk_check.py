@@ -65,5 +65,25 @@ except anthropic.NotFoundError as e:
         failed += 1
         print(f"FAIL unrouted model: body {e.body}")
 
+# A named client over its limit: a typed RateLimitError with retry-after and the client named.
+limited = anthropic.Anthropic(base_url=os.environ["BALANCER_URL"], api_key="sk-limited-client", max_retries=0)
+ask = dict(model="claude-sonnet-4-6", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+try:
+    limited.messages.create(**ask)
+    limited.messages.create(**ask)
+    failed += 1
+    print("FAIL client limit: no error")
+except anthropic.RateLimitError as e:
+    retry = e.response.headers.get("retry-after")
+    if retry and 1 <= int(retry) <= 60 and "limited" in str(e) and "requests per minute" in str(e):
+        passed += 1
+        print(f"ok   client limit: 429 with retry-after {retry}")
+    else:
+        failed += 1
+        print(f"FAIL client limit: retry-after {retry!r}, {e!r}")
+except Exception as e:  # noqa: BLE001
+    failed += 1
+    print(f"FAIL client limit: {e!r}")
+
 print(f"sdk-e2e: {passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

@@ -370,7 +370,7 @@ fn start_balancer_with(
     };
     let config = dir.join(format!("{name}.yaml"));
     let yaml = format!(
-        "providers:\n  - {{name: P, type: {kind}, base_url: \"{base}\", auth_type: api_key, auth_value: provider-key}}\nmodel_routes:\n  \"*\":\n    - {{provider: P, model: passthrough}}\nsettings:\n  log_level: INFO\n  log_file_path: \"{}/{name}-logs/logs.jsonl\"\n{}",
+        "providers:\n  - {{name: P, type: {kind}, base_url: \"{base}\", auth_type: api_key, auth_value: provider-key}}\nmodel_routes:\n  \"*\":\n    - {{provider: P, model: passthrough}}\nsettings:\n  log_level: INFO\n  log_file_path: \"{0}/{name}-logs/logs.jsonl\"\n  usage:\n    path: \"{0}/{name}-usage.db\"\n{1}",
         dir.display(),
         if shipped {
             ""

@@ -44,7 +44,7 @@ fn config(a1: &str, a2: &str, o1: &str, round: usize, logs: &std::path::Path) ->
         "round_robin"
     };
     format!(
-        "providers:\n  - {{name: A1, type: anthropic, base_url: \"{a1}\", auth_type: api_key, auth_value: k1}}\n  - {{name: A2, type: anthropic, base_url: \"{a2}\", auth_type: api_key, auth_value: k2}}\n  - {{name: O1, type: openai, base_url: \"{o1}/v1\", auth_type: api_key, auth_value: k3}}\nmodel_routes:\n  \"*claude*\":\n    - {{provider: A1, model: passthrough, priority: 1}}\n    - {{provider: A2, model: passthrough, priority: 1}}\n  \"*gpt*\":\n    - {{provider: O1, model: mock-model, priority: 1}}\n    - {{provider: A2, model: claude-fallback, priority: 2}}\nsettings:\n  selection_strategy: {strategy}\n  failure_cooldown: 1\n  log_file_path: \"{}/logs.jsonl\"\n  timeouts:\n    streaming:\n      read_timeout: 5\n    non_streaming:\n      read_timeout: 5\n",
+        "providers:\n  - {{name: A1, type: anthropic, base_url: \"{a1}\", auth_type: api_key, auth_value: k1}}\n  - {{name: A2, type: anthropic, base_url: \"{a2}\", auth_type: api_key, auth_value: k2}}\n  - {{name: O1, type: openai, base_url: \"{o1}/v1\", auth_type: api_key, auth_value: k3}}\nmodel_routes:\n  \"*claude*\":\n    - {{provider: A1, model: passthrough, priority: 1}}\n    - {{provider: A2, model: passthrough, priority: 1}}\n  \"*gpt*\":\n    - {{provider: O1, model: mock-model, priority: 1}}\n    - {{provider: A2, model: claude-fallback, priority: 2}}\nsettings:\n  selection_strategy: {strategy}\n  failure_cooldown: 1\n  log_file_path: \"{0}/logs.jsonl\"\n  usage:\n    path: \"{0}/usage.db\"\n  timeouts:\n    streaming:\n      read_timeout: 5\n    non_streaming:\n      read_timeout: 5\n",
         logs.display()
     )
 }
