@@ -194,9 +194,89 @@ impl Rolling {
 #[derive(Debug, Default)]
 struct Account {
     in_flight: u64,
-    requests: Option<Rolling>,
-    tokens: HashMap<Window, Rolling>,
-    cost: HashMap<Window, Rolling>,
+    windows: HashMap<(Kind, Window), Rolling>,
+}
+
+impl Account {
+    fn rolling(&mut self, kind: Kind, window: Window, now: Instant) -> &mut Rolling {
+        self.windows
+            .entry((kind, window))
+            .or_insert_with(|| Rolling::new(window.duration(), now))
+    }
+}
+
+/// What a windowed limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Requests,
+    Tokens,
+    Cost,
+}
+
+impl Kind {
+    /// The limit's name (in messages, metrics and Redis keys).
+    pub fn limit(self) -> &'static str {
+        match self {
+            Kind::Requests => "requests_per_minute",
+            Kind::Tokens => "tokens",
+            Kind::Cost => "budget_usd",
+        }
+    }
+}
+
+/// One of a client's limits over a rolling window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WindowedLimit {
+    pub kind: Kind,
+    pub window: Window,
+    pub max: f64,
+}
+
+impl WindowedLimit {
+    /// The refusal of a request of client `name` by this limit, free again after `wait`.
+    pub fn refusal(&self, name: &str, wait: Duration) -> Refusal {
+        let message = match self.kind {
+            Kind::Requests => format!(
+                "client {name:?} reached its limit of {} requests per minute",
+                self.max
+            ),
+            Kind::Tokens => format!(
+                "client {name:?} reached its limit of {} tokens per {}",
+                self.max,
+                self.window.as_str()
+            ),
+            Kind::Cost => format!(
+                "client {name:?} reached its budget of {} USD per {}",
+                self.max,
+                self.window.as_str()
+            ),
+        };
+        Refusal {
+            message,
+            retry_after: wait,
+            limit: self.kind.limit(),
+        }
+    }
+}
+
+/// A client's limits over rolling windows, in the order they are checked.
+pub fn windowed(limits: &Limits) -> impl Iterator<Item = WindowedLimit> {
+    let requests = limits.requests_per_minute.map(|max| WindowedLimit {
+        kind: Kind::Requests,
+        window: Window::Minute,
+        max: max as f64,
+    });
+    let tokens = limits.tokens.map(|l| WindowedLimit {
+        kind: Kind::Tokens,
+        window: l.window,
+        max: l.max,
+    });
+    let cost = limits.budget_usd.map(|l| WindowedLimit {
+        kind: Kind::Cost,
+        window: l.window,
+        max: l.max,
+    });
+    requests.into_iter().chain(tokens).chain(cost)
 }
 
 /// A limit a request was refused for.
@@ -228,6 +308,26 @@ impl Ledger {
         client: &Arc<Client>,
         now: Instant,
     ) -> Result<Admission, Refusal> {
+        self.admit_with(client, now, true)
+    }
+
+    /// Admits a request whose windowed limits the cluster already checked (Redis backend): only
+    /// the concurrent requests are checked here; the request is still counted in the local
+    /// windows, so that they are current if Redis goes away.
+    pub fn admit_checked(
+        self: &Arc<Self>,
+        client: &Arc<Client>,
+        now: Instant,
+    ) -> Result<Admission, Refusal> {
+        self.admit_with(client, now, false)
+    }
+
+    fn admit_with(
+        self: &Arc<Self>,
+        client: &Arc<Client>,
+        now: Instant,
+        check_windows: bool,
+    ) -> Result<Admission, Refusal> {
         let limits = &client.limits;
         let mut map = self.lock();
         let account = map.entry(Arc::clone(&client.name)).or_default();
@@ -243,59 +343,19 @@ impl Ledger {
                 });
             }
         }
-        if let Some(max) = limits.requests_per_minute {
-            let rolling = account
-                .requests
-                .get_or_insert_with(|| Rolling::new(Window::Minute.duration(), now));
-            let wait = rolling.wait_below(now, max as f64);
-            if !wait.is_zero() {
-                return Err(Refusal {
-                    message: format!(
-                        "client {name:?} reached its limit of {max} requests per minute"
-                    ),
-                    retry_after: wait,
-                    limit: "requests_per_minute",
-                });
+        if check_windows {
+            for limit in windowed(limits) {
+                let rolling = account.rolling(limit.kind, limit.window, now);
+                let wait = rolling.wait_below(now, limit.max);
+                if !wait.is_zero() {
+                    return Err(limit.refusal(name, wait));
+                }
             }
         }
-        if let Some(l) = limits.tokens {
-            let rolling = account
-                .tokens
-                .entry(l.window)
-                .or_insert_with(|| Rolling::new(l.window.duration(), now));
-            let wait = rolling.wait_below(now, l.max);
-            if !wait.is_zero() {
-                return Err(Refusal {
-                    message: format!(
-                        "client {name:?} reached its limit of {} tokens per {}",
-                        l.max,
-                        l.window.as_str()
-                    ),
-                    retry_after: wait,
-                    limit: "tokens",
-                });
-            }
-        }
-        if let Some(l) = limits.budget_usd {
-            let rolling = account
-                .cost
-                .entry(l.window)
-                .or_insert_with(|| Rolling::new(l.window.duration(), now));
-            let wait = rolling.wait_below(now, l.max);
-            if !wait.is_zero() {
-                return Err(Refusal {
-                    message: format!(
-                        "client {name:?} reached its budget of {} USD per {}",
-                        l.max,
-                        l.window.as_str()
-                    ),
-                    retry_after: wait,
-                    limit: "budget_usd",
-                });
-            }
-        }
-        if let Some(r) = account.requests.as_mut() {
-            r.add(now, 1.0);
+        if limits.requests_per_minute.is_some() {
+            account
+                .rolling(Kind::Requests, Window::Minute, now)
+                .add(now, 1.0);
         }
         account.in_flight += 1;
         Ok(Admission {
@@ -313,23 +373,19 @@ impl Ledger {
         }
         let mut map = self.lock();
         let account = map.entry(Arc::clone(&client.name)).or_default();
-        if let Some(l) = limits.tokens {
+        for limit in windowed(limits) {
+            let amount = match limit.kind {
+                Kind::Requests => continue,
+                Kind::Tokens => tokens as f64,
+                Kind::Cost => cost,
+            };
             account
-                .tokens
-                .entry(l.window)
-                .or_insert_with(|| Rolling::new(l.window.duration(), now))
-                .add_at(now, at, tokens as f64);
-        }
-        if let Some(l) = limits.budget_usd {
-            account
-                .cost
-                .entry(l.window)
-                .or_insert_with(|| Rolling::new(l.window.duration(), now))
-                .add_at(now, at, cost);
+                .rolling(limit.kind, limit.window, now)
+                .add_at(now, at, amount);
         }
     }
 
-    /// Each limit's use for `GET /usage` and the dashboard: (limit, used, max, window).
+    /// Each limit's use for `GET /usage` and the dashboard, as this instance counts it.
     pub fn use_of(&self, client: &Client, now: Instant) -> Vec<LimitUse> {
         let limits = &client.limits;
         let mut map = self.lock();
@@ -343,28 +399,13 @@ impl Ledger {
                 window: None,
             });
         }
-        if let Some(max) = limits.requests_per_minute {
-            let used = account.requests.as_mut().map_or(0.0, |r| r.total(now));
+        for limit in windowed(limits) {
             out.push(LimitUse {
-                limit: "requests_per_minute",
-                used,
-                max: max as f64,
-                window: Some(Window::Minute),
+                limit: limit.kind.limit(),
+                used: account.rolling(limit.kind, limit.window, now).total(now),
+                max: limit.max,
+                window: Some(limit.window),
             });
-        }
-        for (l, book, name) in [
-            (limits.tokens, &mut account.tokens, "tokens"),
-            (limits.budget_usd, &mut account.cost, "budget_usd"),
-        ] {
-            if let Some(l) = l {
-                let used = book.get_mut(&l.window).map_or(0.0, |r| r.total(now));
-                out.push(LimitUse {
-                    limit: name,
-                    used,
-                    max: l.max,
-                    window: Some(l.window),
-                });
-            }
         }
         out
     }

@@ -71,6 +71,44 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return -1 end
 return redis.call('PTTL', KEYS[1])
 ";
 
+/// Admits a request of a named client under its windowed limits, across the cluster, in one step.
+/// `ARGV[1]`: now (Unix ms); then per limit: its key base, bucket width (ms), maximum and whether
+/// it counts requests (`1`: a request admitted is counted at once). Each limit sums its last 60
+/// buckets (`base:index`, index = time / width). Returns `{0, 0}` when admitted, else the
+/// 1-based number of the limit that refused and the milliseconds until it frees up.
+const CLIENT_ADMIT: &str = r"
+local now = tonumber(ARGV[1])
+local n = (#ARGV - 1) / 4
+for l = 0, n - 1 do
+  local base, width, max = ARGV[2 + l * 4], tonumber(ARGV[3 + l * 4]), tonumber(ARGV[4 + l * 4])
+  local current = math.floor(now / width)
+  local values, sum = {}, 0
+  for i = 0, 59 do
+    local v = tonumber(redis.call('GET', base .. ':' .. (current - i))) or 0
+    values[i] = v
+    sum = sum + v
+  end
+  if sum >= max then
+    for i = 59, 0, -1 do
+      sum = sum - values[i]
+      if sum < max then
+        return {l + 1, (current - i + 60) * width - now}
+      end
+    end
+    return {l + 1, 60 * width}
+  end
+end
+for l = 0, n - 1 do
+  if ARGV[5 + l * 4] == '1' then
+    local width = tonumber(ARGV[3 + l * 4])
+    local key = ARGV[2 + l * 4] .. ':' .. math.floor(now / width)
+    redis.call('INCR', key)
+    redis.call('PEXPIRE', key, 61 * width)
+  end
+end
+return {0, 0}
+";
+
 /// Gives the probe lease back, if this instance (`ARGV[1]`) holds it.
 const PROBE_RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -538,6 +576,95 @@ impl Cluster {
         });
     }
 
+    fn limit_base(&self, client: &str, limit: &crate::clients::WindowedLimit) -> String {
+        format!(
+            "{}limit:{client}:{}:{}",
+            self.prefix,
+            limit.kind.limit(),
+            limit.window.as_str()
+        )
+    }
+
+    /// Admits a request of `client` under its windowed limits as the whole cluster counts them;
+    /// `None` when Redis is down or does not answer within [`LEASE_TIMEOUT`] (the caller checks
+    /// its own ledger instead).
+    pub async fn admit_client(
+        &self,
+        client: &crate::clients::Client,
+    ) -> Option<Result<(), crate::clients::Refusal>> {
+        if !self.is_up() {
+            return None;
+        }
+        let limits: Vec<crate::clients::WindowedLimit> =
+            crate::clients::windowed(&client.limits).collect();
+        if limits.is_empty() {
+            return Some(Ok(()));
+        }
+        let now = crate::routing::health::unix_ms(std::time::SystemTime::now());
+        let script = redis::Script::new(CLIENT_ADMIT);
+        let mut invocation = script.prepare_invoke();
+        invocation.arg(now);
+        for l in &limits {
+            invocation
+                .arg(self.limit_base(&client.name, l))
+                .arg(bucket_ms(l.window))
+                .arg(l.max)
+                .arg(u8::from(l.kind == crate::clients::Kind::Requests));
+        }
+        let mut conn = self.connection();
+        let answer = tokio::time::timeout(
+            LEASE_TIMEOUT,
+            invocation.invoke_async::<(usize, u64)>(&mut conn),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        match answer {
+            (0, _) => Some(Ok(())),
+            (i, wait_ms) => {
+                let limit = limits.get(i - 1)?;
+                Some(Err(limit.refusal(
+                    &client.name,
+                    Duration::from_millis(wait_ms.max(1)),
+                )))
+            }
+        }
+    }
+
+    /// Adds what a request of `client` used to its shared token and budget windows, without
+    /// waiting.
+    pub fn charge_client(&self, client: &crate::clients::Client, tokens: u64, cost: f64) {
+        if !self.is_up() {
+            return;
+        }
+        let now = crate::routing::health::unix_ms(std::time::SystemTime::now());
+        let mut pipe = redis::pipe();
+        let mut any = false;
+        for l in crate::clients::windowed(&client.limits) {
+            let amount = match l.kind {
+                crate::clients::Kind::Requests => continue,
+                crate::clients::Kind::Tokens => tokens as f64,
+                crate::clients::Kind::Cost => cost,
+            };
+            let width = bucket_ms(l.window);
+            let key = format!("{}:{}", self.limit_base(&client.name, &l), now / width);
+            pipe.cmd("INCRBYFLOAT").arg(&key).arg(amount).ignore();
+            pipe.cmd("PEXPIRE").arg(&key).arg(61 * width).ignore();
+            any = true;
+        }
+        if !any {
+            return;
+        }
+        // Called when a response ends, which may be at exit, outside a runtime.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut conn = self.connection();
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async::<()>(&mut conn)).await;
+        });
+    }
+
     fn events_channel(&self) -> String {
         format!("{}events", self.prefix)
     }
@@ -596,6 +723,11 @@ fn manager(client: &redis::Client, redactor: &Redactor) -> Result<ConnectionMana
         .set_number_of_retries(0);
     ConnectionManager::new_lazy_with_config(client.clone(), config)
         .map_err(|e| format!("redis: {}", redactor.text(&e.to_string())))
+}
+
+/// The width of one of a window's 60 buckets, in milliseconds.
+fn bucket_ms(window: crate::config::Window) -> u64 {
+    (u64::try_from(window.duration().as_millis()).unwrap_or(u64::MAX) / 60).max(1)
 }
 
 /// A time to live as Redis's `PX` takes it: whole milliseconds, at least one.

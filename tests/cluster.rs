@@ -636,3 +636,47 @@ async fn a_probe_whose_client_leaves_gives_the_lease_back() {
     assert_eq!(resp.headers()["x-provider-used"], "A");
     assert_eq!(a.request_count(), 3);
 }
+
+/// With the Redis backend, tokens charged on one instance count on every other: a client's token
+/// window filled through instance 1 refuses it on instance 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_token_window_is_the_clusters() {
+    let Some(redis) = RedisServer::start(None) else {
+        return;
+    };
+    let p = MockProvider::start(Reply::message("m", "hi"))
+        .await
+        .unwrap();
+    let settings = redis_settings(&redis.url());
+    let yaml = |name: &str| {
+        config_yaml(&[("P", &p.url(), 1)], &settings.replace("gw-1", name))
+            + "clients:\n  - name: alice\n    key: \"sk-alice-c\"\n    limits:\n      tokens: { window: 1h, max: 30 }\n"
+    };
+    let one = Balancer::start(&yaml("gw-1")).await;
+    let two = Balancer::start(&yaml("gw-2")).await;
+    all_up(&[&one, &two]).await;
+    let ask = |bal: &Balancer| {
+        bal.client
+            .post(format!("{}/v1/messages", bal.url))
+            .header("x-api-key", "sk-alice-c")
+            .json(&request(false))
+            .send()
+    };
+    // 17 tokens each: two answers on instance 1 fill the window (34 of 30).
+    assert_eq!(ask(&one).await.unwrap().status(), 200);
+    assert_eq!(ask(&one).await.unwrap().status(), 200);
+    assert!(
+        eventually(PATIENCE, || {
+            let resp = ask(&two);
+            async move {
+                let resp = resp.await.unwrap();
+                resp.status() == 429 && resp.text().await.unwrap().contains("30 tokens per 1h")
+            }
+        })
+        .await,
+        "instance 2 refuses alice"
+    );
+    // Instance 2 alone served nothing before the refusal came: at most the requests it admitted
+    // before the charges arrived.
+    assert!(p.request_count() <= 4, "{}", p.request_count());
+}

@@ -40,18 +40,18 @@ fn config(
     a: &str,
     b: &str,
     redis_url: &str,
-    settings: &str,
+    (settings, top): (&str, &str),
     (logs, data): (&str, &str),
 ) -> String {
     format!(
-        "providers:\n  - {{name: A, type: anthropic, base_url: \"{a}\", auth_type: api_key, auth_value: key-a}}\n  - {{name: B, type: anthropic, base_url: \"{b}\", auth_type: api_key, auth_value: key-b}}\nmodel_routes:\n  \"*\":\n    - {{provider: A, model: passthrough, priority: 1}}\n    - {{provider: B, model: passthrough, priority: 2}}\nsettings:\n  log_file_path: \"{logs}\"\n  log_level: INFO\n  usage:\n    path: \"{data}/usage.db\"\n{settings}  state:\n    backend: redis\n    redis:\n      url: \"{redis_url}\"\n      key_prefix: \"fleet:\"\n    instance_name: {name}\n"
+        "providers:\n  - {{name: A, type: anthropic, base_url: \"{a}\", auth_type: api_key, auth_value: key-a}}\n  - {{name: B, type: anthropic, base_url: \"{b}\", auth_type: api_key, auth_value: key-b}}\nmodel_routes:\n  \"*\":\n    - {{provider: A, model: passthrough, priority: 1}}\n    - {{provider: B, model: passthrough, priority: 2}}\nsettings:\n  log_file_path: \"{logs}\"\n  log_level: INFO\n  usage:\n    path: \"{data}/usage.db\"\n{settings}  state:\n    backend: redis\n    redis:\n      url: \"{redis_url}\"\n      key_prefix: \"fleet:\"\n    instance_name: {name}\n{top}"
     )
 }
 
 impl Instance {
     /// Starts the binary and waits until it answers `/health`.
     async fn start(name: &str, a: &str, b: &str, redis_url: &str, settings: &str) -> Self {
-        Self::start_with_env(name, a, b, redis_url, settings, &[]).await
+        Self::start_with_env(name, a, b, redis_url, (settings, ""), &[]).await
     }
 
     async fn start_with_env(
@@ -59,7 +59,7 @@ impl Instance {
         a: &str,
         b: &str,
         redis_url: &str,
-        settings: &str,
+        settings: (&str, &str),
         env: &[(&str, &std::path::Path)],
     ) -> Self {
         claude_balancer::upstream::install_crypto_provider();
@@ -207,10 +207,21 @@ async fn fleet(
     b: &MockProvider,
     settings: &str,
 ) -> [Instance; 3] {
+    fleet_with(redis, a, b, (settings, "")).await
+}
+
+/// [`fleet`] with top-level sections (`top`) added to each instance's configuration.
+async fn fleet_with(
+    redis: &RedisServer,
+    a: &MockProvider,
+    b: &MockProvider,
+    settings: (&str, &str),
+) -> [Instance; 3] {
     let (ua, ub, url) = (a.url(), b.url(), redis.url());
-    let one = Instance::start("gw-1", &ua, &ub, &url, settings).await;
-    let two = Instance::start("gw-2", &ua, &ub, &url, settings).await;
-    let three = Instance::start("gw-3", &ua, &ub, &url, settings).await;
+    let start = |name| Instance::start_with_env(name, &ua, &ub, &url, settings, &[]);
+    let one = start("gw-1").await;
+    let two = start("gw-2").await;
+    let three = start("gw-3").await;
     all_up(&[&one, &two, &three]).await;
     [one, two, three]
 }
@@ -546,7 +557,7 @@ async fn a_rediss_url_connects_over_verified_tls() {
         &a.url(),
         &b.url(),
         &url,
-        "",
+        ("", ""),
         &[("SSL_CERT_FILE", &ca)],
     )
     .await;
@@ -558,7 +569,7 @@ async fn a_rediss_url_connects_over_verified_tls() {
         &a.url(),
         &b.url(),
         &url,
-        "",
+        ("", ""),
         &[("SSL_CERT_FILE", &empty)],
     )
     .await;
@@ -576,4 +587,56 @@ async fn a_rediss_url_connects_over_verified_tls() {
     for i in [&trusting, &doubting] {
         assert_eq!(i.ask(None, "over tls").await.0, 200);
     }
+}
+
+/// A named client's limit of 10 requests per minute holds for the cluster: 15 requests spread
+/// over three instances get 10 answers and 5 refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_limit_holds_across_three_instances() {
+    let Some(redis) = RedisServer::start(None) else {
+        return;
+    };
+    let (a, b) = providers_a_and_b().await;
+    let fleet = fleet_with(
+        &redis,
+        &a,
+        &b,
+        (
+            "",
+            "clients:\n  - name: alice\n    key: \"sk-alice-fleet\"\n    limits:\n      requests_per_minute: 10\n",
+        ),
+    )
+    .await;
+    let mut statuses = Vec::new();
+    for n in 0..15 {
+        let i = &fleet[n % 3];
+        let resp = i
+            .client
+            .post(format!("{}/v1/messages", i.url))
+            .header("x-api-key", "sk-alice-fleet")
+            .json(&json!({"model": "claude-sonnet-4-6", "max_tokens": 5, "messages": [{"role": "user", "content": format!("n{n}")}]}))
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 429 {
+            let retry: u64 = resp.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=60).contains(&retry));
+        }
+        statuses.push(resp.status().as_u16());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        10,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(a.request_count() + b.request_count(), 10);
 }

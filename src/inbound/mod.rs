@@ -180,7 +180,9 @@ pub async fn messages(
         Ok((mut record, inbound)) => {
             if let Some(client) = caller.0 {
                 record.client = Some(Arc::clone(&client.name));
-                if let Err(refusal) = admit(&state, &client, &inbound.envelope.model, &mut record) {
+                if let Err(refusal) =
+                    admit(&state, &client, &inbound.envelope.model, &mut record).await
+                {
                     return respond(&state, record, permit, Answer::error(refusal));
                 }
                 record.charge_to = Some(client);
@@ -198,7 +200,7 @@ pub async fn messages(
 /// A named client's request: refused with 403 for a model it may not use, or with 429 when it is
 /// over one of its limits (before any provider is asked); else admitted, holding its place among
 /// the client's concurrent requests until the response ends.
-fn admit(
+async fn admit(
     state: &Arc<AppState>,
     client: &Arc<Client>,
     model: &str,
@@ -215,7 +217,19 @@ fn admit(
     if client.limits.is_empty() {
         return Ok(());
     }
-    match state.ledger.admit(client, tokio::time::Instant::now()) {
+    // With the Redis backend the windows are the cluster's; the ledger still holds this
+    // instance's concurrent requests (and the windows, should Redis go away).
+    let shared = match &state.cluster {
+        Some(cluster) => cluster.admit_client(client).await,
+        None => None,
+    };
+    let now = tokio::time::Instant::now();
+    let admitted = match shared {
+        Some(Ok(())) => state.ledger.admit_checked(client, now),
+        Some(Err(refusal)) => Err(refusal),
+        None => state.ledger.admit(client, now),
+    };
+    match admitted {
         Ok(admission) => {
             record.admission = Some(admission);
             Ok(())

@@ -186,6 +186,9 @@ fn charge(state: &AppState, r: &Record, now: Instant) {
     if let Some(client) = &r.charge_to {
         let cost = priced.unwrap_or(0.0);
         state.ledger.charge(client, u.total(), cost, now, now);
+        if let Some(cluster) = &state.cluster {
+            cluster.charge_client(client, u.total(), cost);
+        }
         state.metrics.client_charged(&client.name, u, cost);
     }
 }
