@@ -311,9 +311,11 @@ pub async fn dashboard_data(State(state): State<Arc<AppState>>) -> Response {
             "last_error": h.last_error.as_ref().map(|(e, _)| e),
         }));
     }
+    let clients = client_panels(&state, &runtime).await;
     let s = &runtime.config.settings;
     Json(json!({
         "app": {"name": s.app_name, "version": s.app_version, "uptime_seconds": state.started_at.elapsed().as_secs()},
+        "clients": clients,
         "totals": {
             "requests": state.recent.total(),
             "attempts": requests,
@@ -327,6 +329,65 @@ pub async fn dashboard_data(State(state): State<Arc<AppState>>) -> Response {
         "state": state.backend_status(),
     }))
     .into_response()
+}
+
+/// The dashboard's panel per named client: today's requests, tokens and cost (UTC day, from the
+/// usage file) and each limit's use now.
+async fn client_panels(state: &Arc<AppState>, runtime: &Runtime) -> Vec<Value> {
+    if runtime.clients.is_empty() {
+        return Vec::new();
+    }
+    let today: HashMap<String, crate::usage::Totals> = match state.usage.clone() {
+        None => HashMap::new(),
+        Some(store) => {
+            let now = SystemTime::now();
+            let day_ms = 86_400_000;
+            let midnight = crate::routing::health::unix_ms(now) / day_ms * day_ms;
+            let query = crate::usage::Query {
+                from: SystemTime::UNIX_EPOCH + Duration::from_millis(midnight),
+                to: now + Duration::from_secs(3600),
+                group_by: vec![crate::usage::Dimension::Client],
+                bucket: None,
+            };
+            tokio::task::spawn_blocking(move || {
+                store.flush();
+                crate::usage::query(store.path(), &query)
+            })
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|(rows, _)| {
+                rows.into_iter()
+                    .filter_map(|r| {
+                        let name = r.group.get("client")?.as_str()?.to_owned();
+                        Some((name, r.totals))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+        }
+    };
+    let now = Instant::now();
+    runtime
+        .clients
+        .iter()
+        .map(|c| {
+            let t = today.get(&*c.name).copied().unwrap_or_default();
+            let limits: Vec<Value> = state
+                .ledger
+                .use_of(c, now)
+                .into_iter()
+                .map(|u| json!({"limit": u.limit, "window": u.window.map(|w| w.as_str()), "used": u.used, "max": u.max}))
+                .collect();
+            json!({
+                "name": &*c.name,
+                "requests": t.requests,
+                "tokens": t.tokens(),
+                "cost_usd": (t.cost_usd * 10_000.0).round() / 10_000.0,
+                "limits": limits,
+            })
+        })
+        .collect()
 }
 
 /// `GET /metrics`: the Prometheus text format.
