@@ -168,6 +168,8 @@ pub struct Cluster {
     /// The provider health book this instance serves from: its changes are shared, and what other
     /// instances share is taken into it.
     health: Arc<HealthBook>,
+    /// This instance's usage, added to the cluster's every second.
+    usage: Option<Arc<crate::usage::UsageStore>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -233,12 +235,33 @@ pub async fn probe(settings: &StateSettings) -> Result<Option<String>, String> {
     }
 }
 
+/// `claude-balancer usage` with the Redis backend: the cluster's usage for `q`, read with a
+/// connection of its own. `Ok(None)` for the memory backend.
+pub async fn usage_of(
+    settings: &StateSettings,
+    q: &crate::usage::Query,
+) -> Result<Option<(Vec<crate::usage::Row>, crate::usage::Totals)>, String> {
+    let Some((client, redactor, _)) = open(settings)? else {
+        return Ok(None);
+    };
+    let read = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        read_usage(&mut conn, &settings.key_prefix, q).await
+    };
+    match tokio::time::timeout(Duration::from_secs(10), read).await {
+        Ok(Ok(answer)) => Ok(Some(answer)),
+        Ok(Err(e)) => Err(redactor.text(&e.to_string()).into_owned()),
+        Err(_) => Err("redis did not answer within 10 s".to_owned()),
+    }
+}
+
 impl Cluster {
     /// The cluster for `settings`: `None` for the memory backend. Never waits for Redis; must be
     /// called inside a tokio runtime (the monitor and the connection's tasks run on it).
     pub fn start(
         settings: &StateSettings,
         health: &Arc<HealthBook>,
+        usage: Option<Arc<crate::usage::UsageStore>>,
     ) -> Result<Option<Arc<Self>>, String> {
         let Some((client, redactor, _)) = open(settings)? else {
             return Ok(None);
@@ -253,11 +276,15 @@ impl Cluster {
             last_error: Mutex::new(Some("not connected yet".to_owned())),
             redactor,
             health: Arc::clone(health),
+            usage,
         });
         let (changes, rx) = tokio::sync::mpsc::unbounded_channel();
         health.share_changes(changes);
         tokio::spawn(share_health(Arc::downgrade(&cluster), rx));
         tokio::spawn(monitor(Arc::downgrade(&cluster)));
+        if cluster.usage.is_some() {
+            tokio::spawn(share_usage(Arc::downgrade(&cluster)));
+        }
         Ok(Some(cluster))
     }
 
@@ -665,6 +692,59 @@ impl Cluster {
         });
     }
 
+    /// Adds the usage this instance recorded since the last call to the cluster's (the hours in
+    /// `{prefix}usage:{hour}` hashes, kept 400 days). What Redis did not take is kept for the
+    /// next call.
+    pub async fn push_usage(&self) {
+        let Some(store) = &self.usage else {
+            return;
+        };
+        if !self.is_up() {
+            return;
+        }
+        let hours = store.take_shared();
+        if hours.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for h in &hours {
+            let key = format!("{}usage:{}", self.prefix, h.hour_ms);
+            let group = h.group.join(USAGE_SEPARATOR);
+            for (field, value) in h.totals.fields() {
+                if value != 0.0 {
+                    pipe.cmd("HINCRBYFLOAT")
+                        .arg(&key)
+                        .arg(format!("{group}{USAGE_SEPARATOR}{field}"))
+                        .arg(value)
+                        .ignore();
+                }
+            }
+            pipe.cmd("PEXPIRE").arg(&key).arg(USAGE_KEEP_MS).ignore();
+        }
+        let mut conn = self.connection();
+        let sent =
+            tokio::time::timeout(COMMAND_TIMEOUT * 4, pipe.query_async::<()>(&mut conn)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            store.untake_shared(hours);
+        }
+    }
+
+    /// The cluster's usage for `q` (after adding this instance's latest).
+    pub async fn usage(
+        &self,
+        q: &crate::usage::Query,
+    ) -> Result<(Vec<crate::usage::Row>, crate::usage::Totals), String> {
+        self.push_usage().await;
+        let mut conn = self.connection();
+        match tokio::time::timeout(COMMAND_TIMEOUT * 10, read_usage(&mut conn, &self.prefix, q))
+            .await
+        {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => Err(self.redactor.text(&e.to_string()).into_owned()),
+            Err(_) => Err("redis did not answer".to_owned()),
+        }
+    }
+
     fn events_channel(&self) -> String {
         format!("{}events", self.prefix)
     }
@@ -723,6 +803,78 @@ fn manager(client: &redis::Client, redactor: &Redactor) -> Result<ConnectionMana
         .set_number_of_retries(0);
     ConnectionManager::new_lazy_with_config(client.clone(), config)
         .map_err(|e| format!("redis: {}", redactor.text(&e.to_string())))
+}
+
+/// Separates a usage field's parts (client, route, provider, model, sum) in Redis.
+const USAGE_SEPARATOR: &str = "\u{1f}";
+/// The cluster's usage keeps hours this long (as the usage file does).
+const USAGE_KEEP_MS: u64 = 400 * 86_400_000;
+/// At most this many hours are read for one answer.
+const MAX_USAGE_HOURS: u64 = 400 * 24;
+
+/// Reads the cluster's usage for `q` from the hourly hashes under `prefix`.
+pub async fn read_usage(
+    conn: &mut impl redis::aio::ConnectionLike,
+    prefix: &str,
+    q: &crate::usage::Query,
+) -> redis::RedisResult<(Vec<crate::usage::Row>, crate::usage::Totals)> {
+    let hour = 3_600_000u64;
+    let from = crate::routing::health::unix_ms(q.from);
+    let to = crate::routing::health::unix_ms(q.to);
+    let first = from.div_ceil(hour) * hour;
+    let hours: Vec<u64> = (0..MAX_USAGE_HOURS)
+        .map(|i| first + i * hour)
+        .take_while(|h| *h < to)
+        .collect();
+    let mut pipe = redis::pipe();
+    for h in &hours {
+        pipe.cmd("HGETALL").arg(format!("{prefix}usage:{h}"));
+    }
+    let answers: Vec<Vec<(String, f64)>> = if hours.is_empty() {
+        Vec::new()
+    } else {
+        pipe.query_async(conn).await?
+    };
+    let mut sums = crate::usage::Sums::default();
+    for (h, fields) in hours.iter().zip(answers) {
+        // One hour: the groups' sums, then added to the answer by the query's grouping.
+        let mut groups: std::collections::HashMap<[String; 4], crate::usage::Totals> =
+            std::collections::HashMap::new();
+        for (field, value) in fields {
+            let parts: Vec<&str> = field.split(USAGE_SEPARATOR).collect();
+            let [client, route, provider, model, sum] = parts[..] else {
+                continue;
+            };
+            groups
+                .entry([client.into(), route.into(), provider.into(), model.into()])
+                .or_default()
+                .set(sum, value);
+        }
+        let mut ordered: Vec<_> = groups.into_iter().collect();
+        ordered.sort_by(|a, b| a.0.cmp(&b.0));
+        for (group, totals) in ordered {
+            let picked = q
+                .group_by
+                .iter()
+                .map(|d| group[d.index()].clone())
+                .collect();
+            sums.add(q, *h, picked, &totals);
+        }
+    }
+    Ok(sums.answer(q))
+}
+
+/// Adds each instance's usage to the cluster's every second, until the cluster is dropped.
+async fn share_usage(cluster: std::sync::Weak<Cluster>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(cluster) = cluster.upgrade() else {
+            return;
+        };
+        cluster.push_usage().await;
+    }
 }
 
 /// The width of one of a window's 60 buckets, in milliseconds.

@@ -58,6 +58,7 @@ enum Command {
 
 /// `claude-balancer usage`: the same query as `GET /usage`, read from the file, as a table.
 fn print_usage(
+    state: &config::StateSettings,
     path: &str,
     from: Option<String>,
     to: Option<String>,
@@ -83,10 +84,33 @@ fn print_usage(
             return ExitCode::from(2);
         }
     };
-    match usage::query(std::path::Path::new(path), &query) {
+    // With the Redis backend, the cluster's usage (as GET /usage); else, or if Redis does not
+    // answer, this instance's file.
+    let mut source = path.to_owned();
+    let mut answer = None;
+    if state.backend == config::StateBackend::Redis {
+        let shared = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| rt.block_on(claude_balancer::cluster::usage_of(state, &query)));
+        match shared {
+            Ok(Some(a)) => {
+                source = "the cluster's usage in redis".to_owned();
+                answer = Some(a);
+            }
+            Ok(None) => {}
+            Err(e) => eprintln!("redis: {e}; showing this instance's file"),
+        }
+    }
+    let answer = match answer {
+        Some(a) => Ok(a),
+        None => usage::query(std::path::Path::new(path), &query),
+    };
+    match answer {
         Ok((rows, totals)) => {
             println!(
-                "usage from {} to {} ({path})",
+                "usage from {} to {} ({source})",
                 humantime::format_rfc3339_seconds(query.from),
                 humantime::format_rfc3339_seconds(query.to)
             );
@@ -126,6 +150,7 @@ fn main() -> ExitCode {
     }) = &cli.command
     {
         return print_usage(
+            &loaded.config.settings.state,
             &loaded.config.settings.usage.path,
             from.clone(),
             to.clone(),

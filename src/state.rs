@@ -164,10 +164,13 @@ impl AppState {
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Self>, ConfigErrors> {
         let clients = ClientPool::default();
         let state_settings = config.settings.state.clone();
-        let usage = crate::usage::UsageStore::start(&config.settings.usage.path);
         let runtime = Runtime::build(config, &clients)?;
+        let usage = crate::usage::UsageStore::start(
+            &runtime.config.settings.usage.path,
+            state_settings.backend == crate::config::StateBackend::Redis,
+        );
         let health = HealthBook::new();
-        let cluster = crate::cluster::Cluster::start(&state_settings, &health)
+        let cluster = crate::cluster::Cluster::start(&state_settings, &health, usage.clone())
             .map_err(|e| ConfigErrors(vec![e]))?;
         let instance = match &cluster {
             Some(c) => c.instance().to_owned(),

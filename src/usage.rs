@@ -113,6 +113,8 @@ pub struct UsageStore {
     path: PathBuf,
     tally: Arc<Mutex<Tally>>,
     writer: Mutex<Option<Sender<Message>>>,
+    /// With the Redis backend: the hours not yet added to the cluster's usage.
+    shared: Option<Mutex<HashMap<HourKey, Totals>>>,
 }
 
 impl std::fmt::Debug for UsageStore {
@@ -157,7 +159,7 @@ pub fn open(path: &Path) -> Result<Connection, String> {
 impl UsageStore {
     /// The store for `path` (empty: `None`, usage is not recorded). The file is opened by the
     /// writer thread on its first write; an error there is logged, not fatal.
-    pub fn start(path: &str) -> Option<Arc<Self>> {
+    pub fn start(path: &str, shared: bool) -> Option<Arc<Self>> {
         if path.trim().is_empty() {
             return None;
         }
@@ -166,6 +168,7 @@ impl UsageStore {
             path: PathBuf::from(path),
             tally: Arc::default(),
             writer: Mutex::new(Some(tx)),
+            shared: shared.then(Mutex::default),
         });
         let (tally, file) = (Arc::clone(&store.tally), store.path.clone());
         let spawned = std::thread::Builder::new()
@@ -181,6 +184,47 @@ impl UsageStore {
         &self.path
     }
 
+    /// Takes the hours waiting to be added to the cluster's usage: (hour, client, route,
+    /// provider, model, totals).
+    pub fn take_shared(&self) -> Vec<SharedHour> {
+        let Some(shared) = &self.shared else {
+            return Vec::new();
+        };
+        std::mem::take(&mut *shared.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .map(|(k, t)| SharedHour {
+                hour_ms: k.hour_ms,
+                group: [
+                    k.client.to_string(),
+                    k.route.to_string(),
+                    k.provider,
+                    k.model,
+                ],
+                totals: t,
+            })
+            .collect()
+    }
+
+    /// Puts back hours that could not be added to the cluster's usage (Redis did not answer).
+    pub fn untake_shared(&self, hours: Vec<SharedHour>) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let mut map = shared.lock().unwrap_or_else(|e| e.into_inner());
+        for h in hours {
+            let [client, route, provider, model] = h.group;
+            map.entry(HourKey {
+                hour_ms: h.hour_ms,
+                client: Arc::from(client),
+                route: Arc::from(route),
+                provider,
+                model,
+            })
+            .or_default()
+            .merge(&h.totals);
+        }
+    }
+
     /// Adds one request's usage to the tally (written within a second).
     pub fn record(&self, c: &Charge) {
         let at = unix_ms(c.at);
@@ -192,6 +236,14 @@ impl UsageStore {
             provider: c.provider.clone(),
             model: c.model.clone(),
         };
+        if let Some(shared) = &self.shared {
+            shared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(key.clone())
+                .or_default()
+                .add(&c.usage, c.cost);
+        }
         tally.hourly.entry(key).or_default().add(&c.usage, c.cost);
         if !c.client.is_empty() {
             tally
@@ -357,6 +409,63 @@ fn prune(conn: &Connection, now: SystemTime) {
     );
 }
 
+/// One hour of one group's usage on its way to the cluster's usage (Redis backend): the group is
+/// client, route, provider and model.
+#[derive(Debug, Clone)]
+pub struct SharedHour {
+    pub hour_ms: u64,
+    pub group: [String; 4],
+    pub totals: Totals,
+}
+
+impl Totals {
+    /// The sums as (field, value) pairs, as the cluster's usage stores them.
+    pub fn fields(&self) -> [(&'static str, f64); 7] {
+        [
+            ("requests", self.requests as f64),
+            ("input_tokens", self.input_tokens as f64),
+            ("output_tokens", self.output_tokens as f64),
+            (
+                "cache_creation_input_tokens",
+                self.cache_creation_input_tokens as f64,
+            ),
+            (
+                "cache_read_input_tokens",
+                self.cache_read_input_tokens as f64,
+            ),
+            ("cost_usd", self.cost_usd),
+            ("unpriced_requests", self.unpriced_requests as f64),
+        ]
+    }
+
+    /// Sets one field read back from the cluster's usage.
+    pub fn set(&mut self, field: &str, value: f64) {
+        let whole = value.max(0.0).round() as u64;
+        match field {
+            "requests" => self.requests = whole,
+            "input_tokens" => self.input_tokens = whole,
+            "output_tokens" => self.output_tokens = whole,
+            "cache_creation_input_tokens" => self.cache_creation_input_tokens = whole,
+            "cache_read_input_tokens" => self.cache_read_input_tokens = whole,
+            "cost_usd" => self.cost_usd = value,
+            "unpriced_requests" => self.unpriced_requests = whole,
+            _ => {}
+        }
+    }
+}
+
+impl Dimension {
+    /// Its place in a [`SharedHour`]'s group.
+    pub fn index(self) -> usize {
+        match self {
+            Dimension::Client => 0,
+            Dimension::Route => 1,
+            Dimension::Provider => 2,
+            Dimension::Model => 3,
+        }
+    }
+}
+
 /// What `GET /usage` and `claude-balancer usage` group by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dimension {
@@ -434,7 +543,7 @@ pub struct Row {
 /// Answers `q` from the file at `path` (no file yet: no rows). A running balancer flushes its
 /// tally first.
 pub fn query(path: &Path, q: &Query) -> Result<(Vec<Row>, Totals), String> {
-    let mut sums: Vec<(Option<u64>, Vec<String>, Totals)> = Vec::new();
+    let mut sums = Sums::default();
     if path.exists() {
         let conn = open(path)?;
         let columns: Vec<&str> = q.group_by.iter().map(|d| d.as_str()).collect();
@@ -472,13 +581,38 @@ pub fn query(path: &Path, q: &Query) -> Result<(Vec<Row>, Totals), String> {
             .map_err(|e| e.to_string())?;
         for row in rows {
             let (hour, group, t) = row.map_err(|e| e.to_string())?;
-            let start = q.bucket.map(|b| hour - hour % b.ms());
-            match sums.iter_mut().find(|(s, g, _)| *s == start && *g == group) {
-                Some((_, _, sum)) => sum.merge(&t),
-                None => sums.push((start, group, t)),
-            }
+            sums.add(q, hour, group, &t);
         }
     }
+    Ok(sums.answer(q))
+}
+
+/// The rows of an answer being gathered: (bucket start, group values, sums), in the order met.
+#[derive(Debug, Default)]
+pub struct Sums(Vec<(Option<u64>, Vec<String>, Totals)>);
+
+impl Sums {
+    /// Adds one hour's totals of one group.
+    pub fn add(&mut self, q: &Query, hour_ms: u64, group: Vec<String>, t: &Totals) {
+        let start = q.bucket.map(|b| hour_ms - hour_ms % b.ms());
+        match self
+            .0
+            .iter_mut()
+            .find(|(s, g, _)| *s == start && *g == group)
+        {
+            Some((_, _, sum)) => sum.merge(t),
+            None => self.0.push((start, group, *t)),
+        }
+    }
+
+    /// The rows, in time order, and their total.
+    pub fn answer(mut self, q: &Query) -> (Vec<Row>, Totals) {
+        self.0.sort_by_key(|(start, _, _)| *start);
+        answer(q, self.0)
+    }
+}
+
+fn answer(q: &Query, sums: Vec<(Option<u64>, Vec<String>, Totals)>) -> (Vec<Row>, Totals) {
     let mut total = Totals::default();
     let rows = sums
         .into_iter()
@@ -501,7 +635,7 @@ pub fn query(path: &Path, q: &Query) -> Result<(Vec<Row>, Totals), String> {
             }
         })
         .collect();
-    Ok((rows, total))
+    (rows, total)
 }
 
 /// Whether the file at `path` holds any usage (for `claude-balancer usage` to say so).
@@ -744,7 +878,7 @@ mod tests {
     fn the_tally_is_folded_into_hours_and_read_back_by_bucket_and_group() {
         let dir = tempfile_dir();
         let path = dir.join("usage.db");
-        let store = UsageStore::start(path.to_str().unwrap()).unwrap();
+        let store = UsageStore::start(path.to_str().unwrap(), false).unwrap();
         let at = |s: &str| humantime::parse_rfc3339(s).unwrap();
         let usage = Usage {
             input_tokens: 10,

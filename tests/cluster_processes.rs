@@ -639,4 +639,48 @@ async fn a_client_limit_holds_across_three_instances() {
         "{statuses:?}"
     );
     assert_eq!(a.request_count() + b.request_count(), 10);
+
+    // The usage report is the cluster's: instance 3 reports what all three served.
+    let third = &fleet[2];
+    let usage_of_alice = || async {
+        let v: Value = third
+            .client
+            .get(format!("{}/usage?group_by=client", third.url))
+            .header("x-api-key", "sk-alice-fleet")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let requests = v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["client"] == "alice")
+            .map_or(0, |r| r["requests"].as_u64().unwrap());
+        (v["scope"].clone(), requests)
+    };
+    assert!(
+        eventually(PATIENCE, || async {
+            usage_of_alice().await == (json!("cluster"), 10)
+        })
+        .await,
+        "{:?}",
+        usage_of_alice().await
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_claude-balancer"))
+        .args(["usage", "--group-by", "client", "--config"])
+        .arg(third.dir.path().join("config.yaml"))
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("the cluster's usage in redis"), "{table}");
+    let alice: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("alice"))
+        .unwrap_or_else(|| panic!("{table}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(alice[1], "10", "{table}");
 }

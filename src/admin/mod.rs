@@ -201,12 +201,7 @@ pub async fn usage(
         )
         .into_response();
     };
-    let q = query.clone();
-    let answer = tokio::task::spawn_blocking(move || {
-        store.flush();
-        crate::usage::query(store.path(), &q)
-    })
-    .await;
+    let (answer, scope) = usage_answer(&state, store, &query).await;
     let (rows, totals) = match answer {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
@@ -256,6 +251,8 @@ pub async fn usage(
             crate::usage::Bucket::Hour => "hour",
             crate::usage::Bucket::Day => "day",
         }),
+        // `cluster`: every instance's usage (Redis backend); `instance`: this one's file.
+        "scope": scope,
         "rows": rows,
         "totals": totals,
         "clients": clients,
@@ -331,6 +328,33 @@ pub async fn dashboard_data(State(state): State<Arc<AppState>>) -> Response {
     .into_response()
 }
 
+/// The usage for `query`: the cluster's with the Redis backend (while it answers), else this
+/// instance's file; and which (`cluster` or `instance`).
+async fn usage_answer(
+    state: &AppState,
+    store: Arc<crate::usage::UsageStore>,
+    query: &crate::usage::Query,
+) -> (
+    Result<Result<(Vec<crate::usage::Row>, crate::usage::Totals), String>, tokio::task::JoinError>,
+    &'static str,
+) {
+    if let Some(cluster) = state.cluster.as_ref().filter(|c| c.is_up()) {
+        match cluster.usage(query).await {
+            Ok(answer) => return (Ok(Ok(answer)), "cluster"),
+            Err(e) => {
+                tracing::warn!(error = %e, "the cluster's usage could not be read; answering with this instance's")
+            }
+        }
+    }
+    let q = query.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        store.flush();
+        crate::usage::query(store.path(), &q)
+    })
+    .await;
+    (answer, "instance")
+}
+
 /// The dashboard's panel per named client: today's requests, tokens and cost (UTC day, from the
 /// usage file) and each limit's use now.
 async fn client_panels(state: &Arc<AppState>, runtime: &Runtime) -> Vec<Value> {
@@ -349,22 +373,20 @@ async fn client_panels(state: &Arc<AppState>, runtime: &Runtime) -> Vec<Value> {
                 group_by: vec![crate::usage::Dimension::Client],
                 bucket: None,
             };
-            tokio::task::spawn_blocking(move || {
-                store.flush();
-                crate::usage::query(store.path(), &query)
-            })
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .map(|(rows, _)| {
-                rows.into_iter()
-                    .filter_map(|r| {
-                        let name = r.group.get("client")?.as_str()?.to_owned();
-                        Some((name, r.totals))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+            usage_answer(state, store, &query)
+                .await
+                .0
+                .ok()
+                .and_then(Result::ok)
+                .map(|(rows, _)| {
+                    rows.into_iter()
+                        .filter_map(|r| {
+                            let name = r.group.get("client")?.as_str()?.to_owned();
+                            Some((name, r.totals))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
         }
     };
     let now = Instant::now();
