@@ -48,6 +48,9 @@ const SHIPPED_ARM: &str = "claude-balancer, as shipped";
 const PLAIN_ARM: &str = "claude-balancer, coalescing and affinity off";
 /// The shipped settings with the Redis state backend (a local `redis-server`), when installed.
 const REDIS_ARM: &str = "claude-balancer, as shipped, redis state backend";
+/// The shipped settings, with the requests' key a named client with every kind of limit (set so
+/// high that none refuses): identified, admitted and charged on every request.
+const CLIENT_ARM: &str = "claude-balancer, as shipped, named client with limits";
 /// Sessions the load is spread over (one per worker, as each Claude Code session is one client).
 const SESSIONS: usize = 16;
 
@@ -582,6 +585,14 @@ async fn main() {
     let (bal_proc, bal) = start_balancer(&dir, "shipped", &mock.url(), "anthropic", true);
     let (oai_proc, oai_bal) = start_balancer(&dir, "conv", &oai.url(), "openai", true);
     let (plain_proc, plain) = start_balancer(&dir, "plain", &mock.url(), "anthropic", false);
+    let (client_proc, client_bal) = start_balancer_with(
+        &dir,
+        "client",
+        &mock.url(),
+        "anthropic",
+        true,
+        "clients:\n  - name: bench\n    key: bench-key\n    limits:\n      requests_per_minute: 1000000000\n      concurrent_requests: 100000\n      tokens: { window: 5h, max: 1000000000000000 }\n      budget_usd: { window: 30d, max: 1000000000 }\n",
+    );
     let (bare_proc, bare) = start_bare_proxy(&mock.url());
     // The Redis arm, when `redis-server` is installed.
     let redis = start_redis(&dir);
@@ -592,6 +603,7 @@ async fn main() {
     wait_up(&c, &bal).await;
     wait_up(&c, &oai_bal).await;
     wait_up(&c, &plain).await;
+    wait_up(&c, &client_bal).await;
     if let Some((_, url)) = &shared {
         wait_shared(&c, url).await;
     }
@@ -602,6 +614,7 @@ async fn main() {
         ("bare proxy", bare.clone()),
         (SHIPPED_ARM, bal.clone()),
         (PLAIN_ARM, plain.clone()),
+        (CLIENT_ARM, client_bal.clone()),
     ];
     if let Some((_, url)) = &shared {
         arms.push((REDIS_ARM, url.clone()));
@@ -611,6 +624,7 @@ async fn main() {
         "bare proxy" => Some(bare_proc.0.id()),
         SHIPPED_ARM => Some(bal_proc.0.id()),
         PLAIN_ARM => Some(plain_proc.0.id()),
+        CLIENT_ARM => Some(client_proc.0.id()),
         REDIS_ARM => shared_pid,
         _ => None,
     };
