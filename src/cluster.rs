@@ -706,7 +706,9 @@ impl Cluster {
         if hours.is_empty() {
             return;
         }
+        // One transaction: all of it is added, or none.
         let mut pipe = redis::pipe();
+        pipe.atomic();
         for h in &hours {
             let key = format!("{}usage:{}", self.prefix, h.hour_ms);
             let group = h.group.join(USAGE_SEPARATOR);
@@ -724,7 +726,9 @@ impl Cluster {
         let mut conn = self.connection();
         let sent =
             tokio::time::timeout(COMMAND_TIMEOUT * 4, pipe.query_async::<()>(&mut conn)).await;
-        if !matches!(sent, Ok(Ok(()))) {
+        // Refused: not added, kept for the next push. No answer in time: it may have been added,
+        // so it is not sent again (the cluster's usage may miss it; this instance's file has it).
+        if let Ok(Err(_)) = sent {
             store.untake_shared(hours);
         }
     }
@@ -821,7 +825,11 @@ pub async fn read_usage(
     let hour = 3_600_000u64;
     let from = crate::routing::health::unix_ms(q.from);
     let to = crate::routing::health::unix_ms(q.to);
-    let first = from.div_ceil(hour) * hour;
+    // The last MAX_USAGE_HOURS before `to` at most (older hours have expired anyway).
+    let first = from
+        .max(to.saturating_sub(MAX_USAGE_HOURS * hour))
+        .div_ceil(hour)
+        * hour;
     let hours: Vec<u64> = (0..MAX_USAGE_HOURS)
         .map(|i| first + i * hour)
         .take_while(|h| *h < to)

@@ -316,9 +316,14 @@ async fn run(cli: Cli, config: Config, workers: Vec<tokio::runtime::Handle>) -> 
     };
     drop(runtime);
     let usage = state.usage.clone();
+    let cluster = state.cluster.clone();
     server::serve_on(listener, state, shutdown_signal(), &workers)
         .await
         .map_err(|e| format!("server error: {e}"))?;
+    if let Some(cluster) = cluster {
+        // The last second of usage, to the cluster's.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), cluster.push_usage()).await;
+    }
     if let Some(usage) = usage {
         // The last second of usage, before the process ends.
         tokio::task::spawn_blocking(move || usage.flush())

@@ -311,6 +311,8 @@ impl Drop for UsageStore {
 fn writer(path: &Path, tally: &Mutex<Tally>, rx: &Receiver<Message>) {
     let mut conn: Option<Connection> = None;
     let mut last_prune: Option<SystemTime> = None;
+    // A file that cannot be opened or written is reported once, not every second.
+    let mut warned = false;
     loop {
         let (done, stop) = match rx.recv_timeout(FLUSH_EVERY) {
             Ok(Message::Flush(done)) => (Some(done), false),
@@ -322,14 +324,21 @@ fn writer(path: &Path, tally: &Mutex<Tally>, rx: &Receiver<Message>) {
             if conn.is_none() {
                 match open(path) {
                     Ok(c) => conn = Some(c),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "usage file cannot be opened; this second's usage is lost")
+                    Err(e) if !warned => {
+                        warned = true;
+                        tracing::warn!(error = %e, "usage file cannot be opened: usage is not recorded until it can be");
                     }
+                    Err(_) => {}
                 }
             }
             if let Some(c) = conn.as_mut() {
-                if let Err(e) = write(c, &taken) {
-                    tracing::warn!(error = %e, "usage could not be written; this second's usage is lost");
+                match write(c, &taken) {
+                    Ok(()) => warned = false,
+                    Err(e) if !warned => {
+                        warned = true;
+                        tracing::warn!(error = %e, "usage could not be written: usage is not recorded until it can be");
+                    }
+                    Err(_) => {}
                 }
                 let now = SystemTime::now();
                 if last_prune.is_none_or(|t| {

@@ -95,6 +95,19 @@ async fn a_client_is_known_by_its_key_and_kept_to_its_models() {
         "{message}"
     );
     assert_eq!(p.request_count(), 2);
+    // count_tokens too keeps a client to its models.
+    let mut body = request(false);
+    body["model"] = "claude-opus-4-5".into();
+    let counted = bal
+        .client
+        .post(format!("{}/v1/messages/count_tokens", bal.url))
+        .header("x-api-key", ALICE)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(counted.status(), 403);
+    assert_eq!(p.request_count(), 2);
     // Metrics name clients, never keys.
     let metrics = metrics(&bal, ALICE).await;
     assert_eq!(
@@ -109,7 +122,7 @@ async fn a_client_is_known_by_its_key_and_kept_to_its_models() {
             &metrics,
             "claude_balancer_client_refusals_total{client=\"alice\",limit=\"models\"}"
         ),
-        Some(1.0)
+        Some(2.0)
     );
     assert!(!metrics.contains(ALICE) && !metrics.contains(BOB));
 }

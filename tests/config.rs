@@ -510,8 +510,15 @@ clients:
       budget_usd: { window: "1d", max: 0 }
   - name: dave
     key: same
+  - name: erin
+    key: admin-key-1
+  - name: frank
+    key_sha256: "+f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 pricing:
   "gpt-*": { input: 1 }
+settings:
+  auth:
+    admin_keys: ["admin-key-1"]
 "#;
     let errors = load_str(bad, &no_env).unwrap_err().0.join("\n");
     for expected in [
@@ -523,6 +530,8 @@ pricing:
         "clients[4].name: \"dave\" is used by another client",
         "clients: \"dave\" and \"dave\" have the same key",
         "pricing.\"gpt-*\": input and output prices are required",
+        "clients: \"erin\" has a key of settings.auth.api_keys or admin_keys",
+        "clients[6].key_sha256: expected 64 hexadecimal digits",
     ] {
         assert!(
             errors.contains(expected),

@@ -152,7 +152,7 @@ struct Walker<'a> {
 /// The 32 bytes written as 64 hexadecimal digits.
 fn sha256_hex(hex: &str) -> Option<[u8; 32]> {
     let hex = hex.trim();
-    if hex.len() != 64 {
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; 32];
@@ -400,6 +400,27 @@ impl Walker<'_> {
         let settings = self.settings(settings_map);
         let clients = self.clients(top.get("clients"));
         let pricing = self.pricing(top.get("pricing"));
+        // A client key that is also an admin or shared key would give that client more than its own.
+        for c in &clients {
+            let ClientKey::Plain(k) = &c.key else {
+                continue;
+            };
+            let auth = &settings.auth;
+            if auth
+                .admin_keys
+                .iter()
+                .chain(&auth.api_keys)
+                .any(|a| a.expose() == k.expose())
+            {
+                self.error(
+                    "clients",
+                    format!(
+                        "{:?} has a key of settings.auth.api_keys or admin_keys: give it its own",
+                        c.name
+                    ),
+                );
+            }
+        }
         if settings.auth.enabled && settings.auth.api_keys.is_empty() && clients.is_empty() {
             self.error(
                 "settings.auth.api_keys",

@@ -219,14 +219,21 @@ async fn admit(
     }
     // With the Redis backend the windows are the cluster's; the ledger still holds this
     // instance's concurrent requests (and the windows, should Redis go away).
-    let shared = match &state.cluster {
-        Some(cluster) => cluster.admit_client(client).await,
-        None => None,
-    };
     let now = tokio::time::Instant::now();
-    let admitted = match shared {
-        Some(Ok(())) => state.ledger.admit_checked(client, now),
-        Some(Err(refusal)) => Err(refusal),
+    let admitted = match &state.cluster {
+        // This instance's concurrent requests first: a request refused for them must not use up
+        // one of the cluster's requests of the minute.
+        Some(cluster) => match state.ledger.admit_checked(client, now) {
+            Err(refusal) => Err(refusal),
+            Ok(admission) => match cluster.admit_client(client).await {
+                Some(Ok(())) => Ok(admission),
+                Some(Err(refusal)) => Err(refusal),
+                None => {
+                    drop(admission);
+                    state.ledger.admit(client, tokio::time::Instant::now())
+                }
+            },
+        },
         None => state.ledger.admit(client, now),
     };
     match admitted {
@@ -249,6 +256,7 @@ async fn admit(
 
 pub async fn count_tokens(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
@@ -256,7 +264,22 @@ pub async fn count_tokens(
     state.metrics.started();
     let id = observability::request_id(&headers);
     match accept(&state, Endpoint::CountTokens, id, &uri, headers, body).await {
-        Ok((record, inbound)) => {
+        Ok((mut record, inbound)) => {
+            // A named client counts tokens only for the models it may use (no limits: a count
+            // costs nothing).
+            if let Some(client) = caller.0 {
+                record.client = Some(Arc::clone(&client.name));
+                let model = &inbound.envelope.model;
+                if !client.may_use(model) {
+                    state.metrics.client_refused(&client.name, "models");
+                    let refusal = ApiError::new(
+                        http::StatusCode::FORBIDDEN,
+                        "permission_error",
+                        format!("client {:?} may not use model {model:?}", &*client.name),
+                    );
+                    return respond(&state, record, None, Answer::error(refusal));
+                }
+            }
             let answer = count_tokens::count_tokens(&state, inbound).await;
             respond(&state, record, None, answer)
         }
