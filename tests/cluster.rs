@@ -34,18 +34,6 @@ async fn all_up(instances: &[&Balancer]) {
     }
 }
 
-/// Two providers for the affinity tests: A first by priority, then B.
-async fn providers_a_and_b() -> (MockProvider, MockProvider) {
-    (
-        MockProvider::start(Reply::message("m", "from A"))
-            .await
-            .unwrap(),
-        MockProvider::start(Reply::message("m", "from B"))
-            .await
-            .unwrap(),
-    )
-}
-
 async fn backend_up_metric(bal: &Balancer) -> String {
     let text = bal.get_text("/metrics").await;
     text.lines()
@@ -468,6 +456,55 @@ async fn a_session_that_moves_on_one_instance_moves_on_all() {
     assert_eq!(resp.headers()["x-provider-used"], "B");
 }
 
+/// Two instances on one Redis with providers A (answering 500) and B: one fault of A starts its
+/// cooldown of `cooldown` seconds.
+struct FailingA {
+    a: MockProvider,
+    b: MockProvider,
+    settings: String,
+    one: Balancer,
+    two: Balancer,
+}
+
+impl FailingA {
+    async fn start(redis: &RedisServer, cooldown: f64) -> Self {
+        let a = MockProvider::start(Reply::error(500, "api_error", "A is broken"))
+            .await
+            .unwrap();
+        let b = MockProvider::start(Reply::message("m", "from B"))
+            .await
+            .unwrap();
+        let settings = format!(
+            "  unhealthy_threshold: 1\n  failure_cooldown: {cooldown}\n{}",
+            redis_settings(&redis.url())
+        );
+        let config = |name: &str| {
+            config_yaml(
+                &[("A", &a.url(), 1), ("B", &b.url(), 2)],
+                &settings.replace("gw-1", name),
+            )
+        };
+        let one = Balancer::start(&config("gw-1")).await;
+        let two = Balancer::start(&config("gw-2")).await;
+        all_up(&[&one, &two]).await;
+        Self {
+            a,
+            b,
+            settings,
+            one,
+            two,
+        }
+    }
+
+    /// The configuration of another instance of the same cluster.
+    fn config(&self, name: &str) -> String {
+        config_yaml(
+            &[("A", &self.a.url(), 1), ("B", &self.b.url(), 2)],
+            &self.settings.replace("gw-1", name),
+        )
+    }
+}
+
 /// A provider that fails on one instance is skipped by the others during its cooldown (the
 /// change is published, not polled), and after the cooldown exactly one instance probes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -475,21 +512,8 @@ async fn provider_health_is_shared_and_one_instance_probes() {
     let Some(redis) = RedisServer::start(None) else {
         return;
     };
-    let a = MockProvider::start(Reply::error(500, "api_error", "A is broken"))
-        .await
-        .unwrap();
-    let b = MockProvider::start(Reply::message("m", "from B"))
-        .await
-        .unwrap();
-    let settings = format!(
-        "  unhealthy_threshold: 1\n  failure_cooldown: 1.5\n{}",
-        redis_settings(&redis.url())
-    );
-    let named = |name: &str| settings.replace("gw-1", name);
-    let providers = |name| config_yaml(&[("A", &a.url(), 1), ("B", &b.url(), 2)], &named(name));
-    let one = Balancer::start(&providers("gw-1")).await;
-    let two = Balancer::start(&providers("gw-2")).await;
-    all_up(&[&one, &two]).await;
+    let fleet = FailingA::start(&redis, 1.5).await;
+    let (a, one, two) = (&fleet.a, &fleet.one, &fleet.two);
 
     let resp = one.post("/v1/messages", &request(false)).await;
     assert_eq!(resp.headers()["x-provider-used"], "B");
@@ -553,7 +577,7 @@ async fn provider_health_is_shared_and_one_instance_probes() {
     }
 
     // A new instance (or a restarted one) starts with what the cluster knows.
-    let three = Balancer::start(&providers("gw-3")).await;
+    let three = Balancer::start(&fleet.config("gw-3")).await;
     all_up(&[&three]).await;
     assert!(
         eventually(PATIENCE, || async {
@@ -574,21 +598,8 @@ async fn a_probe_whose_client_leaves_gives_the_lease_back() {
     let Some(redis) = RedisServer::start(None) else {
         return;
     };
-    let a = MockProvider::start(Reply::error(500, "api_error", "A is broken"))
-        .await
-        .unwrap();
-    let b = MockProvider::start(Reply::message("m", "from B"))
-        .await
-        .unwrap();
-    let settings = format!(
-        "  unhealthy_threshold: 1\n  failure_cooldown: 1\n{}",
-        redis_settings(&redis.url())
-    );
-    let named = |name: &str| settings.replace("gw-1", name);
-    let providers = |name| config_yaml(&[("A", &a.url(), 1), ("B", &b.url(), 2)], &named(name));
-    let one = Balancer::start(&providers("gw-1")).await;
-    let two = Balancer::start(&providers("gw-2")).await;
-    all_up(&[&one, &two]).await;
+    let fleet = FailingA::start(&redis, 1.0).await;
+    let (a, one, two) = (&fleet.a, &fleet.one, &fleet.two);
     assert_eq!(
         one.post("/v1/messages", &request(false)).await.headers()["x-provider-used"],
         "B"

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{MockProvider, RedisServer, Reply, eventually, free_port};
+use common::{MockProvider, RedisServer, Reply, eventually, free_port, providers_a_and_b};
 use serde_json::{Value, json};
 
 const PATIENCE: Duration = Duration::from_secs(15);
@@ -186,18 +186,6 @@ async fn all_up(instances: &[&Instance]) {
             i.backend().await
         );
     }
-}
-
-/// Providers A and B, both answering.
-async fn providers_a_and_b() -> (MockProvider, MockProvider) {
-    (
-        MockProvider::start(Reply::message("m", "from A"))
-            .await
-            .unwrap(),
-        MockProvider::start(Reply::message("m", "from B"))
-            .await
-            .unwrap(),
-    )
 }
 
 /// Three instances gw-1, gw-2, gw-3 on one Redis, with providers A and B.

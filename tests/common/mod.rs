@@ -381,3 +381,15 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Two anthropic providers answering "from A" and "from B".
+pub async fn providers_a_and_b() -> (MockProvider, MockProvider) {
+    (
+        MockProvider::start(Reply::message("m", "from A"))
+            .await
+            .unwrap(),
+        MockProvider::start(Reply::message("m", "from B"))
+            .await
+            .unwrap(),
+    )
+}
