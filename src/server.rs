@@ -139,6 +139,7 @@ async fn housekeeping(state: Arc<AppState>) {
         tick.tick().await;
         let now = tokio::time::Instant::now();
         state.affinity.sweep(now);
+        state.keys.sweep(now);
         state.dedup.sweep_cache(now);
     }
 }

@@ -98,6 +98,11 @@ fn configured_secrets(config: &Config) -> Redactor {
         if let Auth::ApiKey(k) | Auth::Bearer(k) = &p.auth {
             secrets.push(k.expose());
         }
+        for key in &p.keys {
+            if let Auth::ApiKey(k) | Auth::Bearer(k) = &key.auth {
+                secrets.push(k.expose());
+            }
+        }
         if let Some(proxy) = &p.proxy {
             secrets.push(proxy.expose());
             secrets.extend(url_password(proxy.expose()));
@@ -135,6 +140,8 @@ pub struct AppState {
     pub clients: ClientPool,
     /// What each named client used, against its limits; kept across reloads.
     pub ledger: Arc<crate::clients::Ledger>,
+    /// The state of each key of the providers' key pools; kept across reloads.
+    pub keys: crate::routing::keys::KeyBook,
     /// The usage file (`settings.usage.path`, fixed at start); `None` when the path is empty.
     pub usage: Option<Arc<crate::usage::UsageStore>>,
     /// The file `POST /providers/reload` re-reads; `None` for a configuration given in memory.
@@ -189,6 +196,7 @@ impl AppState {
             affinity: AffinityBook::default(),
             clients,
             ledger: Arc::default(),
+            keys: crate::routing::keys::KeyBook::default(),
             usage,
             config_path,
             reload_lock: tokio::sync::Mutex::new(()),

@@ -39,6 +39,34 @@ fn display_state(p: &Provider, health: HealthState) -> &'static str {
     }
 }
 
+/// A provider's key pool as `/providers` shows it: each key masked, with its state and the last
+/// rate-limit figures the provider reported for it; `null` without a pool.
+fn keys(state: &AppState, pc: &crate::config::ProviderConfig, now: Instant) -> Value {
+    if pc.keys.is_empty() {
+        return Value::Null;
+    }
+    let reports = state.keys.report(&pc.name, &pc.keys, now);
+    Value::Array(
+        pc.keys
+            .iter()
+            .zip(reports)
+            .map(|(k, r)| {
+                json!({
+                    "name": k.name,
+                    "credentials": credentials(&k.auth),
+                    "state": if r.resting.is_zero() { "available" } else { "resting" },
+                    "resting_seconds": secs(r.resting),
+                    "reason": r.reason,
+                    "requests_remaining": r.requests_remaining,
+                    "tokens_remaining": r.tokens_remaining,
+                    "reset": r.reset.map(rfc3339),
+                    "requests": r.uses,
+                })
+            })
+            .collect(),
+    )
+}
+
 fn credentials(auth: &Auth) -> Value {
     match auth {
         Auth::ApiKey(k) => json!({"kind": "x-api-key", "value": k.masked()}),
@@ -84,6 +112,7 @@ fn rows<'a>(state: &AppState, runtime: &'a Runtime) -> Vec<Row<'a>> {
 
 pub async fn providers(State(state): State<Arc<AppState>>) -> Response {
     let runtime = state.runtime();
+    let now = Instant::now();
     let rows = rows(&state, &runtime);
     let healthy = rows.iter().filter(|r| r.usable()).count();
     let mut list = Vec::with_capacity(rows.len());
@@ -108,6 +137,7 @@ pub async fn providers(State(state): State<Arc<AppState>>) -> Response {
             "failures": h.failures,
             "avg_ttfb_ms": h.ttfb_ewma_ms.map(|v| (v * 10.0).round() / 10.0),
             "state_changed_by": h.changed_by,
+            "keys": keys(&state, pc, now),
         }));
     }
     let mut routes = serde_json::Map::new();

@@ -90,6 +90,7 @@ const PROVIDER_KEYS: &[&str] = &[
     "base_url",
     "auth_type",
     "auth_value",
+    "keys",
     "enabled",
     "proxy",
     "max_tokens_cap",
@@ -436,6 +437,113 @@ impl Walker<'_> {
         }
     }
 
+    /// `auth_value` as text, or `None` when it is a list (a key pool, read by [`Self::key_pool`])
+    /// or when a pool was given by `keys:` (`pooled`).
+    fn text_or_list(
+        &mut self,
+        m: &Map<String, Value>,
+        key: &str,
+        path: &str,
+        pooled: bool,
+    ) -> Option<Expanded> {
+        if pooled || matches!(m.get(key), Some(Value::Array(_))) {
+            return None;
+        }
+        self.text(m, key, path)
+    }
+
+    /// A key pool: `auth_value` as a list of keys, or `keys:` (a list of `{name, value}`). Keys
+    /// whose value is empty or an unset variable are left out, with a warning. `None` when the
+    /// provider has no pool.
+    fn key_pool(
+        &mut self,
+        m: &Map<String, Value>,
+        path: &str,
+        label: &str,
+        credential: &dyn Fn(String) -> Auth,
+    ) -> Option<Vec<PoolKey>> {
+        let listed = match m.get("auth_value") {
+            Some(Value::Array(items)) => Some(items),
+            _ => None,
+        };
+        let named = match m.get("keys") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(items)) => Some(items),
+            Some(_) => {
+                self.error(&join(path, "keys"), "expected a list of { name, value }");
+                return None;
+            }
+        };
+        let (items, field) = match (listed, named) {
+            (None, None) => return None,
+            (Some(_), Some(_)) => {
+                self.error(path, "give auth_value as a list or keys, not both");
+                return None;
+            }
+            (Some(items), None) => (items, "auth_value"),
+            (None, Some(items)) => (items, "keys"),
+        };
+        let mut pool: Vec<PoolKey> = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let item_path = format!("{}[{i}]", join(path, field));
+            let (name, raw) = match item {
+                Value::String(v) => (format!("key-{}", i + 1), v.clone()),
+                Value::Object(k) if field == "keys" => {
+                    self.check_keys(k, &item_path, &["name", "value"], &[]);
+                    let name = self
+                        .string(k, "name", &item_path)
+                        .map(|n| n.trim().to_owned())
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| format!("key-{}", i + 1));
+                    match k.get("value") {
+                        Some(Value::String(v)) => (name, v.clone()),
+                        _ => {
+                            self.error(&join(&item_path, "value"), "is required (a key or ${VAR})");
+                            continue;
+                        }
+                    }
+                }
+                _ => {
+                    self.error(&item_path, "expected a key (a string)");
+                    continue;
+                }
+            };
+            if pool.iter().any(|k| k.name == name) {
+                self.error(&item_path, format!("the key name {name:?} is used twice"));
+                continue;
+            }
+            let Expanded { value, unset } = self.expand(&raw);
+            let value = value.trim().to_owned();
+            if value.eq_ignore_ascii_case("passthrough") || value.eq_ignore_ascii_case("oauth") {
+                self.error(&item_path, format!("{value:?} cannot be one key of a pool"));
+                continue;
+            }
+            if value.is_empty() {
+                let why = if unset.is_empty() {
+                    "it is empty".to_owned()
+                } else {
+                    format!("environment variable {} is not set", unset.join(", "))
+                };
+                self.warn(
+                    &item_path,
+                    format!("provider {label:?}: key {name:?} is left out of the pool ({why})"),
+                );
+                continue;
+            }
+            pool.push(PoolKey {
+                name,
+                auth: credential(value),
+            });
+        }
+        if pool.is_empty() {
+            self.warn(
+                &join(path, field),
+                format!("provider {label:?} has no credentials (no key of its pool is set)"),
+            );
+        }
+        Some(pool)
+    }
+
     /// `clients:`: named client keys with their models and limits.
     fn clients(&mut self, v: Option<&Value>) -> Vec<ClientConfig> {
         let items = match v {
@@ -749,7 +857,19 @@ impl Walker<'_> {
             }
         }
         let mut disabled_reason = None;
-        let auth = match self.text(m, "auth_value", path) {
+        let credential = |value: String| {
+            if kind == Some(ProviderKind::Anthropic) && auth_type.as_deref() == Some("api_key") {
+                Auth::ApiKey(Secret::new(value))
+            } else {
+                Auth::Bearer(Secret::new(value))
+            }
+        };
+        let pool = self.key_pool(m, path, &label, &credential);
+        let auth = match self.text_or_list(m, "auth_value", path, pool.is_some()) {
+            _ if pool.is_some() => pool
+                .as_ref()
+                .and_then(|p| p.first())
+                .map_or(Auth::None, |k| k.auth.clone()),
             None => {
                 if !m.contains_key("auth_value") {
                     self.error(
@@ -783,15 +903,12 @@ impl Walker<'_> {
                         format!("provider {label:?} has no credentials ({why})"),
                     );
                     Auth::None
-                } else if kind == Some(ProviderKind::Anthropic)
-                    && auth_type.as_deref() == Some("api_key")
-                {
-                    Auth::ApiKey(Secret::new(value))
                 } else {
-                    Auth::Bearer(Secret::new(value))
+                    credential(value)
                 }
             }
         };
+        let keys = pool.filter(|p| p.len() >= 2).unwrap_or_default();
         let enabled = self.bool(m, "enabled", path, true);
         let proxy = self
             .string(m, "proxy", path)
@@ -853,6 +970,7 @@ impl Walker<'_> {
             kind: kind?,
             base_url: base_url?,
             auth,
+            keys,
             enabled,
             disabled_reason,
             proxy,

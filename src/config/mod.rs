@@ -177,6 +177,15 @@ pub enum Auth {
     None,
 }
 
+/// One key of a provider's key pool.
+#[derive(Debug, Clone)]
+pub struct PoolKey {
+    /// Its name (`keys[].name`, else `key-1`, `key-2`, …): shown in `/providers` and logs.
+    pub name: String,
+    /// `ApiKey` or `Bearer`, as the provider's `auth_type` says.
+    pub auth: Auth,
+}
+
 /// `Debug` masks a password written into `base_url`.
 #[derive(Clone)]
 pub struct ProviderConfig {
@@ -184,7 +193,10 @@ pub struct ProviderConfig {
     pub kind: ProviderKind,
     /// Without a trailing `/`.
     pub base_url: String,
+    /// The credential; with a key pool, its first key.
     pub auth: Auth,
+    /// A key pool (`auth_value` as a list, or `keys:`): two keys or more, else empty.
+    pub keys: Vec<PoolKey>,
     pub enabled: bool,
     /// Why the provider cannot be used although the file enables it (e.g. `oauth`).
     pub disabled_reason: Option<String>,

@@ -18,7 +18,7 @@ use super::{Endpoint, Inbound, Outcome, Reply};
 use crate::adapter::anthropic::strip_gateway_thinking;
 use crate::adapter::openai::stream::{Step, StreamState, chunk_error};
 use crate::adapter::openai::{self, Options, ReplyContext};
-use crate::config::{ProviderKind, TimeoutSet};
+use crate::config::{Auth, ProviderKind, TimeoutSet};
 use crate::inbound::body;
 use crate::routing::Candidate;
 use crate::state::{AppState, Runtime};
@@ -73,22 +73,25 @@ impl Deadlines {
     }
 }
 
+/// One attempt against `candidate` with the credential `auth` (the provider's own, or the key of
+/// its pool chosen for this attempt).
 pub async fn attempt(
     state: &Arc<AppState>,
     runtime: &Runtime,
     candidate: &Candidate,
     inbound: &Inbound,
     endpoint: Endpoint,
+    auth: &Auth,
 ) -> Outcome {
     match (endpoint, candidate.provider.config.kind) {
         (Endpoint::Messages, ProviderKind::Anthropic) => {
-            anthropic(state, runtime, candidate, inbound).await
+            anthropic(state, runtime, candidate, inbound, auth).await
         }
         (Endpoint::Messages, ProviderKind::Openai) => {
-            openai(state, runtime, candidate, inbound).await
+            openai(state, runtime, candidate, inbound, auth).await
         }
         (Endpoint::CountTokens, ProviderKind::Anthropic) => {
-            count_tokens(runtime, candidate, inbound).await
+            count_tokens(runtime, candidate, inbound, auth).await
         }
         (Endpoint::CountTokens, ProviderKind::Openai) => {
             Outcome::Unsupported("OpenAI-compatible providers have no count_tokens endpoint".into())
@@ -391,6 +394,7 @@ async fn anthropic(
     runtime: &Runtime,
     candidate: &Candidate,
     inbound: &Inbound,
+    auth: &Auth,
 ) -> Outcome {
     let faults = &runtime.faults;
     let provider = &candidate.provider;
@@ -398,7 +402,7 @@ async fn anthropic(
     let stream = inbound.envelope.stream;
     let deadlines = message_deadlines(runtime, stream);
     let body = passthrough_body(inbound, candidate);
-    let headers = anthropic_request_headers(&inbound.headers, &provider.config.auth);
+    let headers = anthropic_request_headers(&inbound.headers, auth);
     let mut resp = match send(
         provider.post_messages(inbound.query.as_deref(), headers, body),
         &deadlines,
@@ -497,6 +501,7 @@ async fn openai(
     runtime: &Runtime,
     candidate: &Candidate,
     inbound: &Inbound,
+    auth: &Auth,
 ) -> Outcome {
     let faults = &runtime.faults;
     let provider = &candidate.provider;
@@ -533,12 +538,7 @@ async fn openai(
             "application/json"
         }),
     );
-    apply_auth(
-        &mut headers,
-        &inbound.headers,
-        &provider.config.auth,
-        AuthStyle::Openai,
-    );
+    apply_auth(&mut headers, &inbound.headers, auth, AuthStyle::Openai);
     let body = serde_json::to_vec(&converted).unwrap_or_default();
     let mut resp = match send(
         provider.post_messages(None, headers, Bytes::from(body)),
@@ -658,11 +658,16 @@ async fn openai(
 /// `count_tokens` on an anthropic-type provider. Only a positive count is an answer (a 0 would
 /// stop Claude Code from compacting); anything else is a fault of this provider's count_tokens
 /// (kept in its own book) and the loop moves on, in the end to the local count.
-async fn count_tokens(runtime: &Runtime, candidate: &Candidate, inbound: &Inbound) -> Outcome {
+async fn count_tokens(
+    runtime: &Runtime,
+    candidate: &Candidate,
+    inbound: &Inbound,
+    auth: &Auth,
+) -> Outcome {
     let provider = &candidate.provider;
     let deadlines = Deadlines::single(runtime.config.settings.token_counting.timeout);
     let body = passthrough_body(inbound, candidate);
-    let headers = anthropic_request_headers(&inbound.headers, &provider.config.auth);
+    let headers = anthropic_request_headers(&inbound.headers, auth);
     let request = provider.post_count_tokens(inbound.query.as_deref(), headers, body);
     let mut resp = match send(request, &deadlines).await {
         Ok(r) => r,

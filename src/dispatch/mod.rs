@@ -280,12 +280,9 @@ pub async fn run(
                 Lease::Granted => lease = Some(HeldLease::new(cluster, name, version)),
             }
         }
-        let started = Instant::now();
-        let mut outcome = attempt::attempt(state, runtime, candidate, inbound, endpoint).await;
-        if let Outcome::Fault(f) = &mut outcome {
-            f.reason = redact_reason(&f.reason, runtime, inbound);
-        }
-        attempts.push(record_attempt(candidate, &outcome, started.elapsed()));
+        let (outcome, took) =
+            attempt_with_keys(state, runtime, candidate, inbound, endpoint, &mut attempts).await;
+        attempts.push(record_attempt(candidate, &outcome, took));
         let (reply, verdict) = match outcome {
             Outcome::Committed(reply) => {
                 let ttfb = reply.ttfb;
@@ -360,6 +357,85 @@ pub async fn run(
         failures,
         unsupported,
     })
+}
+
+/// One attempt on `candidate`, or, for a provider with a key pool, one per key until a key answers
+/// for itself: a 429, 401, 402 or 403 rests that key (for the provider's `retry-after`, else the
+/// cooldown) and the request goes on with another key of the same provider, recorded as an attempt
+/// but not counted against the provider; only when no other key is available does the outcome
+/// stand as the provider's. Answers through a key update its rate-limit figures (a key reported
+/// exhausted rests until its reset) and make it the session's key of that provider.
+async fn attempt_with_keys(
+    state: &Arc<AppState>,
+    runtime: &Runtime,
+    candidate: &Candidate,
+    inbound: &Inbound,
+    endpoint: Endpoint,
+    attempts: &mut Vec<Attempt>,
+) -> (Outcome, Duration) {
+    let config = &candidate.provider.config;
+    let pool = &config.keys;
+    let mut tried: Vec<usize> = Vec::new();
+    loop {
+        let now = Instant::now();
+        let key = if pool.is_empty() {
+            None
+        } else {
+            state
+                .keys
+                .choose(&config.name, pool, inbound.session.as_deref(), &tried, now)
+        };
+        let auth = key.map_or(&config.auth, |i| &pool[i].auth);
+        let started = Instant::now();
+        let mut outcome =
+            attempt::attempt(state, runtime, candidate, inbound, endpoint, auth).await;
+        if let Outcome::Fault(f) = &mut outcome {
+            f.reason = redact_reason(&f.reason, runtime, inbound);
+        }
+        let took = started.elapsed();
+        let Some(i) = key else {
+            return (outcome, took);
+        };
+        let name = &pool[i].name;
+        tried.push(i);
+        state.keys.used(&config.name, name);
+        let now = Instant::now();
+        let key_status = match &outcome {
+            Outcome::Fault(f) => f.status.map(|s| (s, f.retry_after)),
+            Outcome::ClientFault(r) => {
+                Some((r.status.as_u16(), crate::upstream::retry_after(&r.headers)))
+            }
+            _ => None,
+        }
+        .filter(|(s, _)| crate::routing::keys::KEY_STATUSES.contains(s));
+        if let Some((status, retry_after)) = key_status {
+            let rest = retry_after.unwrap_or(runtime.health_policy.cooldown);
+            state
+                .keys
+                .rest(&config.name, name, now + rest, format!("status {status}"));
+            tracing::warn!(provider = %config.name, key = %name, status, rest_seconds = rest.as_secs_f64(), "key rests; the pool's other keys serve");
+            if state
+                .keys
+                .another_available(&config.name, pool, &tried, now)
+            {
+                let mut record = record_attempt(candidate, &outcome, took);
+                record.reason = Some(format!(
+                    "key {name}: status {status}{}",
+                    record.reason.map(|r| format!(", {r}")).unwrap_or_default()
+                ));
+                attempts.push(record);
+                continue;
+            }
+        }
+        if let Outcome::Committed(reply) | Outcome::ClientFault(reply) = &outcome {
+            state.keys.observe(&config.name, name, &reply.headers, now);
+        }
+        if let (Outcome::Committed(_), Some(session)) = (&outcome, &inbound.session) {
+            let ttl = runtime.config.settings.sticky_provider_duration;
+            state.keys.stick(session, &config.name, name, now, ttl);
+        }
+        return (outcome, took);
+    }
 }
 
 /// How long a probe of this request may hold the cluster's lease: the time its attempt may take

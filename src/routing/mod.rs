@@ -7,6 +7,7 @@
 
 pub mod affinity;
 pub mod health;
+pub mod keys;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -315,6 +316,7 @@ mod tests {
             kind: ProviderKind::Anthropic,
             base_url: format!("https://{name}.example"),
             auth: Auth::None,
+            keys: Vec::new(),
             enabled: true,
             disabled_reason: None,
             proxy: None,

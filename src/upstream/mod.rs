@@ -331,6 +331,7 @@ mod tests {
             kind,
             base_url: base.into(),
             auth: Auth::None,
+            keys: Vec::new(),
             enabled: true,
             disabled_reason: None,
             proxy: None,
