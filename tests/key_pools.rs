@@ -181,3 +181,63 @@ model_routes:
         matches!(&keys[0].auth, claude_balancer::config::Auth::Bearer(k) if k.expose() == "k-a")
     );
 }
+
+/// A subscription account's 429 says until when its quota is exhausted: the key rests until then,
+/// not just for the cooldown.
+#[tokio::test]
+async fn a_429_with_a_unified_reset_rests_the_key_until_that_reset() {
+    let (p, bal) = pooled("  failure_cooldown: 5\n").await;
+    let reset = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    p.push(
+        Reply::error(429, "rate_limit_error", "usage limit reached")
+            .with_header("anthropic-ratelimit-unified-status", "rejected")
+            .with_header("anthropic-ratelimit-unified-reset", &reset.to_string()),
+    );
+    assert_eq!(
+        bal.post("/v1/messages", &request(false)).await.status(),
+        200
+    );
+    let keys = bal.provider("P").await["keys"].clone();
+    let resting = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["state"] == "resting")
+        .cloned()
+        .unwrap_or_else(|| panic!("{keys}"));
+    let secs = resting["resting_seconds"].as_f64().unwrap();
+    assert!(
+        secs > 3500.0,
+        "rests until the reset, not the 5 s cooldown: {secs}"
+    );
+}
+
+/// count_tokens uses the pool's keys but never rests them: a relay whose count_tokens refuses
+/// must not take keys away from chat requests.
+#[tokio::test]
+async fn count_tokens_failures_do_not_rest_keys() {
+    let (p, bal) = pooled("").await;
+    for _ in 0..4 {
+        p.push(Reply::error(
+            403,
+            "permission_error",
+            "no count_tokens here",
+        ));
+    }
+    for _ in 0..2 {
+        let resp = bal.post("/v1/messages/count_tokens", &request(false)).await;
+        assert_eq!(resp.status(), 200, "the local count answers");
+    }
+    let keys = bal.provider("P").await["keys"].clone();
+    assert!(
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k["state"] == "available"),
+        "{keys}"
+    );
+}

@@ -474,6 +474,10 @@ impl Walker<'_> {
                 return None;
             }
         };
+        if named.is_some() && m.get("auth_value").is_some_and(|v| !v.is_null()) {
+            self.error(path, "give auth_value or keys, not both");
+            return None;
+        }
         let (items, field) = match (listed, named) {
             (None, None) => return None,
             (Some(_), Some(_)) => {

@@ -185,7 +185,13 @@ async fn error_status(
     let body = read_upstream_body(resp, deadlines.gap, MAX_ERROR_BODY).await?;
     let body = super::request_redactor(runtime, inbound).bytes(body);
     if faults.is_unhealthy(status.as_u16(), &body) {
-        return Err(status_fault(status.as_u16(), &body, retry));
+        let mut fault = status_fault(status.as_u16(), &body, retry);
+        for (name, value) in &headers {
+            if name.as_str().starts_with("anthropic-ratelimit-") {
+                fault.rate_limits.append(name.clone(), value.clone());
+            }
+        }
+        return Err(fault);
     }
     Ok((status, headers, body))
 }

@@ -17,6 +17,9 @@ pub struct Fault {
     pub retry_after: Option<Duration>,
     /// The provider's status, for an unhealthy status.
     pub status: Option<u16>,
+    /// The provider's `anthropic-ratelimit-*` headers, for an unhealthy status (a key pool reads
+    /// them).
+    pub rate_limits: http::HeaderMap,
 }
 
 impl Fault {
@@ -26,6 +29,7 @@ impl Fault {
             reason: reason.into(),
             retry_after: None,
             status: None,
+            rate_limits: http::HeaderMap::new(),
         }
     }
 }
@@ -172,6 +176,7 @@ pub(crate) fn status_fault(status: u16, body: &[u8], retry: Option<Duration>) ->
         reason,
         retry_after: retry,
         status: Some(status),
+        rate_limits: http::HeaderMap::new(),
     }
 }
 

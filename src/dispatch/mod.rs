@@ -397,6 +397,11 @@ async fn attempt_with_keys(
             return (outcome, took);
         };
         let name = &pool[i].name;
+        // count_tokens uses the pool's keys but leaves their state to the chat requests: a relay
+        // without count_tokens must not rest keys that serve `/v1/messages`.
+        if endpoint != Endpoint::Messages {
+            return (outcome, took);
+        }
         tried.push(i);
         state.keys.used(&config.name, name);
         let now = Instant::now();
@@ -408,6 +413,10 @@ async fn attempt_with_keys(
             _ => None,
         }
         .filter(|(s, _)| crate::routing::keys::KEY_STATUSES.contains(s));
+        if let Outcome::Fault(f) = &outcome {
+            // A 429 may say how long the key's quota is exhausted (the unified headers).
+            state.keys.observe(&config.name, name, &f.rate_limits, now);
+        }
         if let Some((status, retry_after)) = key_status {
             let rest = retry_after.unwrap_or(runtime.health_policy.cooldown);
             state

@@ -7,7 +7,6 @@
 //! (prompt caches are per account) while that key is available.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -48,7 +47,8 @@ pub struct KeyBook {
     keys: Mutex<HashMap<(String, String), KeyState>>,
     /// (session, provider) → the key the session used, until when.
     sticky: Mutex<HashMap<(String, String), (String, Instant)>>,
-    next: AtomicUsize,
+    /// Each provider's turn.
+    next: Mutex<HashMap<String, usize>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -93,7 +93,12 @@ impl KeyBook {
             }
         }
         let n = keys.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n.max(1);
+        let start = {
+            let mut next = lock(&self.next);
+            let turn = next.entry(provider.to_owned()).or_default();
+            *turn = turn.wrapping_add(1);
+            *turn % n.max(1)
+        };
         let in_turn = (0..n).map(|k| (start + k) % n).filter(untried);
         if let Some(i) = in_turn
             .clone()
@@ -253,13 +258,19 @@ impl KeyBook {
     }
 }
 
-/// A reset time as Anthropic sends it: RFC 3339, or Unix seconds (the unified headers).
+/// The latest reset a key may rest until: a later one is taken for a mistake.
+const MAX_RESET: Duration = Duration::from_secs(7 * 86_400);
+
+/// A reset time as Anthropic sends it: RFC 3339, or Unix seconds (the unified headers); `None`
+/// when it is not one, or more than [`MAX_RESET`] away.
 fn reset_time(v: &str) -> Option<SystemTime> {
     let v = v.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
-    }
-    humantime::parse_rfc3339_weak(v).ok()
+    let at = match v.parse::<u64>() {
+        Ok(secs) => SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))?,
+        Err(_) => humantime::parse_rfc3339_weak(v).ok()?,
+    };
+    let latest = SystemTime::now().checked_add(MAX_RESET)?;
+    (at <= latest).then_some(at)
 }
 
 #[cfg(test)]
@@ -353,6 +364,20 @@ mod tests {
         assert!(!book.another_available("P", &keys, &[], now));
         assert_eq!(book.choose("P", &keys, None, &[], now), Some(1));
         assert_eq!(book.choose("P", &keys, None, &[0, 1, 2], now), None);
+    }
+
+    #[test]
+    fn reset_times_further_than_a_week_are_not_believed() {
+        assert!(reset_time("99999999999999").is_none());
+        assert!(reset_time("18446744073709551615").is_none());
+        assert!(reset_time("9999-12-31T00:00:00Z").is_none());
+        let soon = SystemTime::now() + Duration::from_secs(60);
+        let secs = soon
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(reset_time(&secs.to_string()).is_some());
+        assert!(reset_time("not a time").is_none());
     }
 
     #[tokio::test(start_paused = true)]
