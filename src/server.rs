@@ -45,6 +45,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/providers/reload", post(admin::reload))
         .route("/cache/clear", post(admin::clear_cache))
         .route("/usage", get(admin::usage))
+        .route("/v1/models", get(admin::models::list))
+        .route("/v1/models/{id}", get(admin::models::one))
         .route("/health", get(admin::health))
         .route("/metrics", get(admin::metrics))
         .route("/dashboard", get(admin::dashboard))

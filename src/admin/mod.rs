@@ -1,6 +1,8 @@
 //! Admin and status endpoints: `GET /providers`, `POST /providers/reload`, `GET /health`, `GET /`.
 //! Secrets are masked in everything they return.
 
+pub mod models;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -96,6 +96,7 @@ const PROVIDER_KEYS: &[&str] = &[
     "max_tokens_cap",
     "dialect",
     "sanitize_schemas",
+    "models",
 ];
 const PROVIDER_IGNORED: &[&str] = &["streaming_mode", "account_email", "priority"];
 const ENTRY_KEYS: &[&str] = &["provider", "model", "priority", "enabled", "weight"];
@@ -981,6 +982,7 @@ impl Walker<'_> {
             max_tokens_cap,
             dialect,
             sanitize_schemas,
+            models: self.string_list(m, "models", path),
         })
     }
 

@@ -209,6 +209,9 @@ pub struct ProviderConfig {
     pub dialect: Dialect,
     /// Remove JSON-schema keywords strict backends reject from tool schemas (openai conversion).
     pub sanitize_schemas: bool,
+    /// Model names this provider serves that `GET /v1/models` lists (for names behind glob
+    /// routes).
+    pub models: Vec<String>,
 }
 
 impl std::fmt::Debug for ProviderConfig {

@@ -142,6 +142,11 @@ impl RouteTable {
         })
     }
 
+    /// Whether some route takes `model`.
+    pub fn routes(&self, model: &str) -> bool {
+        self.matching(model).next().is_some()
+    }
+
     /// The patterns that match `model`, first match first.
     pub fn matching_patterns(&self, model: &str) -> Vec<Arc<str>> {
         self.matching(model)
@@ -323,6 +328,7 @@ mod tests {
             max_tokens_cap: None,
             dialect: Dialect::Generic,
             sanitize_schemas: false,
+            models: Vec::new(),
         }
     }
 

@@ -338,6 +338,7 @@ mod tests {
             max_tokens_cap: None,
             dialect: crate::config::Dialect::Generic,
             sanitize_schemas: false,
+            models: Vec::new(),
         };
         Provider::new(config, Client::direct(Duration::from_secs(1)).unwrap())
     }

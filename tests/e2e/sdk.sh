@@ -28,6 +28,7 @@ providers:
     base_url: "$MOCK_URL"
     auth_type: api_key
     auth_value: "provider-key"
+    models: ["claude-sonnet-4-6"]
   - name: "MockOpenAI"
     type: openai
     base_url: "$MOCK_URL/v1"

@@ -65,6 +65,20 @@ except anthropic.NotFoundError as e:
         failed += 1
         print(f"FAIL unrouted model: body {e.body}")
 
+# The models list: auto-pagination ends, and one model is found by its id.
+try:
+    listed = [m.id for m in client.models.list()]
+    one = client.models.retrieve("claude-sonnet-4-6")
+    if listed == ["claude-sonnet-4-6"] and one.id == "claude-sonnet-4-6" and one.display_name:
+        passed += 1
+        print("ok   models: list and retrieve")
+    else:
+        failed += 1
+        print(f"FAIL models: {listed!r}, {one!r}")
+except Exception as e:  # noqa: BLE001
+    failed += 1
+    print(f"FAIL models: {e!r}")
+
 # A named client over its limit: a typed RateLimitError with retry-after and the client named.
 limited = anthropic.Anthropic(base_url=os.environ["BALANCER_URL"], api_key="sk-limited-client", max_retries=0)
 ask = dict(model="claude-sonnet-4-6", max_tokens=10, messages=[{"role": "user", "content": "x"}])
