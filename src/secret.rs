@@ -141,26 +141,52 @@ impl Redactor {
     }
 }
 
-/// The password of a URL written as `scheme://user:password@host`, if any.
+/// The password of a URL written as `scheme://user:password@host`, or given as a `pass=` or
+/// `password=` query parameter (`redis+unix:///run/redis.sock?pass=…`), if any.
 pub fn url_password(url: &str) -> Option<&str> {
     let (_, rest) = url.split_once("://")?;
     let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-    let userinfo = &authority[..authority.rfind('@')?];
-    userinfo
-        .split_once(':')
-        .map(|(_, p)| p)
-        .filter(|p| !p.is_empty())
+    let from_userinfo = authority.rfind('@').and_then(|at| {
+        authority[..at]
+            .split_once(':')
+            .map(|(_, p)| p)
+            .filter(|p| !p.is_empty())
+    });
+    from_userinfo.or_else(|| {
+        let query = url.split_once('?')?.1;
+        query
+            .split('&')
+            .find_map(|kv| {
+                kv.strip_prefix("pass=")
+                    .or_else(|| kv.strip_prefix("password="))
+            })
+            .filter(|p| !p.is_empty())
+    })
 }
 
-/// Removes the password (and user name) from a URL such as `socks5://user:pass@host:1080`.
+/// Removes the password (and user name) from a URL such as `socks5://user:pass@host:1080`, and
+/// the value of a `pass=` or `password=` query parameter.
 pub fn mask_url_credentials(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
     let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    let masked = match rest[..authority_end].rfind('@') {
         Some(at) => format!("{scheme}://****@{}", &rest[at + 1..]),
         None => url.to_owned(),
+    };
+    match masked.split_once('?') {
+        Some((base, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k == "pass" || k == "password" => format!("{k}=****"),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            format!("{base}?{}", query.join("&"))
+        }
+        None => masked,
     }
 }
 
@@ -199,6 +225,15 @@ mod tests {
         assert_eq!(url_password("socks5://me:pw-1234@h:1080"), Some("pw-1234"));
         assert_eq!(url_password("http://h:8080/x@y"), None);
         assert_eq!(url_password("http://user@h"), None);
+        assert_eq!(
+            url_password("redis+unix:///run/redis.sock?db=1&pass=pw-99"),
+            Some("pw-99")
+        );
+        assert_eq!(
+            url_password("unix:///run/r.sock?password=pw-98"),
+            Some("pw-98")
+        );
+        assert_eq!(url_password("redis://h/0?protocol=resp3"), None);
     }
 
     #[test]
@@ -210,6 +245,10 @@ mod tests {
         assert_eq!(
             mask_url_credentials("http://proxy.local:8080/x"),
             "http://proxy.local:8080/x"
+        );
+        assert_eq!(
+            mask_url_credentials("redis+unix:///run/redis.sock?db=1&pass=pw-99"),
+            "redis+unix:///run/redis.sock?db=1&pass=****"
         );
     }
 }

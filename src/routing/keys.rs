@@ -15,6 +15,9 @@ use tokio::time::Instant;
 
 use crate::config::PoolKey;
 
+/// The most sessions whose key is remembered at once (as the affinity book).
+const MAX_STICKY: usize = 10_000;
+
 /// The statuses that rest a key rather than count against its provider.
 pub const KEY_STATUSES: [u16; 4] = [401, 402, 403, 429];
 
@@ -132,7 +135,15 @@ impl KeyBook {
         if ttl.is_zero() {
             return;
         }
-        lock(&self.sticky).insert(
+        let mut sticky = lock(&self.sticky);
+        if sticky.len() >= MAX_STICKY {
+            sticky.retain(|_, (_, until)| *until > now);
+            if sticky.len() >= MAX_STICKY {
+                // Full of live sessions: this one goes without a preferred key.
+                return;
+            }
+        }
+        sticky.insert(
             (session.to_owned(), provider.to_owned()),
             (key.to_owned(), now + ttl),
         );
