@@ -13,7 +13,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 
 use crate::dispatch::Usage;
 
@@ -645,20 +645,6 @@ fn answer(q: &Query, sums: Vec<(Option<u64>, Vec<String>, Totals)>) -> (Vec<Row>
         })
         .collect();
     (rows, total)
-}
-
-/// Whether the file at `path` holds any usage (for `claude-balancer usage` to say so).
-pub fn has_file(path: &Path) -> bool {
-    path.exists()
-        && open(path)
-            .ok()
-            .and_then(|c| {
-                c.query_row("SELECT 1 FROM hourly LIMIT 1", [], |_| Ok(()))
-                    .optional()
-                    .ok()
-                    .flatten()
-            })
-            .is_some()
 }
 
 /// Reads a moment: RFC 3339 (`2026-12-01T08:00:00Z`), a date (`2026-12-01`, its midnight UTC)

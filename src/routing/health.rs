@@ -581,10 +581,6 @@ impl AttemptTicket {
         self.probe
     }
 
-    pub fn provider(&self) -> &str {
-        &self.provider
-    }
-
     /// The version of the shared record this attempt follows: a probe's lease is taken for it.
     pub fn shared_version(&self) -> u64 {
         self.shared_version
