@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::config::{StateBackend, StateSettings};
-use crate::routing::health::{Change, HealthBook, SharedHealth};
+use crate::routing::health::{Change, HealthBook, SharedHealth, unix_ms};
 use crate::secret::{Redactor, url_password};
 
 /// How often the monitor pings Redis.
@@ -320,6 +320,32 @@ impl Cluster {
         }
     }
 
+    /// Runs `work` (commands on a connection of this cluster) without waiting for it, given up
+    /// after `limit`. Outside a runtime (a drop at exit) it is not run: nothing is waiting for it.
+    fn background<F>(&self, limit: Duration, work: F)
+    where
+        F: std::future::Future + Send + 'static,
+    {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = tokio::time::timeout(limit, work).await;
+            });
+        }
+    }
+
+    /// Waits at most `limit` for `work`; its error masked of the connection's password.
+    async fn answered<T>(
+        &self,
+        limit: Duration,
+        work: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(limit, work).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => Err(self.redactor.text(&e.to_string()).into_owned()),
+            Err(_) => Err("redis did not answer".to_owned()),
+        }
+    }
+
     fn affinity_key(&self, key: u128) -> String {
         format!("{}affinity:{key:032x}", self.prefix)
     }
@@ -357,7 +383,7 @@ impl Cluster {
                     .to_string(),
             )
         });
-        tokio::spawn(async move {
+        self.background(COMMAND_TIMEOUT * 2, async move {
             if let Some((channel, payload)) = event {
                 let mut publish = redis::cmd("PUBLISH");
                 publish.arg(channel).arg(payload);
@@ -399,47 +425,38 @@ impl Cluster {
         let mut conn = self.connection();
         let (k, index) = (self.cache_key(key), self.cache_index());
         let ms = expiry_ms(ttl);
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        tokio::spawn(async move {
-            let work = async {
-                let mut pipe = redis::pipe();
-                pipe.cmd("SET")
-                    .arg(&k)
-                    .arg(entry)
-                    .arg("PX")
-                    .arg(ms)
-                    .ignore();
-                pipe.cmd("ZADD")
+        let now_ms = unix_ms(std::time::SystemTime::now());
+        self.background(COMMAND_TIMEOUT * 4, async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SET")
+                .arg(&k)
+                .arg(entry)
+                .arg("PX")
+                .arg(ms)
+                .ignore();
+            pipe.cmd("ZADD").arg(&index).arg(now_ms).arg(&k).ignore();
+            pipe.query_async::<()>(&mut conn).await?;
+            let count: usize = redis::cmd("ZCARD")
+                .arg(&index)
+                .query_async(&mut conn)
+                .await?;
+            if count > max_entries {
+                let oldest: Vec<String> = redis::cmd("ZPOPMIN")
                     .arg(&index)
-                    .arg(now_ms as u64)
-                    .arg(&k)
-                    .ignore();
-                pipe.query_async::<()>(&mut conn).await?;
-                let count: usize = redis::cmd("ZCARD")
-                    .arg(&index)
-                    .query_async(&mut conn)
-                    .await?;
-                if count > max_entries {
-                    let oldest: Vec<String> = redis::cmd("ZPOPMIN")
-                        .arg(&index)
-                        .arg(count - max_entries)
-                        .query_async::<Vec<(String, f64)>>(&mut conn)
-                        .await?
-                        .into_iter()
-                        .map(|(k, _)| k)
-                        .collect();
-                    if !oldest.is_empty() {
-                        redis::cmd("DEL")
-                            .arg(oldest)
-                            .query_async::<()>(&mut conn)
-                            .await?;
-                    }
+                    .arg(count - max_entries)
+                    .query_async::<Vec<(String, f64)>>(&mut conn)
+                    .await?
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .collect();
+                if !oldest.is_empty() {
+                    redis::cmd("DEL")
+                        .arg(oldest)
+                        .query_async::<()>(&mut conn)
+                        .await?;
                 }
-                Ok::<(), redis::RedisError>(())
-            };
-            let _ = tokio::time::timeout(COMMAND_TIMEOUT * 4, work).await;
+            }
+            Ok::<(), redis::RedisError>(())
         });
     }
 
@@ -464,11 +481,7 @@ impl Cluster {
                 .await?;
             Ok::<usize, redis::RedisError>(existing)
         };
-        match tokio::time::timeout(COMMAND_TIMEOUT * 4, work).await {
-            Ok(Ok(n)) => Ok(n),
-            Ok(Err(e)) => Err(self.redactor.text(&e.to_string()).into_owned()),
-            Err(_) => Err("redis did not answer".to_owned()),
-        }
+        self.answered(COMMAND_TIMEOUT * 4, work).await
     }
 
     fn health_key(&self) -> String {
@@ -587,19 +600,14 @@ impl Cluster {
         if !self.is_up() {
             return;
         }
-        // Called from a drop: outside a runtime (at exit) there is nothing to give back to.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let mut conn = self.connection();
         let (key, me) = (self.probe_key(provider, version), self.instance.clone());
-        runtime.spawn(async move {
+        // Called from a drop: at exit (no runtime) there is nothing to give back to.
+        self.background(COMMAND_TIMEOUT, async move {
             let script = redis::Script::new(PROBE_RELEASE);
             let mut invocation = script.key(key);
             invocation.arg(me);
-            let _ =
-                tokio::time::timeout(COMMAND_TIMEOUT, invocation.invoke_async::<i64>(&mut conn))
-                    .await;
+            invocation.invoke_async::<i64>(&mut conn).await
         });
     }
 
@@ -627,7 +635,7 @@ impl Cluster {
         if limits.is_empty() {
             return Some(Ok(()));
         }
-        let now = crate::routing::health::unix_ms(std::time::SystemTime::now());
+        let now = unix_ms(std::time::SystemTime::now());
         let script = redis::Script::new(CLIENT_ADMIT);
         let mut invocation = script.prepare_invoke();
         invocation.arg(now);
@@ -664,7 +672,7 @@ impl Cluster {
         if !self.is_up() {
             return;
         }
-        let now = crate::routing::health::unix_ms(std::time::SystemTime::now());
+        let now = unix_ms(std::time::SystemTime::now());
         let mut pipe = redis::pipe();
         let mut any = false;
         for l in crate::clients::windowed(&client.limits) {
@@ -682,13 +690,10 @@ impl Cluster {
         if !any {
             return;
         }
-        // Called when a response ends, which may be at exit, outside a runtime.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let mut conn = self.connection();
-        runtime.spawn(async move {
-            let _ = tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async::<()>(&mut conn)).await;
+        // Called when a response ends, which may be at exit (no runtime).
+        self.background(COMMAND_TIMEOUT, async move {
+            pipe.query_async::<()>(&mut conn).await
         });
     }
 
@@ -740,13 +745,8 @@ impl Cluster {
     ) -> Result<(Vec<crate::usage::Row>, crate::usage::Totals), String> {
         self.push_usage().await;
         let mut conn = self.connection();
-        match tokio::time::timeout(COMMAND_TIMEOUT * 10, read_usage(&mut conn, &self.prefix, q))
+        self.answered(COMMAND_TIMEOUT * 10, read_usage(&mut conn, &self.prefix, q))
             .await
-        {
-            Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(e)) => Err(self.redactor.text(&e.to_string()).into_owned()),
-            Err(_) => Err("redis did not answer".to_owned()),
-        }
     }
 
     fn events_channel(&self) -> String {
@@ -760,11 +760,9 @@ impl Cluster {
         let mut conn = self.connection();
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg(self.events_channel()).arg(payload);
-        match tokio::time::timeout(COMMAND_TIMEOUT, cmd.query_async::<usize>(&mut conn)).await {
-            Ok(Ok(n)) => Ok(n.saturating_sub(1)),
-            Ok(Err(e)) => Err(self.redactor.text(&e.to_string()).into_owned()),
-            Err(_) => Err("redis did not answer".to_owned()),
-        }
+        self.answered(COMMAND_TIMEOUT, cmd.query_async::<usize>(&mut conn))
+            .await
+            .map(|listeners| listeners.saturating_sub(1))
     }
 
     /// Listens to the cluster's events for `state` until either is dropped, reconnecting with
@@ -823,8 +821,8 @@ pub async fn read_usage(
     q: &crate::usage::Query,
 ) -> redis::RedisResult<(Vec<crate::usage::Row>, crate::usage::Totals)> {
     let hour = 3_600_000u64;
-    let from = crate::routing::health::unix_ms(q.from);
-    let to = crate::routing::health::unix_ms(q.to);
+    let from = unix_ms(q.from);
+    let to = unix_ms(q.to);
     // The last MAX_USAGE_HOURS before `to` at most (older hours have expired anyway).
     let first = from
         .max(to.saturating_sub(MAX_USAGE_HOURS * hour))
