@@ -233,6 +233,16 @@ pub struct WindowedLimit {
 }
 
 impl WindowedLimit {
+    /// What a finished request adds to this limit's window: its tokens, or its cost; `None` for
+    /// requests, counted when admitted.
+    pub fn charge(&self, tokens: u64, cost: f64) -> Option<f64> {
+        match self.kind {
+            Kind::Requests => None,
+            Kind::Tokens => Some(tokens as f64),
+            Kind::Cost => Some(cost),
+        }
+    }
+
     /// The refusal of a request of client `name` by this limit, free again after `wait`.
     pub fn refusal(&self, name: &str, wait: Duration) -> Refusal {
         let message = match self.kind {
@@ -374,10 +384,8 @@ impl Ledger {
         let mut map = self.lock();
         let account = map.entry(Arc::clone(&client.name)).or_default();
         for limit in windowed(limits) {
-            let amount = match limit.kind {
-                Kind::Requests => continue,
-                Kind::Tokens => tokens as f64,
-                Kind::Cost => cost,
+            let Some(amount) = limit.charge(tokens, cost) else {
+                continue;
             };
             account
                 .rolling(limit.kind, limit.window, now)

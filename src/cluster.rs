@@ -676,10 +676,8 @@ impl Cluster {
         let mut pipe = redis::pipe();
         let mut any = false;
         for l in crate::clients::windowed(&client.limits) {
-            let amount = match l.kind {
-                crate::clients::Kind::Requests => continue,
-                crate::clients::Kind::Tokens => tokens as f64,
-                crate::clients::Kind::Cost => cost,
+            let Some(amount) = l.charge(tokens, cost) else {
+                continue;
             };
             let width = bucket_ms(l.window);
             let key = format!("{}:{}", self.limit_base(&client.name, &l), now / width);

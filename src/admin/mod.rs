@@ -258,22 +258,7 @@ pub async fn usage(
     let clients: Vec<Value> = runtime
         .clients
         .iter()
-        .map(|c| {
-            let limits: Vec<Value> = state
-                .ledger
-                .use_of(c, now)
-                .into_iter()
-                .map(|u| {
-                    json!({
-                        "limit": u.limit,
-                        "window": u.window.map(|w| w.as_str()),
-                        "used": u.used,
-                        "max": u.max,
-                    })
-                })
-                .collect();
-            json!({"name": &*c.name, "limits": limits})
-        })
+        .map(|c| json!({"name": &*c.name, "limits": limit_uses(&state, c, now)}))
         .collect();
     Json(json!({
         "from": rfc3339(query.from),
@@ -360,6 +345,23 @@ pub async fn dashboard_data(State(state): State<Arc<AppState>>) -> Response {
     .into_response()
 }
 
+/// Each of a named client's limits and how much of it this instance counts as used now.
+fn limit_uses(state: &AppState, client: &crate::clients::Client, now: Instant) -> Vec<Value> {
+    state
+        .ledger
+        .use_of(client, now)
+        .into_iter()
+        .map(|u| {
+            json!({
+                "limit": u.limit,
+                "window": u.window.map(|w| w.as_str()),
+                "used": u.used,
+                "max": u.max,
+            })
+        })
+        .collect()
+}
+
 /// The usage for `query`: the cluster's with the Redis backend (while it answers), else this
 /// instance's file; and which (`cluster` or `instance`).
 async fn usage_answer(
@@ -427,18 +429,12 @@ async fn client_panels(state: &Arc<AppState>, runtime: &Runtime) -> Vec<Value> {
         .iter()
         .map(|c| {
             let t = today.get(&*c.name).copied().unwrap_or_default();
-            let limits: Vec<Value> = state
-                .ledger
-                .use_of(c, now)
-                .into_iter()
-                .map(|u| json!({"limit": u.limit, "window": u.window.map(|w| w.as_str()), "used": u.used, "max": u.max}))
-                .collect();
             json!({
                 "name": &*c.name,
                 "requests": t.requests,
                 "tokens": t.tokens(),
                 "cost_usd": (t.cost_usd * 10_000.0).round() / 10_000.0,
-                "limits": limits,
+                "limits": limit_uses(state, c, now),
             })
         })
         .collect()

@@ -197,6 +197,20 @@ pub async fn messages(
     }
 }
 
+/// The 403 for a named client asking for a model outside its list (counted in the metrics), or
+/// `None` when it may use `model`.
+fn model_refusal(state: &AppState, client: &Client, model: &str) -> Option<ApiError> {
+    if client.may_use(model) {
+        return None;
+    }
+    state.metrics.client_refused(&client.name, "models");
+    Some(ApiError::new(
+        http::StatusCode::FORBIDDEN,
+        "permission_error",
+        format!("client {:?} may not use model {model:?}", &*client.name),
+    ))
+}
+
 /// A named client's request: refused with 403 for a model it may not use, or with 429 when it is
 /// over one of its limits (before any provider is asked); else admitted, holding its place among
 /// the client's concurrent requests until the response ends.
@@ -206,13 +220,8 @@ async fn admit(
     model: &str,
     record: &mut Record,
 ) -> Result<(), ApiError> {
-    if !client.may_use(model) {
-        state.metrics.client_refused(&client.name, "models");
-        return Err(ApiError::new(
-            http::StatusCode::FORBIDDEN,
-            "permission_error",
-            format!("client {:?} may not use model {model:?}", &*client.name),
-        ));
+    if let Some(refusal) = model_refusal(state, client, model) {
+        return Err(refusal);
     }
     if client.limits.is_empty() {
         return Ok(());
@@ -269,14 +278,7 @@ pub async fn count_tokens(
             // costs nothing).
             if let Some(client) = caller.0 {
                 record.client = Some(Arc::clone(&client.name));
-                let model = &inbound.envelope.model;
-                if !client.may_use(model) {
-                    state.metrics.client_refused(&client.name, "models");
-                    let refusal = ApiError::new(
-                        http::StatusCode::FORBIDDEN,
-                        "permission_error",
-                        format!("client {:?} may not use model {model:?}", &*client.name),
-                    );
+                if let Some(refusal) = model_refusal(&state, &client, &inbound.envelope.model) {
                     return respond(&state, record, None, Answer::error(refusal));
                 }
             }
