@@ -43,19 +43,14 @@ async fn ask(bal: &Balancer, key: &str, model: &str, stream: bool) -> (u16, Opti
     )
 }
 
-/// A GET of `path` with `key` (with clients configured and no `admin_keys`, any accepted key may
-/// read the admin endpoints).
-async fn get_with(bal: &Balancer, path: &str, key: &str) -> reqwest::Response {
-    bal.client
-        .get(format!("{}{path}", bal.url))
-        .header("x-api-key", key)
-        .send()
+/// `/metrics` with a client's key (with clients configured and no `admin_keys`, any accepted key
+/// may read the admin endpoints).
+async fn metrics(bal: &Balancer, key: &str) -> String {
+    bal.get_with_key("/metrics", key)
+        .await
+        .text()
         .await
         .unwrap()
-}
-
-async fn metrics(bal: &Balancer, key: &str) -> String {
-    get_with(bal, "/metrics", key).await.text().await.unwrap()
 }
 
 fn metric(text: &str, prefix: &str) -> Option<f64> {
@@ -179,7 +174,8 @@ async fn requests_per_minute_are_refused_with_retry_after_and_never_reach_a_prov
     assert!((1..=60).contains(&retry), "{retry}");
     assert_eq!(p.request_count(), 2, "a refusal never reaches a provider");
     // ... and never counts against one.
-    let providers: Value = get_with(&bal, "/providers", ALICE)
+    let providers: Value = bal
+        .get_with_key("/providers", ALICE)
         .await
         .json()
         .await
@@ -298,8 +294,9 @@ async fn usage_and_the_usage_command_agree_with_the_requests_made() {
     }
     // Admin keys only.
     let path = "/usage?group_by=client,model&bucket=day";
-    assert_eq!(get_with(&bal, path, ALICE).await.status(), 401);
-    let usage: Value = get_with(&bal, path, "sk-admin-1")
+    assert_eq!(bal.get_with_key(path, ALICE).await.status(), 401);
+    let usage: Value = bal
+        .get_with_key(path, "sk-admin-1")
         .await
         .json()
         .await
@@ -340,7 +337,7 @@ async fn usage_and_the_usage_command_agree_with_the_requests_made() {
         r#"[{"name":"alice","limits":[]},{"name":"bob","limits":[]}]"#
     );
     // Bad parameters: a 400 that names them.
-    let bad = get_with(&bal, "/usage?group_by=team", "sk-admin-1").await;
+    let bad = bal.get_with_key("/usage?group_by=team", "sk-admin-1").await;
     assert_eq!(bad.status(), 400);
     assert!(
         bad.text()

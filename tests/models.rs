@@ -89,22 +89,14 @@ async fn a_named_client_sees_only_the_models_it_may_use() {
     )
     .await;
     let v: Value = bal
-        .client
-        .get(format!("{}/v1/models", bal.url))
-        .header("x-api-key", "sk-alice-models")
-        .send()
+        .get_with_key("/v1/models", "sk-alice-models")
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
     assert_eq!(ids(&v), ["claude-sonnet-4-6", "claude-opus-4-5"]);
     let gpt = bal
-        .client
-        .get(format!("{}/v1/models/gpt-5", bal.url))
-        .header("x-api-key", "sk-alice-models")
-        .send()
-        .await
-        .unwrap();
+        .get_with_key("/v1/models/gpt-5", "sk-alice-models")
+        .await;
     assert_eq!(gpt.status(), 404);
 }

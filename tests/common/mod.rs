@@ -149,6 +149,16 @@ impl Balancer {
     }
 
     /// The `GET /providers` entry of one provider.
+    /// A GET of `path` with `key` as `x-api-key`.
+    pub async fn get_with_key(&self, path: &str, key: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.url))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn provider(&self, name: &str) -> Value {
         provider_in(&self.get_json("/providers").await.1, name)
     }
