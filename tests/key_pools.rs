@@ -26,6 +26,17 @@ async fn pooled(settings: &str) -> (MockProvider, Balancer) {
     (p, Balancer::start(&yaml).await)
 }
 
+/// The key of P that `/providers` shows resting (the test fails if none is).
+async fn resting_key(bal: &Balancer) -> Value {
+    let keys = bal.provider("P").await["keys"].clone();
+    keys.as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["state"] == "resting")
+        .cloned()
+        .unwrap_or_else(|| panic!("no resting key: {keys}"))
+}
+
 /// The key each request the provider received was sent with.
 fn keys_used(p: &MockProvider) -> Vec<String> {
     p.requests()
@@ -111,14 +122,7 @@ async fn a_key_reported_exhausted_rests_before_it_ever_gets_a_429() {
     }
     let used = keys_used(&p);
     assert!(used[1..].iter().all(|k| *k != exhausted), "{used:?}");
-    let keys = bal.provider("P").await["keys"].clone();
-    let shown = keys
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["state"] == "resting")
-        .cloned()
-        .unwrap_or_else(|| panic!("{keys}"));
+    let shown = resting_key(&bal).await;
     assert_eq!(shown["requests_remaining"], 0);
     assert!(shown["reason"].as_str().unwrap().contains("exhausted"));
 }
@@ -201,14 +205,7 @@ async fn a_429_with_a_unified_reset_rests_the_key_until_that_reset() {
         bal.post("/v1/messages", &request(false)).await.status(),
         200
     );
-    let keys = bal.provider("P").await["keys"].clone();
-    let resting = keys
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["state"] == "resting")
-        .cloned()
-        .unwrap_or_else(|| panic!("{keys}"));
+    let resting = resting_key(&bal).await;
     let secs = resting["resting_seconds"].as_f64().unwrap();
     assert!(
         secs > 3500.0,
