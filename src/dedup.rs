@@ -65,6 +65,14 @@ pub fn key(inbound: &Inbound, include_max_tokens: bool) -> Key {
         }
     }
     h.update(inbound.query.as_deref().unwrap_or("").as_bytes());
+    // A Chat Completions request: its own body too (an openai-type provider gets it, fields the
+    // Anthropic form drops included), so it never shares an answer with an Anthropic request or
+    // with a request that differs only in what conversion drops; `stream` included, as the fast
+    // path's answers are not rebuilt in the other form.
+    if let crate::dispatch::Front::Chat(chat) = &inbound.front {
+        h.update(b"\0openai_chat\0");
+        h.update(&xxhash_rust::xxh3::xxh3_128(&chat.original).to_le_bytes());
+    }
     h.digest128()
 }
 
@@ -88,6 +96,7 @@ struct AnswerHead {
     route: Option<Arc<str>>,
     usage: Option<Usage>,
     kind: Kind,
+    wire: dispatch::Wire,
 }
 
 #[derive(Debug)]
@@ -470,6 +479,7 @@ impl Driver {
             route: answer.route.clone(),
             usage: answer.usage,
             kind,
+            wire: answer.wire,
         });
         match std::mem::replace(&mut answer.body, Body::Json(Bytes::new())) {
             Body::Stream(events) => Some(events),
@@ -952,6 +962,7 @@ fn from_cache(entry: CacheEntry, stream: bool) -> Answer {
         attempts: Vec::new(),
         cache: CacheStatus::Hit,
         body: message_body(&message, text, stream),
+        wire: dispatch::Wire::Anthropic,
         usage,
     }
 }
@@ -985,6 +996,7 @@ async fn answer_for(
         attempts: Vec::new(),
         cache: CacheStatus::Coalesced,
         body: Body::Json(Bytes::new()),
+        wire: head.wire,
         usage: head.usage,
     };
     answer.body = match (head.kind, stream) {
@@ -1145,6 +1157,7 @@ mod tests {
             route: None,
             usage: None,
             kind,
+            wire: dispatch::Wire::Anthropic,
         }
     }
 

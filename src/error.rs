@@ -12,6 +12,9 @@ pub struct ApiError {
     pub message: String,
     /// Seconds for a `retry-after` header.
     pub retry_after: Option<u64>,
+    /// The request parameter at fault, for the OpenAI front end's error shape (the Anthropic
+    /// shape has no place for it).
+    pub param: Option<String>,
 }
 
 impl ApiError {
@@ -21,6 +24,7 @@ impl ApiError {
             error_type,
             message: message.into(),
             retry_after: None,
+            param: None,
         }
     }
 
@@ -50,6 +54,11 @@ impl ApiError {
 
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "api_error", message)
+    }
+
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
     }
 
     pub fn with_retry_after(mut self, secs: u64) -> Self {

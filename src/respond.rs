@@ -1,6 +1,7 @@
-//! The edge out: a typed [`Answer`] rendered as an Anthropic Messages API response, and observed
-//! until its body ends. Every response to `/v1/messages` and `count_tokens` is built here, and
-//! only here, from the answer's typed facts.
+//! The edge out: a typed [`Answer`] rendered in its front end's wire format (an Anthropic Messages
+//! API response, or a Chat Completions one), and observed until its body ends. Every response to
+//! `/v1/messages`, `count_tokens` and `/v1/chat/completions` is built here, and only here, from
+//! the answer's typed facts.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -11,7 +12,9 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::dispatch::{Answer, Body, CacheStatus, Source};
+use crate::adapter::chat::stream::ChunkState;
+use crate::adapter::chat::{self, ChatContext};
+use crate::dispatch::{Answer, Body, CacheStatus, Source, Wire};
 use crate::observability::{self, Record};
 use crate::state::AppState;
 
@@ -24,7 +27,18 @@ pub fn respond(
     mut answer: Answer,
 ) -> Response {
     record.fill(&mut answer);
-    let mut response = anthropic(answer);
+    let response = anthropic(answer);
+    finish(state, record, permit, response)
+}
+
+/// Stamps the request id and the balancer's overhead on a rendered response, and hands its body
+/// to the observer.
+fn finish(
+    state: &Arc<AppState>,
+    record: Record,
+    permit: Option<OwnedSemaphorePermit>,
+    mut response: Response,
+) -> Response {
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&record.id) {
         headers.insert("x-request-id", v);
@@ -36,6 +50,158 @@ pub fn respond(
     let (parts, body) = response.into_parts();
     let body = observability::observe(state, record, permit, body);
     Response::from_parts(parts, body)
+}
+
+/// [`respond`] for the Chat Completions front end: the answer in the Chat Completions wire format.
+/// An Anthropic event stream is observed as it is (its usage read from its own events), then
+/// rendered as chunks.
+pub fn respond_chat(
+    state: &Arc<AppState>,
+    mut record: Record,
+    permit: Option<OwnedSemaphorePermit>,
+    mut answer: Answer,
+    ctx: &ChatContext,
+) -> Response {
+    record.fill(&mut answer);
+    let render = answer.wire == Wire::Anthropic && answer.is_stream();
+    let response = finish(state, record, permit, chat_response(answer, ctx));
+    if !render {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, chunks(body, ctx.clone()))
+}
+
+/// An Anthropic event stream's body rendered as Chat Completions chunks.
+fn chunks(body: axum::body::Body, ctx: ChatContext) -> axum::body::Body {
+    let state = ChunkState::new(ctx, chat::completion_id(), chat::now_secs());
+    let events = body.into_data_stream();
+    let rendered = futures_util::stream::unfold(
+        (events, state, false),
+        |(mut events, mut state, ended)| async move {
+            if ended || state.is_finished() {
+                return None;
+            }
+            loop {
+                match events.next().await {
+                    Some(Ok(bytes)) => {
+                        state.push_sse(&bytes);
+                        let out = state.take();
+                        if !out.is_empty() {
+                            return Some((
+                                Ok::<_, Infallible>(bytes::Bytes::from(out)),
+                                (events, state, false),
+                            ));
+                        }
+                    }
+                    _ => {
+                        state.end();
+                        let out = state.take();
+                        return (!out.is_empty())
+                            .then(|| (Ok(bytes::Bytes::from(out)), (events, state, true)));
+                    }
+                }
+            }
+        },
+    );
+    axum::body::Body::from_stream(rendered)
+}
+
+/// An OpenAI error response.
+fn openai_error(
+    (status, body): (http::StatusCode, serde_json::Value),
+    mut headers: HeaderMap,
+) -> (http::StatusCode, HeaderMap, axum::body::Body) {
+    headers.insert(CONTENT_TYPE, json());
+    (status, headers, axum::body::Body::from(body.to_string()))
+}
+
+/// An answer in the Chat Completions wire format (an Anthropic stream is left for [`chunks`]).
+fn chat_response(answer: Answer, ctx: &ChatContext) -> Response {
+    let Answer {
+        status,
+        mut headers,
+        source,
+        cache,
+        body,
+        wire,
+        ..
+    } = answer;
+    let (status, mut headers, body) = match (body, wire) {
+        (Body::Error(e), _) => {
+            if let Some(secs) = e.retry_after {
+                headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+            }
+            let (s, mut v) =
+                chat::errors::openai_error(e.status.as_u16(), e.error_type, &e.message);
+            if let Some(p) = &e.param {
+                v["error"]["param"] = serde_json::json!(p);
+            }
+            openai_error((s, v), headers)
+        }
+        (Body::Stream(events), _) => {
+            sse_headers(&mut headers);
+            (
+                status,
+                headers,
+                axum::body::Body::from_stream(events.map(Ok::<_, Infallible>)),
+            )
+        }
+        (Body::Json(bytes), Wire::Chat) => {
+            if status.is_success() || !headers.contains_key(CONTENT_TYPE) {
+                headers.insert(CONTENT_TYPE, json());
+            }
+            (status, headers, axum::body::Body::from(bytes))
+        }
+        (Body::Json(bytes), Wire::Anthropic) if status.is_success() => {
+            match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Ok(message) => {
+                    let c = chat::response::completion(
+                        &message,
+                        ctx,
+                        &chat::completion_id(),
+                        chat::now_secs(),
+                    );
+                    headers.insert(CONTENT_TYPE, json());
+                    (status, headers, axum::body::Body::from(c.to_string()))
+                }
+                Err(_) => openai_error(
+                    chat::errors::openai_error(
+                        502,
+                        "api_error",
+                        "the provider's answer is not JSON",
+                    ),
+                    headers,
+                ),
+            }
+        }
+        (Body::Json(bytes), Wire::Anthropic) => openai_error(
+            chat::errors::from_anthropic_body(status.as_u16(), &bytes),
+            headers,
+        ),
+    };
+    provenance(&mut headers, &source, cache);
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// Who answered: the provider's name, a local count, the cache's part.
+fn provenance(headers: &mut HeaderMap, source: &Source, cache: CacheStatus) {
+    match source {
+        Source::Provider { name, .. } => {
+            let v = HeaderValue::from_str(name).unwrap_or(HeaderValue::from_static("invalid-name"));
+            headers.insert("x-provider-used", v);
+        }
+        Source::LocalCount => {
+            headers.insert("x-token-count", HeaderValue::from_static("local"));
+        }
+        Source::Balancer => {}
+    }
+    if cache != CacheStatus::Off {
+        headers.insert("x-balancer-cache", HeaderValue::from_static(cache.as_str()));
+    }
 }
 
 /// The headers of an event stream.
@@ -85,19 +251,7 @@ pub fn anthropic(answer: Answer) -> Response {
             (error.status, axum::body::Body::from(error.body()))
         }
     };
-    match &source {
-        Source::Provider { name, .. } => {
-            let v = HeaderValue::from_str(name).unwrap_or(HeaderValue::from_static("invalid-name"));
-            headers.insert("x-provider-used", v);
-        }
-        Source::LocalCount => {
-            headers.insert("x-token-count", HeaderValue::from_static("local"));
-        }
-        Source::Balancer => {}
-    }
-    if cache != CacheStatus::Off {
-        headers.insert("x-balancer-cache", HeaderValue::from_static(cache.as_str()));
-    }
+    provenance(&mut headers, &source, cache);
     let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = headers;

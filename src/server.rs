@@ -41,6 +41,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         // `POST` is served by `front` before the router; the route stays for the 405 on other methods.
         .route("/v1/messages", post(inbound::messages))
         .route("/v1/messages/count_tokens", post(inbound::count_tokens))
+        .route("/v1/chat/completions", post(inbound::chat::completions))
         .route("/providers", get(admin::providers))
         .route("/providers/reload", post(admin::reload))
         .route("/cache/clear", post(admin::clear_cache))

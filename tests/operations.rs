@@ -95,7 +95,7 @@ async fn metrics_change_as_requests_flow() {
     assert_eq!(
         metric_value(
             &after,
-            "claude_balancer_requests_total{route=\"*\",provider=\"A\",status=\"200\"}"
+            "claude_balancer_requests_total{route=\"*\",provider=\"A\",status=\"200\",front=\"anthropic\"}"
         ),
         1.0,
         "{after}"
@@ -103,7 +103,7 @@ async fn metrics_change_as_requests_flow() {
     assert_eq!(
         metric_value(
             &after,
-            "claude_balancer_requests_total{route=\"*\",provider=\"B\",status=\"200\"}"
+            "claude_balancer_requests_total{route=\"*\",provider=\"B\",status=\"200\",front=\"anthropic\"}"
         ),
         1.0
     );

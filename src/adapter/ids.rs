@@ -11,7 +11,7 @@ const ENCODED_PREFIX: &str = "toolu_gw_";
 /// Prefix of every thinking signature this gateway mints.
 pub const SIGNATURE_PREFIX: &str = "gw1.";
 
-fn base62(n: usize) -> String {
+pub fn base62(n: usize) -> String {
     (0..n)
         .map(|_| char::from(BASE62[fastrand::usize(..BASE62.len())]))
         .collect()

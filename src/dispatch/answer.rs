@@ -41,6 +41,17 @@ impl fmt::Debug for Body {
     }
 }
 
+/// The wire format of an answer's body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Wire {
+    /// Anthropic Messages: a `Message`, an Anthropic event stream or an Anthropic error body.
+    #[default]
+    Anthropic,
+    /// OpenAI Chat Completions, as an openai-type provider wrote it (the Chat Completions front
+    /// end's fast path): a `chat.completion`, chunks ending with `data: [DONE]`.
+    Chat,
+}
+
 /// Who produced the answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -218,6 +229,29 @@ impl Usage {
         }
     }
 
+    /// Merges the usage of a Chat Completions answer or chunk in JSON text, if it has any (the
+    /// prompt's cached tokens counted apart, as Anthropic counts them).
+    pub fn merge_chat_json(&mut self, json: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct WithChatUsage {
+            usage: Option<serde_json::Value>,
+        }
+        let Ok(WithChatUsage { usage: Some(u) }) = serde_json::from_slice(json) else {
+            return;
+        };
+        if !u.is_object() {
+            return;
+        }
+        let a = crate::adapter::openai::usage_to_anthropic(Some(&u), 0, 0);
+        let n = |k: &str| a.get(k).and_then(serde_json::Value::as_u64);
+        self.merge(UsageFields {
+            input_tokens: n("input_tokens"),
+            output_tokens: n("output_tokens"),
+            cache_read_input_tokens: n("cache_read_input_tokens"),
+            cache_creation_input_tokens: n("cache_creation_input_tokens"),
+        });
+    }
+
     /// The usage of a complete message.
     pub fn of_message(json: &[u8]) -> Self {
         let mut u = Self::default();
@@ -242,6 +276,8 @@ pub struct Answer {
     pub attempts: Vec<Attempt>,
     pub cache: CacheStatus,
     pub body: Body,
+    /// The wire format of `body` (an [`Body::Error`] is typed and has none).
+    pub wire: Wire,
     /// Known for a complete JSON message; a stream's is read as its events pass.
     pub usage: Option<Usage>,
 }
@@ -257,6 +293,7 @@ impl Answer {
             attempts: Vec::new(),
             cache: CacheStatus::Off,
             body: Body::Error(error),
+            wire: Wire::Anthropic,
             usage: None,
         }
     }

@@ -9,12 +9,12 @@ use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::time::{Instant, timeout_at};
 
-use super::answer::{Body, FaultClass, Usage};
+use super::answer::{Body, FaultClass, Usage, Wire};
 use super::classify::{
     Fault, FaultPolicy, error_payload_fault, is_error_body, status_fault, transport_fault,
 };
 use super::relay::{self, Relay, Transform, Upstream};
-use super::{Endpoint, Inbound, Outcome, Reply};
+use super::{ChatFront, Endpoint, Front, Inbound, Outcome, Reply};
 use crate::adapter::anthropic::strip_gateway_thinking;
 use crate::adapter::openai::stream::{Step, StreamState, chunk_error};
 use crate::adapter::openai::{self, Options, ReplyContext};
@@ -87,9 +87,12 @@ pub async fn attempt(
         (Endpoint::Messages, ProviderKind::Anthropic) => {
             anthropic(state, runtime, candidate, inbound, auth).await
         }
-        (Endpoint::Messages, ProviderKind::Openai) => {
-            openai(state, runtime, candidate, inbound, auth).await
-        }
+        (Endpoint::Messages, ProviderKind::Openai) => match &inbound.front {
+            Front::Chat(chat) => {
+                chat_passthrough(state, runtime, candidate, inbound, chat, auth).await
+            }
+            Front::Anthropic => openai(state, runtime, candidate, inbound, auth).await,
+        },
         (Endpoint::CountTokens, ProviderKind::Anthropic) => {
             count_tokens(runtime, candidate, inbound, auth).await
         }
@@ -232,6 +235,7 @@ fn commit_json(
         headers: client_response_headers(upstream_headers),
         usage: message.then(|| Usage::of_message(&body)),
         body: Body::Json(body),
+        wire: Wire::Anthropic,
         ttfb: Some(deadlines.started.elapsed()),
     })
 }
@@ -249,6 +253,10 @@ fn commit_stream(
     upstream: Upstream,
     transform: Transform,
 ) -> Outcome {
+    let wire = match transform {
+        Transform::Chat(_) => Wire::Chat,
+        Transform::Passthrough | Transform::Openai(_) => Wire::Anthropic,
+    };
     let ttfb = deadlines.started.elapsed();
     let relay = Relay {
         first: Some(prefix.bytes),
@@ -266,6 +274,7 @@ fn commit_stream(
         status,
         headers: client_response_headers(upstream_headers),
         body: Body::Stream(Box::pin(relay::relay(relay))),
+        wire,
         usage: None,
         ttfb: Some(ttfb),
     })
@@ -277,6 +286,7 @@ fn client_fault(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Outcome
         status,
         headers: client_response_headers(headers),
         body: Body::Json(body),
+        wire: Wire::Anthropic,
         usage: None,
         ttfb: None,
     })
@@ -502,6 +512,170 @@ fn chunk_error_class(kind: &str) -> FaultClass {
     }
 }
 
+/// The commit decision on the first Chat Completions chunks: none yet, the first one that parses
+/// (an error in it, or `[DONE]` before any content, is a provider fault).
+fn decide_chunks(faults: &FaultPolicy, all: &Bytes) -> Option<Result<(), Fault>> {
+    let payloads = data_payloads(all);
+    let first = payloads.iter().find(|d| {
+        d.trim() == "[DONE]" || serde_json::from_str::<serde::de::IgnoredAny>(d).is_ok()
+    })?;
+    if first.trim() == "[DONE]" {
+        return Some(Err(Fault::new(
+            FaultClass::Other,
+            "stream ended before any content",
+        )));
+    }
+    let chunk: serde_json::Value = serde_json::from_str(first).unwrap_or_default();
+    if let Some((kind, message)) = chunk_error(&chunk) {
+        return Some(Err(Fault::new(
+            chunk_error_class(kind),
+            format!("error before the first event: {message}"),
+        )));
+    }
+    Some(faults.body_fault(all).map_or(Ok(()), Err))
+}
+
+/// The request headers for an openai-type provider.
+fn openai_headers(inbound: &Inbound, auth: &Auth, stream: bool) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        http::header::ACCEPT,
+        HeaderValue::from_static(if stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        }),
+    );
+    apply_auth(&mut headers, &inbound.headers, auth, AuthStyle::Openai);
+    headers
+}
+
+/// A Chat Completions request to an openai-type provider (the fast path): the client's own body
+/// with only the model replaced, the answer relayed as the provider wrote it, under the same
+/// commit and failover rules as every attempt. An error the client would get is mapped as the
+/// converting path maps it (context overflow in the words agents act on, the provider's refusal
+/// of the balancer's key never a 401).
+async fn chat_passthrough(
+    state: &Arc<AppState>,
+    runtime: &Runtime,
+    candidate: &Candidate,
+    inbound: &Inbound,
+    chat: &ChatFront,
+    auth: &Auth,
+) -> Outcome {
+    let faults = &runtime.faults;
+    let name = candidate.provider.config.name.as_str();
+    let stream = inbound.envelope.stream;
+    let deadlines = message_deadlines(runtime, stream);
+    let body = body::rewrite(
+        &chat.original,
+        &candidate.upstream_model,
+        &inbound.envelope.model,
+        false,
+    );
+    let headers = openai_headers(inbound, auth, stream);
+    let mut resp = match send(
+        candidate.provider.post_messages(None, headers, body),
+        &deadlines,
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(f) => return Outcome::Fault(f),
+    };
+    if !resp.status.is_success() {
+        return match error_status(resp, faults, &deadlines, runtime, inbound).await {
+            Err(f) => Outcome::Fault(f),
+            Ok((status, headers, body)) => {
+                let estimate = inbound.body.len() as u64 / 4;
+                let error = openai::errors::to_anthropic(status.as_u16(), &body, name, estimate);
+                Outcome::ClientFault(Reply {
+                    status: error.status,
+                    headers: client_response_headers(&headers),
+                    body: Body::Error(error),
+                    wire: Wire::Anthropic,
+                    usage: None,
+                    ttfb: None,
+                })
+            }
+        };
+    }
+    let upstream_headers = std::mem::take(&mut resp.headers);
+    if !stream {
+        let body = match read_whole(resp, &deadlines, MAX_RESPONSE_BODY).await {
+            Ok(b) => b,
+            Err(f) => return Outcome::Fault(f),
+        };
+        if let Some(f) = faults.body_fault(&body) {
+            return Outcome::Fault(f);
+        }
+        #[derive(serde::Deserialize)]
+        struct Head {
+            error: Option<serde_json::Value>,
+            choices: Option<serde::de::IgnoredAny>,
+        }
+        match serde_json::from_slice::<Head>(&body) {
+            Err(e) => {
+                return Outcome::Fault(Fault::new(
+                    FaultClass::Other,
+                    format!("answer is not JSON: {e}"),
+                ));
+            }
+            Ok(Head { error: Some(e), .. }) if !e.is_null() => {
+                let v = serde_json::json!({ "error": e });
+                let (kind, message) = chunk_error(&v).unwrap_or(("api_error", e.to_string()));
+                return Outcome::Fault(Fault::new(
+                    chunk_error_class(kind),
+                    format!("error inside a 200: {message}"),
+                ));
+            }
+            Ok(Head { choices: None, .. }) => {
+                return Outcome::Fault(Fault::new(FaultClass::Other, "answer has no choices"));
+            }
+            Ok(_) => {}
+        }
+        let mut usage = Usage::default();
+        usage.merge_chat_json(&body);
+        return Outcome::Committed(Reply {
+            status: StatusCode::OK,
+            headers: client_response_headers(&upstream_headers),
+            usage: Some(usage),
+            body: Body::Json(body),
+            wire: Wire::Chat,
+            ttfb: Some(deadlines.started.elapsed()),
+        });
+    }
+    let mut upstream: Upstream = resp.into_stream();
+    let decided = first_events(&mut upstream, &deadlines, |all, _| {
+        decide_chunks(faults, all)
+    })
+    .await;
+    let prefix = match decided {
+        Ok(p) => p,
+        Err(f) => return Outcome::Fault(f),
+    };
+    let mut relay = relay::ChatRelay::default();
+    let prefix = Prefix {
+        ended: relay.observe(&prefix.bytes),
+        ..prefix
+    };
+    commit_stream(
+        state,
+        runtime,
+        &deadlines,
+        StatusCode::OK,
+        &upstream_headers,
+        name,
+        prefix,
+        upstream,
+        Transform::Chat(relay),
+    )
+}
+
 async fn openai(
     state: &Arc<AppState>,
     runtime: &Runtime,
@@ -531,20 +705,7 @@ async fn openai(
         };
     let ctx = ReplyContext::from_request(request_value, estimate);
     let deadlines = message_deadlines(runtime, stream);
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.insert(
-        http::header::ACCEPT,
-        HeaderValue::from_static(if stream {
-            "text/event-stream"
-        } else {
-            "application/json"
-        }),
-    );
-    apply_auth(&mut headers, &inbound.headers, auth, AuthStyle::Openai);
+    let headers = openai_headers(inbound, auth, stream);
     let body = serde_json::to_vec(&converted).unwrap_or_default();
     let mut resp = match send(
         provider.post_messages(None, headers, Bytes::from(body)),
@@ -564,6 +725,7 @@ async fn openai(
                     status: error.status,
                     headers: client_response_headers(&headers),
                     body: Body::Error(error),
+                    wire: Wire::Anthropic,
                     usage: None,
                     ttfb: None,
                 })
@@ -611,24 +773,7 @@ async fn openai(
     // Streaming: commit on the first chunk that parses and is not an error.
     let mut upstream: Upstream = resp.into_stream();
     let decided = first_events(&mut upstream, &deadlines, |all, _| {
-        let payloads = data_payloads(all);
-        let first = payloads.iter().find(|d| {
-            d.trim() == "[DONE]" || serde_json::from_str::<serde_json::Value>(d).is_ok()
-        })?;
-        if first.trim() == "[DONE]" {
-            return Some(Err(Fault::new(
-                FaultClass::Other,
-                "stream ended before any content",
-            )));
-        }
-        let chunk: serde_json::Value = serde_json::from_str(first).unwrap_or_default();
-        if let Some((kind, message)) = chunk_error(&chunk) {
-            return Some(Err(Fault::new(
-                chunk_error_class(kind),
-                format!("error before the first event: {message}"),
-            )));
-        }
-        Some(faults.body_fault(all).map_or(Ok(()), Err))
+        decide_chunks(faults, all)
     })
     .await;
     let prefix = match decided {

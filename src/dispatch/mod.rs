@@ -25,7 +25,7 @@ use http::{HeaderMap, StatusCode};
 use tokio::time::Instant;
 
 pub use answer::{
-    Answer, Attempt, AttemptOutcome, Body, CacheStatus, Events, FaultClass, Source, Usage,
+    Answer, Attempt, AttemptOutcome, Body, CacheStatus, Events, FaultClass, Source, Usage, Wire,
 };
 pub use classify::{Fault, FaultPolicy};
 
@@ -38,11 +38,42 @@ use crate::routing::health::{HealthBook, HealthPolicy, HealthState, Verdict};
 use crate::routing::{Candidate, Plan, PlanContext};
 use crate::state::{AppState, Runtime};
 
-/// One inbound request (`/v1/messages` or `count_tokens`), validated.
+/// The API a request came in by: its answer is rendered in that API's wire format.
+#[derive(Debug, Clone, Default)]
+pub enum Front {
+    /// Anthropic Messages (`/v1/messages`, `count_tokens`).
+    #[default]
+    Anthropic,
+    /// OpenAI Chat Completions (`/v1/chat/completions`).
+    Chat(Arc<ChatFront>),
+}
+
+impl Front {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Front::Anthropic => "anthropic",
+            Front::Chat(_) => "openai_chat",
+        }
+    }
+}
+
+/// What a Chat Completions request keeps beside its Anthropic form.
+#[derive(Debug)]
+pub struct ChatFront {
+    /// The client's own body: what an openai-type provider gets, with only the model replaced.
+    pub original: Bytes,
+    pub context: crate::adapter::chat::ChatContext,
+}
+
+/// One inbound request (`/v1/messages`, `count_tokens`, or a Chat Completions request in its
+/// Anthropic form), validated.
 #[derive(Debug, Clone)]
 pub struct Inbound {
     pub envelope: Envelope,
+    /// The Anthropic request body (for the Chat Completions front end, the converted one).
     pub body: Bytes,
+    /// The API the request came in by.
+    pub front: Front,
     pub headers: HeaderMap,
     /// The query string, forwarded as is (`beta=true`).
     pub query: Option<String>,
@@ -64,6 +95,7 @@ impl Inbound {
         Self {
             envelope,
             body,
+            front: Front::Anthropic,
             headers,
             query,
             session,
@@ -145,6 +177,7 @@ pub struct Reply {
     /// The provider's headers that go on to the client (already filtered).
     pub headers: HeaderMap,
     pub body: Body,
+    pub wire: Wire,
     pub usage: Option<Usage>,
     /// Time to the commit (for the latency average), when it was an answer.
     pub ttfb: Option<Duration>,
@@ -348,6 +381,7 @@ pub async fn run(
             attempts,
             cache: CacheStatus::Off,
             body: reply.body,
+            wire: reply.wire,
             usage: reply.usage,
         });
     }

@@ -54,6 +54,48 @@ pub enum Transform {
     Passthrough,
     /// Chat Completions chunks, converted by the stream state machine.
     Openai(Box<StreamState>),
+    /// Chat Completions chunks for a Chat Completions client, forwarded byte for byte.
+    Chat(ChatRelay),
+}
+
+/// What the relay of a Chat Completions stream watches for: its end (`data: [DONE]`, or an
+/// error chunk) and whether a chunk finished the choice.
+#[derive(Debug, Default)]
+pub struct ChatRelay {
+    finished_choice: bool,
+    failed: bool,
+}
+
+impl ChatRelay {
+    /// Looks at whole events going to the client: whether they end the stream.
+    pub fn observe(&mut self, events: &[u8]) -> bool {
+        use memchr::memmem::find;
+        if find(events, b"\"finish_reason\":\"").is_some()
+            || find(events, b"\"finish_reason\": \"").is_some()
+        {
+            self.finished_choice = true;
+        }
+        let mut ended = false;
+        for data in data_payloads(events) {
+            let data = data.trim();
+            if data == "[DONE]" {
+                ended = true;
+            } else if data.contains("\"error\"")
+                && serde_json::from_str::<serde_json::Value>(data)
+                    .is_ok_and(|v| v.get("error").is_some_and(|e| !e.is_null()))
+            {
+                self.failed = true;
+                ended = true;
+            }
+        }
+        ended
+    }
+}
+
+/// The chunk that ends a Chat Completions stream with an error (the client raises on it).
+pub fn chat_error_chunk(message: &str) -> Bytes {
+    let v = serde_json::json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
+    Bytes::from(format!("data: {v}\n\n"))
 }
 
 impl Transform {
@@ -83,6 +125,17 @@ impl Transform {
                 (
                     if failed { redactor.bytes(out) } else { out },
                     state.is_finished(),
+                )
+            }
+            Transform::Chat(watch) => {
+                let done = watch.observe(&bytes);
+                (
+                    if watch.failed {
+                        redactor.bytes(bytes)
+                    } else {
+                        bytes
+                    },
+                    done,
                 )
             }
         }
@@ -122,6 +175,29 @@ impl Transform {
                 };
                 (Bytes::from(state.take()), reason)
             }
+            Transform::Chat(watch) => {
+                // A last event that only lacks its blank line still counts; a cut one is dropped.
+                let mut out = BytesMut::new();
+                let pending = splitter.pending();
+                let whole = data_payloads(pending).iter().all(|d| {
+                    d.trim() == "[DONE]" || serde_json::from_str::<serde::de::IgnoredAny>(d).is_ok()
+                });
+                if !pending.is_empty() && whole {
+                    out.extend_from_slice(pending);
+                    out.extend_from_slice(b"\n\n");
+                    if watch.observe(&out) {
+                        return (out.freeze(), None);
+                    }
+                }
+                if watch.finished_choice {
+                    // Some servers end without `[DONE]` after the last chunk: the client gets it.
+                    out.extend_from_slice(b"data: [DONE]\n\n");
+                    return (out.freeze(), None);
+                }
+                let reason = "stream ended before its last chunk".to_owned();
+                out.extend_from_slice(&chat_error_chunk(&format!("upstream provider: {reason}")));
+                (out.freeze(), Some(reason))
+            }
         }
     }
 
@@ -134,6 +210,7 @@ impl Transform {
                 state.fail("api_error", &message);
                 Bytes::from(state.take())
             }
+            Transform::Chat(_) => chat_error_chunk(&message),
         }
     }
 }

@@ -124,8 +124,25 @@ pub async fn guard(
             request.extensions_mut().insert(caller);
             next.run(request).await
         }
+        Err(why) if is_openai_path(request.uri().path()) => refuse_openai(why),
         Err(why) => refuse(why),
     }
+}
+
+/// The OpenAI front end's paths, whose errors take OpenAI's shape.
+pub fn is_openai_path(path: &str) -> bool {
+    path.starts_with("/v1/chat/") || path.starts_with("/v1/responses")
+}
+
+/// A 401 in OpenAI's error shape.
+pub fn refuse_openai(message: &str) -> Response {
+    let body = serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}});
+    let mut resp = (StatusCode::UNAUTHORIZED, body.to_string()).into_response();
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 #[cfg(test)]

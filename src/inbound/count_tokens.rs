@@ -63,6 +63,7 @@ async fn local_count(state: &AppState, raw: Bytes) -> Answer {
         body: Body::Json(Bytes::from(
             serde_json::json!({ "input_tokens": n }).to_string(),
         )),
+        wire: crate::dispatch::Wire::Anthropic,
         usage: None,
     }
 }

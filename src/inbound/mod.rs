@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod body;
 pub mod canonical;
+pub mod chat;
 pub mod count_tokens;
 
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Uri};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::clients::{Caller, Client};
 use crate::dispatch::{Answer, Endpoint, Inbound};
@@ -95,7 +96,7 @@ pub async fn read_request_body(
 /// affinity book and the log lines hold a bounded string (Claude Code's ids are 36-byte UUIDs).
 pub const MAX_SESSION_ID_BYTES: usize = 128;
 
-fn session_id(headers: &HeaderMap, from_metadata: Option<&str>) -> Option<String> {
+pub(crate) fn session_id(headers: &HeaderMap, from_metadata: Option<&str>) -> Option<String> {
     let id = headers
         .get("x-claude-code-session-id")
         .and_then(|v| v.to_str().ok())
@@ -160,18 +161,9 @@ pub async fn messages(
 ) -> Response {
     state.metrics.started();
     let id = observability::request_id(&headers);
-    let limit = state.runtime().limit.clone();
-    let permit = match limit.map(Semaphore::try_acquire_owned) {
-        None => None,
-        Some(Ok(permit)) => Some(permit),
-        Some(Err(_)) => {
-            let max = state.runtime().config.settings.max_concurrent_requests;
-            let busy = ApiError::new(
-                http::StatusCode::from_u16(529).unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE),
-                "overloaded_error",
-                format!("the balancer is serving its maximum of {max} concurrent requests"),
-            )
-            .with_retry_after(1);
+    let permit = match permit(&state) {
+        Ok(permit) => permit,
+        Err(busy) => {
             let record = Record::new(id, Endpoint::Messages, None, String::new(), false);
             return respond(&state, record, None, Answer::error(busy));
         }
@@ -197,6 +189,25 @@ pub async fn messages(
     }
 }
 
+/// A place among the balancer's concurrent requests when `max_concurrent_requests` is set, or the
+/// 529 that says none is left.
+pub(crate) fn permit(state: &AppState) -> Result<Option<OwnedSemaphorePermit>, ApiError> {
+    let limit = state.runtime().limit.clone();
+    match limit.map(Semaphore::try_acquire_owned) {
+        None => Ok(None),
+        Some(Ok(permit)) => Ok(Some(permit)),
+        Some(Err(_)) => {
+            let max = state.runtime().config.settings.max_concurrent_requests;
+            Err(ApiError::new(
+                http::StatusCode::from_u16(529).unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE),
+                "overloaded_error",
+                format!("the balancer is serving its maximum of {max} concurrent requests"),
+            )
+            .with_retry_after(1))
+        }
+    }
+}
+
 /// The 403 for a named client asking for a model outside its list (counted in the metrics), or
 /// `None` when it may use `model`.
 fn model_refusal(state: &AppState, client: &Client, model: &str) -> Option<ApiError> {
@@ -214,7 +225,7 @@ fn model_refusal(state: &AppState, client: &Client, model: &str) -> Option<ApiEr
 /// A named client's request: refused with 403 for a model it may not use, or with 429 when it is
 /// over one of its limits (before any provider is asked); else admitted, holding its place among
 /// the client's concurrent requests until the response ends.
-async fn admit(
+pub(crate) async fn admit(
     state: &Arc<AppState>,
     client: &Arc<Client>,
     model: &str,

@@ -177,6 +177,8 @@ pub struct RequestLine<'a> {
     pub request_id: &'a str,
     /// `messages` or `count_tokens`.
     pub endpoint: &'a str,
+    /// The API the request came in by: `anthropic` or `openai_chat`.
+    pub front: &'a str,
     pub session_id: &'a str,
     /// The named client's name (empty for requests of no named client).
     pub client: &'a str,
@@ -246,7 +248,12 @@ pub fn request_line(line: &RequestLine<'_>) {
         } else {
             line.provider
         },
-        if line.stream { "stream " } else { "" },
+        match (line.stream, line.front) {
+            (true, "anthropic") => "stream ",
+            (false, "anthropic") => "",
+            (true, _) => "chat stream ",
+            (false, _) => "chat ",
+        },
         line.total_ms,
         line.ttfb_ms,
         line.overhead_ms,

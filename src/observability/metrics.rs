@@ -19,6 +19,8 @@ pub struct RequestLabels {
     pub route: String,
     pub provider: String,
     pub status: String,
+    /// The API the request came in by: `anthropic` or `openai_chat`.
+    pub front: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -315,6 +317,7 @@ impl Metrics {
                 route: r.route.as_deref().unwrap_or_default().to_owned(),
                 provider: provider.clone(),
                 status: r.status.to_string(),
+                front: r.front.to_owned(),
             })
             .inc();
         for a in &r.attempts {

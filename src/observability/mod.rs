@@ -23,6 +23,8 @@ use crate::state::AppState;
 pub struct Record {
     pub id: String,
     pub endpoint: Endpoint,
+    /// The API the request came in by (`Front::as_str`).
+    pub front: &'static str,
     pub session: Option<String>,
     pub model: String,
     pub stream: bool,
@@ -47,6 +49,8 @@ pub struct Record {
     pub admission: Option<crate::clients::Admission>,
     /// The answer is an event stream (usage is read from its events as they pass).
     answer_is_stream: bool,
+    /// In which wire format the answer's usage is written.
+    wire: crate::dispatch::Wire,
 }
 
 impl Record {
@@ -60,6 +64,7 @@ impl Record {
         Self {
             id,
             endpoint,
+            front: "anthropic",
             session,
             model,
             stream,
@@ -76,6 +81,7 @@ impl Record {
             charge_to: None,
             admission: None,
             answer_is_stream: false,
+            wire: crate::dispatch::Wire::Anthropic,
         }
     }
 
@@ -91,6 +97,7 @@ impl Record {
             self.upstream_model = Some(upstream_model.clone());
         }
         self.answer_is_stream = answer.is_stream();
+        self.wire = answer.wire;
         if let Some(u) = answer.usage {
             self.usage = u;
         }
@@ -139,6 +146,7 @@ fn finish(state: &AppState, r: &Record) {
     logging::request_line(&logging::RequestLine {
         request_id: &r.id,
         endpoint: r.endpoint.as_str(),
+        front: r.front,
         session_id: r.session.as_deref().unwrap_or(""),
         client: r.client.as_deref().unwrap_or(""),
         model: &r.model,
@@ -207,7 +215,7 @@ impl Drop for Finisher {
     }
 }
 
-/// Reads usage from the whole Anthropic events passing by.
+/// Reads usage from the whole events passing by (Anthropic events, or Chat Completions chunks).
 fn sniff_usage(record: &mut Record, chunk: &[u8]) {
     if memchr::memmem::find(chunk, b"\"usage\"").is_none() {
         return;
@@ -215,7 +223,10 @@ fn sniff_usage(record: &mut Record, chunk: &[u8]) {
     let text = String::from_utf8_lossy(chunk);
     for (_, data) in crate::upstream::sse::parse_all(&text) {
         if data.contains("\"usage\"") {
-            record.usage.merge_json(data.as_bytes());
+            match record.wire {
+                crate::dispatch::Wire::Anthropic => record.usage.merge_json(data.as_bytes()),
+                crate::dispatch::Wire::Chat => record.usage.merge_chat_json(data.as_bytes()),
+            }
         }
     }
 }
