@@ -69,9 +69,17 @@ pub fn key(inbound: &Inbound, include_max_tokens: bool) -> Key {
     // Anthropic form drops included), so it never shares an answer with an Anthropic request or
     // with a request that differs only in what conversion drops; `stream` included, as the fast
     // path's answers are not rebuilt in the other form.
-    if let crate::dispatch::Front::Chat(chat) = &inbound.front {
-        h.update(b"\0openai_chat\0");
-        h.update(&xxhash_rust::xxh3::xxh3_128(&chat.original).to_le_bytes());
+    match &inbound.front {
+        crate::dispatch::Front::Anthropic => {}
+        crate::dispatch::Front::Chat(chat) => {
+            h.update(b"\0openai_chat\0");
+            h.update(&xxhash_rust::xxh3::xxh3_128(&chat.original).to_le_bytes());
+        }
+        // Rendered from the Anthropic answer at the edge; the echoed request fields differ.
+        crate::dispatch::Front::Responses(ctx) => {
+            h.update(b"\0openai_responses\0");
+            h.update(ctx.echo.to_string().as_bytes());
+        }
     }
     h.digest128()
 }

@@ -14,6 +14,8 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::adapter::chat::stream::ChunkState;
 use crate::adapter::chat::{self, ChatContext};
+use crate::adapter::responses::stream::EventState;
+use crate::adapter::responses::{self, ResponsesContext};
 use crate::dispatch::{Answer, Body, CacheStatus, Source, Wire};
 use crate::observability::{self, Record};
 use crate::state::AppState;
@@ -72,9 +74,52 @@ pub fn respond_chat(
     Response::from_parts(parts, chunks(body, ctx.clone()))
 }
 
+/// A writer of another API's events from Anthropic events.
+trait Render: Send + 'static {
+    fn push_sse(&mut self, bytes: &[u8]);
+    fn take(&mut self) -> Vec<u8>;
+    fn end(&mut self);
+    fn is_finished(&self) -> bool;
+}
+
+impl Render for ChunkState {
+    fn push_sse(&mut self, bytes: &[u8]) {
+        ChunkState::push_sse(self, bytes);
+    }
+    fn take(&mut self) -> Vec<u8> {
+        ChunkState::take(self)
+    }
+    fn end(&mut self) {
+        ChunkState::end(self);
+    }
+    fn is_finished(&self) -> bool {
+        ChunkState::is_finished(self)
+    }
+}
+
+impl Render for EventState {
+    fn push_sse(&mut self, bytes: &[u8]) {
+        EventState::push_sse(self, bytes);
+    }
+    fn take(&mut self) -> Vec<u8> {
+        EventState::take(self)
+    }
+    fn end(&mut self) {
+        EventState::end(self);
+    }
+    fn is_finished(&self) -> bool {
+        EventState::is_finished(self)
+    }
+}
+
 /// An Anthropic event stream's body rendered as Chat Completions chunks.
 fn chunks(body: axum::body::Body, ctx: ChatContext) -> axum::body::Body {
     let state = ChunkState::new(ctx, chat::completion_id(), chat::now_secs());
+    rendered(body, state)
+}
+
+/// An Anthropic event stream's body rendered by `state`, stopping when it has finished.
+fn rendered(body: axum::body::Body, state: impl Render) -> axum::body::Body {
     let events = body.into_data_stream();
     let rendered = futures_util::stream::unfold(
         (events, state, false),
@@ -105,6 +150,140 @@ fn chunks(body: axum::body::Body, ctx: ChatContext) -> axum::body::Body {
         },
     );
     axum::body::Body::from_stream(rendered)
+}
+
+/// [`respond`] for the Responses front end: the answer as a `response` object or its typed
+/// events. A streaming request refused for its length still gets a stream, ending in
+/// `response.failed` with `context_length_exceeded`: the one form on which Codex compacts.
+pub fn respond_responses(
+    state: &Arc<AppState>,
+    mut record: Record,
+    permit: Option<OwnedSemaphorePermit>,
+    mut answer: Answer,
+    ctx: &ResponsesContext,
+) -> Response {
+    record.fill(&mut answer);
+    let render = answer.is_stream();
+    let stream = record.stream;
+    let response = finish(
+        state,
+        record,
+        permit,
+        responses_response(answer, ctx, stream),
+    );
+    if !render {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let state = EventState::new(ctx.clone(), responses::response_id(), chat::now_secs());
+    Response::from_parts(parts, rendered(body, state))
+}
+
+/// An error for a Responses client: a stream ending in `response.failed` for a streaming request
+/// too long for the model, else an OpenAI error response (an overloaded provider without the
+/// code on which Codex gives up at once).
+fn responses_error(
+    status: http::StatusCode,
+    kind: &str,
+    message: &str,
+    mut headers: HeaderMap,
+    ctx: &ResponsesContext,
+    stream: bool,
+) -> (http::StatusCode, HeaderMap, axum::body::Body) {
+    if stream && responses::failure_code(kind, message) == "context_length_exceeded" {
+        let mut events = EventState::new(ctx.clone(), responses::response_id(), chat::now_secs());
+        events.fail(kind, message);
+        sse_headers(&mut headers);
+        return (
+            http::StatusCode::OK,
+            headers,
+            axum::body::Body::from(events.take()),
+        );
+    }
+    let (s, mut v) = chat::errors::openai_error(status.as_u16(), kind, message);
+    if v["error"]["code"] == "server_is_overloaded" {
+        v["error"]["code"] = serde_json::Value::Null;
+    }
+    openai_error((s, v), headers)
+}
+
+fn responses_response(answer: Answer, ctx: &ResponsesContext, stream: bool) -> Response {
+    let Answer {
+        status,
+        mut headers,
+        source,
+        cache,
+        body,
+        ..
+    } = answer;
+    let (status, mut headers, body) = match body {
+        Body::Error(e) => {
+            if let Some(secs) = e.retry_after {
+                headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+            }
+            match &e.param {
+                // A refusal of the request itself, naming the parameter.
+                Some(p) => {
+                    let (s, mut v) =
+                        chat::errors::openai_error(e.status.as_u16(), e.error_type, &e.message);
+                    v["error"]["param"] = serde_json::json!(p);
+                    openai_error((s, v), headers)
+                }
+                None => responses_error(e.status, e.error_type, &e.message, headers, ctx, stream),
+            }
+        }
+        Body::Stream(events) => {
+            sse_headers(&mut headers);
+            (
+                status,
+                headers,
+                axum::body::Body::from_stream(events.map(Ok::<_, Infallible>)),
+            )
+        }
+        Body::Json(bytes) if status.is_success() => {
+            match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Ok(message) => {
+                    let r = responses::response(
+                        &message,
+                        ctx,
+                        &responses::response_id(),
+                        chat::now_secs(),
+                    );
+                    headers.insert(CONTENT_TYPE, json());
+                    (status, headers, axum::body::Body::from(r.to_string()))
+                }
+                Err(_) => openai_error(
+                    chat::errors::openai_error(
+                        502,
+                        "api_error",
+                        "the provider's answer is not JSON",
+                    ),
+                    headers,
+                ),
+            }
+        }
+        Body::Json(bytes) => {
+            let (kind, message) = anthropic_error_of(status.as_u16(), &bytes);
+            responses_error(status, &kind, &message, headers, ctx, stream)
+        }
+    };
+    provenance(&mut headers, &source, cache);
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// The type and message of an Anthropic error body a provider wrote.
+fn anthropic_error_of(status: u16, body: &[u8]) -> (String, String) {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let kind = v
+        .pointer("/error/type")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_else(|| crate::error::error_type_for_status(status));
+    let (_, openai) = chat::errors::from_anthropic_body(status, body);
+    let message = openai["error"]["message"].as_str().unwrap_or("").to_owned();
+    (kind.to_owned(), message)
 }
 
 /// An OpenAI error response.

@@ -41,7 +41,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         // `POST` is served by `front` before the router; the route stays for the 405 on other methods.
         .route("/v1/messages", post(inbound::messages))
         .route("/v1/messages/count_tokens", post(inbound::count_tokens))
-        .route("/v1/chat/completions", post(inbound::chat::completions))
+        .route("/v1/chat/completions", post(inbound::openai::chat_completions))
+        .route("/v1/responses", post(inbound::openai::responses))
+        .route(
+            "/v1/responses/{*rest}",
+            axum::routing::any(|| async {
+                openai_not_found(
+                    "this gateway stores no responses: retrieve, cancel, input_items and compact are not available",
+                )
+            }),
+        )
         .route("/providers", get(admin::providers))
         .route("/providers/reload", post(admin::reload))
         .route("/cache/clear", post(admin::clear_cache))
@@ -70,6 +79,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         .layer(CatchPanicLayer::custom(panic_response))
         .with_state(state)
+}
+
+/// A 404 in OpenAI's error shape.
+fn openai_not_found(message: &str) -> Response {
+    let body = serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": "not_found"}});
+    let mut resp = (StatusCode::NOT_FOUND, body.to_string()).into_response();
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 fn panic_response(_: Box<dyn Any + Send + 'static>) -> Response {

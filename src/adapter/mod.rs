@@ -6,6 +6,8 @@
 //! - [`openai`]: Anthropic request to Chat Completions, and the answer (JSON or SSE) back.
 //! - [`chat`]: the OpenAI Chat Completions front end: its requests as Anthropic requests, and
 //!   Anthropic answers (JSON, SSE, errors) as Chat Completions.
+//! - [`responses`]: the OpenAI Responses front end (stateless): its requests as Anthropic
+//!   requests, and Anthropic answers as `response` objects and typed events.
 //! - [`anthropic`]: the one change passthrough ever makes beyond the model name: removing
 //!   thinking blocks this gateway signed, which Anthropic would reject.
 
@@ -14,3 +16,4 @@ pub mod chat;
 pub mod events;
 pub mod ids;
 pub mod openai;
+pub mod responses;

@@ -91,7 +91,9 @@ pub async fn attempt(
             Front::Chat(chat) => {
                 chat_passthrough(state, runtime, candidate, inbound, chat, auth).await
             }
-            Front::Anthropic => openai(state, runtime, candidate, inbound, auth).await,
+            Front::Anthropic | Front::Responses(_) => {
+                openai(state, runtime, candidate, inbound, auth).await
+            }
         },
         (Endpoint::CountTokens, ProviderKind::Anthropic) => {
             count_tokens(runtime, candidate, inbound, auth).await

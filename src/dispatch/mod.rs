@@ -46,6 +46,8 @@ pub enum Front {
     Anthropic,
     /// OpenAI Chat Completions (`/v1/chat/completions`).
     Chat(Arc<ChatFront>),
+    /// OpenAI Responses (`/v1/responses`), stateless.
+    Responses(Arc<crate::adapter::responses::ResponsesContext>),
 }
 
 impl Front {
@@ -53,6 +55,7 @@ impl Front {
         match self {
             Front::Anthropic => "anthropic",
             Front::Chat(_) => "openai_chat",
+            Front::Responses(_) => "openai_responses",
         }
     }
 }

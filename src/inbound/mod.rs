@@ -3,8 +3,8 @@
 pub mod auth;
 pub mod body;
 pub mod canonical;
-pub mod chat;
 pub mod count_tokens;
+pub mod openai;
 
 use std::sync::Arc;
 

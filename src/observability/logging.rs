@@ -177,7 +177,7 @@ pub struct RequestLine<'a> {
     pub request_id: &'a str,
     /// `messages` or `count_tokens`.
     pub endpoint: &'a str,
-    /// The API the request came in by: `anthropic` or `openai_chat`.
+    /// The API the request came in by: `anthropic`, `openai_chat` or `openai_responses`.
     pub front: &'a str,
     pub session_id: &'a str,
     /// The named client's name (empty for requests of no named client).
@@ -249,10 +249,10 @@ pub fn request_line(line: &RequestLine<'_>) {
             line.provider
         },
         match (line.stream, line.front) {
-            (true, "anthropic") => "stream ",
-            (false, "anthropic") => "",
-            (true, _) => "chat stream ",
-            (false, _) => "chat ",
+            (true, "anthropic") => "stream ".to_owned(),
+            (false, "anthropic") => String::new(),
+            (true, front) => format!("{front} stream "),
+            (false, front) => format!("{front} "),
         },
         line.total_ms,
         line.ttfb_ms,

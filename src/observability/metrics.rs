@@ -19,7 +19,7 @@ pub struct RequestLabels {
     pub route: String,
     pub provider: String,
     pub status: String,
-    /// The API the request came in by: `anthropic` or `openai_chat`.
+    /// The API the request came in by: `anthropic`, `openai_chat` or `openai_responses`.
     pub front: String,
 }
 

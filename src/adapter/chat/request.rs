@@ -39,20 +39,20 @@ pub struct Converted {
     pub include_usage: bool,
 }
 
-fn refuse(param: &str, message: impl Into<String>) -> Refusal {
+pub(crate) fn refuse(param: &str, message: impl Into<String>) -> Refusal {
     Refusal {
         message: message.into(),
         param: Some(param.to_owned()),
     }
 }
 
-fn is_blank(s: &str) -> bool {
+pub(crate) fn is_blank(s: &str) -> bool {
     s.trim().is_empty()
 }
 
 /// The thinking budget for a `reasoning_effort`, within `max_tokens` (OpenAI counts reasoning in
 /// the completion's budget): `None` for no thinking.
-fn thinking_budget(effort: &str, max_tokens: u64) -> Option<u64> {
+pub(crate) fn thinking_budget(effort: &str, max_tokens: u64) -> Option<u64> {
     let wanted = match effort {
         "low" => 2048,
         "medium" => 8192,
@@ -66,7 +66,7 @@ fn thinking_budget(effort: &str, max_tokens: u64) -> Option<u64> {
 
 /// A tool-call id as Anthropic accepts it (kept when valid, encoded reversibly otherwise); the
 /// same function for `tool_calls[].id` and `tool_call_id`, so the pair still matches.
-fn tool_id(id: &str) -> String {
+pub(crate) fn tool_id(id: &str) -> String {
     if valid_anthropic_id(id) {
         id.to_owned()
     } else {
@@ -85,7 +85,7 @@ fn data_url(url: &str) -> Option<(&str, &str)> {
 const IMAGE_TYPES: [&str; 4] = ["image/jpeg", "image/png", "image/gif", "image/webp"];
 
 /// One content part of a user (or system) message as Anthropic blocks.
-fn user_part(part: &Value, at: &str, out: &mut Vec<Value>) -> Result<(), Refusal> {
+pub(crate) fn user_part(part: &Value, at: &str, out: &mut Vec<Value>) -> Result<(), Refusal> {
     match part.get("type").and_then(Value::as_str).unwrap_or("") {
         "text" | "input_text" => {
             let text = part.get("text").and_then(Value::as_str).unwrap_or("");
@@ -191,7 +191,7 @@ fn content_blocks(content: &Value, at: &str) -> Result<Vec<Value>, Refusal> {
 }
 
 /// The plain text of a message's content (system messages, tool results).
-fn plain_text(content: &Value) -> String {
+pub(crate) fn plain_text(content: &Value) -> String {
     match content {
         Value::String(s) => s.clone(),
         Value::Array(parts) => parts
@@ -205,14 +205,14 @@ fn plain_text(content: &Value) -> String {
 
 /// Builds the Anthropic message list: merges same-role turns, puts tool results first.
 #[derive(Default)]
-struct History {
-    messages: Vec<Value>,
+pub(crate) struct History {
+    pub(crate) messages: Vec<Value>,
     /// The tool_use ids of the last assistant turn still waiting for their results.
-    open_calls: Vec<String>,
+    pub(crate) open_calls: Vec<String>,
 }
 
 impl History {
-    fn push(&mut self, role: &str, blocks: Vec<Value>) {
+    pub(crate) fn push(&mut self, role: &str, blocks: Vec<Value>) {
         if blocks.is_empty() {
             return;
         }
@@ -237,13 +237,18 @@ impl History {
 
     /// A tool result for an open call goes first in the user turn after the call; one for no
     /// open call becomes text (Anthropic rejects an orphan `tool_result`).
-    fn tool_result(&mut self, id: &str, text: String) {
-        let text = if is_blank(&text) {
-            "(empty result)".to_owned()
-        } else {
-            text
+    pub(crate) fn tool_result(&mut self, id: &str, content: Value) {
+        let content = match content {
+            Value::String(s) if is_blank(&s) => json!("(empty result)"),
+            Value::Array(a) if a.is_empty() => json!("(empty result)"),
+            Value::Null => json!("(empty result)"),
+            other => other,
         };
         let Some(at) = self.open_calls.iter().position(|c| c == id) else {
+            let text = match &content {
+                Value::String(s) => s.clone(),
+                other => plain_text(other),
+            };
             self.append(
                 "user",
                 vec![json!({"type": "text", "text": format!("[tool result for {id}]: {text}")})],
@@ -251,7 +256,7 @@ impl History {
             return;
         };
         self.open_calls.remove(at);
-        let block = json!({"type": "tool_result", "tool_use_id": id, "content": text});
+        let block = json!({"type": "tool_result", "tool_use_id": id, "content": content});
         match self.messages.last_mut() {
             Some(last) if last["role"] == "user" => {
                 if let Some(content) = last["content"].as_array_mut() {
@@ -271,10 +276,10 @@ impl History {
 
     /// Calls the client never answered (it was interrupted): answered with a note, as Anthropic
     /// requires a result for every call in the next user turn.
-    fn close_open_calls(&mut self) {
+    pub(crate) fn close_open_calls(&mut self) {
         for id in std::mem::take(&mut self.open_calls) {
             self.open_calls.push(id.clone());
-            self.tool_result(&id, "[no result: tool call was interrupted]".to_owned());
+            self.tool_result(&id, json!("[no result: tool call was interrupted]"));
         }
     }
 }
@@ -431,11 +436,11 @@ pub fn to_anthropic(req: &Value, opts: &FrontOptions) -> Result<Converted, Refus
                     .get("tool_call_id")
                     .and_then(Value::as_str)
                     .ok_or_else(|| refuse(&format!("{at}.tool_call_id"), "missing"))?;
-                history.tool_result(&tool_id(id), plain_text(content));
+                history.tool_result(&tool_id(id), json!(plain_text(content)));
             }
             "function" => {
                 let name = m.get("name").and_then(Value::as_str).unwrap_or("");
-                history.tool_result(&legacy_id(name), plain_text(content));
+                history.tool_result(&legacy_id(name), json!(plain_text(content)));
             }
             other => {
                 return Err(refuse(
@@ -620,7 +625,7 @@ pub fn to_anthropic(req: &Value, opts: &FrontOptions) -> Result<Converted, Refus
 }
 
 /// A tool call's `arguments` (a JSON string, or already an object) as the tool_use input.
-fn arguments(args: &Value) -> Value {
+pub(crate) fn arguments(args: &Value) -> Value {
     match args {
         Value::String(s) if is_blank(s) => json!({}),
         Value::String(s) => match serde_json::from_str::<Value>(s) {
@@ -639,7 +644,7 @@ fn legacy_id(name: &str) -> String {
     tool_id(&format!("call_{name}"))
 }
 
-fn function_tool(f: &Value, at: &str) -> Result<Value, Refusal> {
+pub(crate) fn function_tool(f: &Value, at: &str) -> Result<Value, Refusal> {
     let name = f
         .get("name")
         .and_then(Value::as_str)
