@@ -73,8 +73,80 @@ fn tool_request(prompt: &str) -> Option<(String, Value)> {
     (!name.is_empty()).then_some((name, input))
 }
 
+/// A value that fits a JSON schema: the first `enum` value, `"mock"` for strings, 1 for numbers,
+/// every property of an object (references into `$defs` followed).
+fn sample(schema: &Value, root: &Value, depth: usize) -> Value {
+    if depth > 8 {
+        return Value::Null;
+    }
+    if let Some(r) = schema.get("$ref").and_then(Value::as_str) {
+        let path = r.trim_start_matches('#');
+        return root
+            .pointer(path)
+            .map_or(Value::Null, |s| sample(s, root, depth + 1));
+    }
+    if let Some(first) = schema
+        .get("enum")
+        .and_then(Value::as_array)
+        .and_then(|e| e.first())
+    {
+        return first.clone();
+    }
+    if let Some(c) = schema.get("const") {
+        return c.clone();
+    }
+    if let Some(first) = ["anyOf", "oneOf", "allOf"].iter().find_map(|k| {
+        schema
+            .get(*k)
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+    }) {
+        return sample(first, root, depth + 1);
+    }
+    let kind = match schema.get("type") {
+        Some(Value::Array(kinds)) => kinds.iter().find_map(Value::as_str).unwrap_or("null"),
+        Some(Value::String(k)) => k.as_str(),
+        _ if schema.get("properties").is_some() => "object",
+        _ => "string",
+    };
+    match kind {
+        "object" => {
+            let mut out = serde_json::Map::new();
+            if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+                for (k, v) in props {
+                    out.insert(k.clone(), sample(v, root, depth + 1));
+                }
+            }
+            Value::Object(out)
+        }
+        "array" => json!([sample(
+            schema.get("items").unwrap_or(&json!({})),
+            root,
+            depth + 1
+        )]),
+        "integer" => json!(1),
+        "number" => json!(1.5),
+        "boolean" => json!(true),
+        "null" => Value::Null,
+        _ => json!("mock"),
+    }
+}
+
+/// The JSON schema a request asks the answer to follow, in either dialect.
+fn wanted_schema(body: &Value) -> Option<&Value> {
+    body.pointer("/output_config/format/schema")
+        .or_else(|| body.pointer("/response_format/json_schema/schema"))
+}
+
 /// Decides the answer to a request body in either dialect.
 pub fn think(body: &Value, dialect: Dialect) -> Answer {
+    if let Some(schema) = wanted_schema(body) {
+        return Answer {
+            reasoning: None,
+            text: Some(sample(schema, schema, 0).to_string()),
+            tool: None,
+        };
+    }
     let messages = body
         .get("messages")
         .and_then(Value::as_array)
@@ -365,6 +437,16 @@ mod tests {
             )
             .reasoning
             .is_some()
+        );
+        let schema = json!({"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"},
+            "tags": {"type": "array", "items": {"type": "string"}}, "kind": {"$ref": "#/$defs/Kind"}}, "$defs": {"Kind": {"enum": ["a", "b"]}}});
+        let structured = think(
+            &json!({"output_config": {"format": {"type": "json_schema", "schema": schema}}, "messages": []}),
+            Dialect::Anthropic,
+        );
+        assert_eq!(
+            serde_json::from_str::<Value>(structured.text.as_deref().unwrap()).unwrap(),
+            json!({"name": "mock", "n": 1, "tags": ["mock"], "kind": "a"})
         );
         assert_eq!(dialect_of("/v1/chat/completions"), Dialect::Openai);
         assert_eq!(dialect_of("/v1/messages?beta=true"), Dialect::Anthropic);
