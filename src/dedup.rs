@@ -75,10 +75,9 @@ pub fn key(inbound: &Inbound, include_max_tokens: bool) -> Key {
             h.update(b"\0openai_chat\0");
             h.update(&xxhash_rust::xxh3::xxh3_128(&chat.original).to_le_bytes());
         }
-        // Rendered from the Anthropic answer at the edge; the echoed request fields differ.
-        crate::dispatch::Front::Responses(ctx) => {
+        crate::dispatch::Front::Responses(r) => {
             h.update(b"\0openai_responses\0");
-            h.update(ctx.echo.to_string().as_bytes());
+            h.update(&xxhash_rust::xxh3::xxh3_128(&r.original).to_le_bytes());
         }
     }
     h.digest128()

@@ -163,7 +163,7 @@ pub fn respond_responses(
     ctx: &ResponsesContext,
 ) -> Response {
     record.fill(&mut answer);
-    let render = answer.is_stream();
+    let render = answer.wire == Wire::Anthropic && answer.is_stream();
     let stream = record.stream;
     let response = finish(
         state,
@@ -214,9 +214,17 @@ fn responses_response(answer: Answer, ctx: &ResponsesContext, stream: bool) -> R
         source,
         cache,
         body,
+        wire,
         ..
     } = answer;
     let (status, mut headers, body) = match body {
+        // The provider's own Responses answer, as it wrote it.
+        Body::Json(bytes) if wire == Wire::Responses => {
+            if status.is_success() || !headers.contains_key(CONTENT_TYPE) {
+                headers.insert(CONTENT_TYPE, json());
+            }
+            (status, headers, axum::body::Body::from(bytes))
+        }
         Body::Error(e) => {
             if let Some(secs) = e.retry_after {
                 headers.insert(RETRY_AFTER, HeaderValue::from(secs));
@@ -326,7 +334,7 @@ fn chat_response(answer: Answer, ctx: &ChatContext) -> Response {
                 axum::body::Body::from_stream(events.map(Ok::<_, Infallible>)),
             )
         }
-        (Body::Json(bytes), Wire::Chat) => {
+        (Body::Json(bytes), Wire::Chat | Wire::Responses) => {
             if status.is_success() || !headers.contains_key(CONTENT_TYPE) {
                 headers.insert(CONTENT_TYPE, json());
             }

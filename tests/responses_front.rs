@@ -240,3 +240,140 @@ async fn errors_before_and_after_the_stream_began() {
     assert_eq!(last, "response.failed", "{text}");
     assert_eq!(data["response"]["error"]["code"], "server_error");
 }
+
+/// A Responses stream as an OpenAI-compatible provider that speaks the API would write it.
+fn native_stream(text: &str, complete: bool) -> String {
+    let mut out = String::new();
+    let mut ev = |kind: &str, data: Value| {
+        out.push_str(&format!("event: {kind}\ndata: {data}\n\n"));
+    };
+    let resp = json!({"id": "resp_native", "object": "response", "created_at": 1, "status": "in_progress", "model": "vendor/gpt-upstream", "output": [], "usage": null});
+    ev(
+        "response.created",
+        json!({"type": "response.created", "sequence_number": 0, "response": resp}),
+    );
+    ev(
+        "response.output_item.added",
+        json!({"type": "response.output_item.added", "sequence_number": 1, "output_index": 0,
+        "item": {"type": "message", "id": "msg_n", "role": "assistant", "status": "in_progress", "content": []}}),
+    );
+    ev(
+        "response.content_part.added",
+        json!({"type": "response.content_part.added", "sequence_number": 2, "item_id": "msg_n", "output_index": 0, "content_index": 0,
+        "part": {"type": "output_text", "text": "", "annotations": []}}),
+    );
+    ev(
+        "response.output_text.delta",
+        json!({"type": "response.output_text.delta", "sequence_number": 3, "item_id": "msg_n", "output_index": 0, "content_index": 0, "delta": text, "logprobs": []}),
+    );
+    if complete {
+        let item = json!({"type": "message", "id": "msg_n", "role": "assistant", "status": "completed", "content": [{"type": "output_text", "text": text, "annotations": []}]});
+        ev(
+            "response.output_item.done",
+            json!({"type": "response.output_item.done", "sequence_number": 4, "output_index": 0, "item": item}),
+        );
+        let mut done = resp.clone();
+        done["status"] = json!("completed");
+        done["output"] = json!([item]);
+        done["usage"] = json!({"input_tokens": 40, "input_tokens_details": {"cached_tokens": 30}, "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 45});
+        ev(
+            "response.completed",
+            json!({"type": "response.completed", "sequence_number": 5, "response": done}),
+        );
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_provider_that_speaks_responses_gets_the_request_as_it_is() {
+    let anth = MockProvider::start(Reply::Model).await.unwrap();
+    let oai = MockProvider::start(Reply::sse(&native_stream("native hello", true)))
+        .await
+        .unwrap();
+    let config = yaml(&anth.url(), &oai.url())
+        .replace("    auth_value: key-oai\n", "    auth_value: key-oai\n    responses: true\n")
+        .replace("model_routes:\n", "model_routes:\n  \"mixed-*\":\n    - provider: Oai\n      model: vendor/gpt-upstream\n      priority: 1\n    - provider: Anth\n      model: claude-upstream-1\n      priority: 2\n");
+    let bal = Balancer::start(&config).await;
+    let raw = r#"{"model":"gpt-x", "input":"hi", "stream":true, "store":false, "service_tier":"flex", "text":{"verbosity":"low"}}"#;
+    let resp = bal
+        .client
+        .post(format!("{}/v1/responses", bal.url))
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert_eq!(
+        text,
+        native_stream("native hello", true),
+        "relayed as written"
+    );
+    let r = &oai.requests()[0];
+    assert_eq!(r.path, "/v1/responses");
+    assert_eq!(r.header("authorization"), Some("Bearer key-oai"));
+    assert_eq!(
+        String::from_utf8(r.body.clone()).unwrap(),
+        raw.replace("\"gpt-x\"", "\"vendor/gpt-upstream\"")
+    );
+    // Usage read from the provider's own events: 10 uncached + 30 cached input tokens.
+    let metrics = bal.get_text("/metrics").await;
+    assert!(
+        metrics.contains("claude_balancer_tokens_total{provider=\"Oai\",kind=\"input\"} 10"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("claude_balancer_tokens_total{provider=\"Oai\",kind=\"cache_read\"} 30"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("front=\"openai_responses\""), "{metrics}");
+
+    // A failed first event fails over to the next candidate, converted.
+    let failed = "event: response.failed\ndata: {\"type\":\"response.failed\",\"sequence_number\":0,\"response\":{\"id\":\"r\",\"status\":\"failed\",\"error\":{\"code\":\"server_error\",\"message\":\"boom\"}}}\n\n";
+    oai.push(Reply::sse(failed));
+    let (status, headers, text) = post(
+        &bal,
+        &json!({"model": "mixed-1", "input": "hello there", "stream": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(headers["x-provider-used"], "Anth");
+    let (r, _) = accumulate(text.as_bytes()).unwrap();
+    assert!(
+        r["output"][0]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("hello there")
+    );
+
+    // Cut after the first byte: the client gets response.failed, numbered after what it saw.
+    oai.push(Reply::sse(&native_stream("cut", false)));
+    let (status, _, text) = post(
+        &bal,
+        &json!({"model": "gpt-x", "input": "x", "stream": true}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let got = events(&text);
+    let (last, data) = got.last().unwrap();
+    assert_eq!(last, "response.failed", "{text}");
+    assert_eq!(data["sequence_number"], 4);
+    assert_eq!(data["response"]["error"]["code"], "server_error");
+}
+
+#[tokio::test]
+async fn each_reasoning_effort_reaches_an_openai_type_provider_as_itself() {
+    let (_anth, oai, bal) = setup().await;
+    for effort in ["low", "medium", "high", "xhigh"] {
+        let (status, _, text) = post(
+            &bal,
+            &json!({"model": "gpt-x", "input": "x", "reasoning": {"effort": effort}}),
+        )
+        .await;
+        assert_eq!(status, 200, "{text}");
+        let sent = oai.requests().last().unwrap().json();
+        let want = if effort == "xhigh" { "high" } else { effort };
+        assert_eq!(sent["reasoning_effort"], want, "{effort}");
+    }
+}

@@ -97,6 +97,7 @@ const PROVIDER_KEYS: &[&str] = &[
     "dialect",
     "sanitize_schemas",
     "models",
+    "responses",
 ];
 const PROVIDER_IGNORED: &[&str] = &["streaming_mode", "account_email", "priority"];
 const ENTRY_KEYS: &[&str] = &["provider", "model", "priority", "enabled", "weight"];
@@ -970,6 +971,13 @@ impl Walker<'_> {
             .as_deref()
             .is_some_and(|u| u.contains("generativelanguage.googleapis.com"));
         let sanitize_schemas = self.bool(m, "sanitize_schemas", path, sanitize_default);
+        let responses = self.bool(m, "responses", path, false);
+        if responses && kind == Some(ProviderKind::Anthropic) {
+            self.error(
+                &join(path, "responses"),
+                "only an openai-type provider can speak the Responses API",
+            );
+        }
         Some(ProviderConfig {
             name: name?,
             kind: kind?,
@@ -983,6 +991,7 @@ impl Walker<'_> {
             dialect,
             sanitize_schemas,
             models: self.string_list(m, "models", path),
+            responses,
         })
     }
 

@@ -212,6 +212,9 @@ pub struct ProviderConfig {
     /// Model names this provider serves that `GET /v1/models` lists (for names behind glob
     /// routes).
     pub models: Vec<String>,
+    /// An openai-type provider that speaks the Responses API itself (`POST {base_url}/responses`):
+    /// requests to the balancer's `/v1/responses` are forwarded to it as they are.
+    pub responses: bool,
 }
 
 impl std::fmt::Debug for ProviderConfig {
@@ -230,6 +233,7 @@ impl std::fmt::Debug for ProviderConfig {
             .field("max_tokens_cap", &self.max_tokens_cap)
             .field("dialect", &self.dialect)
             .field("sanitize_schemas", &self.sanitize_schemas)
+            .field("responses", &self.responses)
             .finish()
     }
 }

@@ -50,6 +50,9 @@ pub enum Wire {
     /// OpenAI Chat Completions, as an openai-type provider wrote it (the Chat Completions front
     /// end's fast path): a `chat.completion`, chunks ending with `data: [DONE]`.
     Chat,
+    /// OpenAI Responses, as an openai-type provider that speaks it wrote it: a `response`
+    /// object, or its typed events.
+    Responses,
 }
 
 /// Who produced the answer.
@@ -227,6 +230,41 @@ impl Usage {
                 self.merge(u);
             }
         }
+    }
+
+    /// Merges the usage of a Responses `response` object, or of an event carrying one, in JSON
+    /// text (`input_tokens` there counts the cached ones).
+    pub fn merge_responses_json(&mut self, json: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Details {
+            cached_tokens: Option<u64>,
+        }
+        #[derive(serde::Deserialize)]
+        struct ResponsesUsage {
+            input_tokens: Option<u64>,
+            output_tokens: Option<u64>,
+            input_tokens_details: Option<Details>,
+        }
+        #[derive(serde::Deserialize)]
+        struct WithUsage {
+            usage: Option<ResponsesUsage>,
+            response: Option<Box<WithUsage>>,
+        }
+        let Ok(w) = serde_json::from_slice::<WithUsage>(json) else {
+            return;
+        };
+        let Some(u) = w.usage.or_else(|| w.response.and_then(|r| r.usage)) else {
+            return;
+        };
+        let cached = u.input_tokens_details.and_then(|d| d.cached_tokens);
+        self.merge(UsageFields {
+            input_tokens: u
+                .input_tokens
+                .map(|i| i.saturating_sub(cached.unwrap_or(0))),
+            output_tokens: u.output_tokens,
+            cache_read_input_tokens: cached,
+            cache_creation_input_tokens: None,
+        });
     }
 
     /// Merges the usage of a Chat Completions answer or chunk in JSON text, if it has any (the

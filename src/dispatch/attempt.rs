@@ -14,7 +14,7 @@ use super::classify::{
     Fault, FaultPolicy, error_payload_fault, is_error_body, status_fault, transport_fault,
 };
 use super::relay::{self, Relay, Transform, Upstream};
-use super::{ChatFront, Endpoint, Front, Inbound, Outcome, Reply};
+use super::{Endpoint, Front, Inbound, Outcome, Reply};
 use crate::adapter::anthropic::strip_gateway_thinking;
 use crate::adapter::openai::stream::{Step, StreamState, chunk_error};
 use crate::adapter::openai::{self, Options, ReplyContext};
@@ -89,7 +89,28 @@ pub async fn attempt(
         }
         (Endpoint::Messages, ProviderKind::Openai) => match &inbound.front {
             Front::Chat(chat) => {
-                chat_passthrough(state, runtime, candidate, inbound, chat, auth).await
+                native(
+                    state,
+                    runtime,
+                    candidate,
+                    inbound,
+                    Native::Chat,
+                    &chat.original,
+                    auth,
+                )
+                .await
+            }
+            Front::Responses(r) if candidate.provider.config.responses => {
+                native(
+                    state,
+                    runtime,
+                    candidate,
+                    inbound,
+                    Native::Responses,
+                    &r.original,
+                    auth,
+                )
+                .await
             }
             Front::Anthropic | Front::Responses(_) => {
                 openai(state, runtime, candidate, inbound, auth).await
@@ -255,8 +276,8 @@ fn commit_stream(
     upstream: Upstream,
     transform: Transform,
 ) -> Outcome {
-    let wire = match transform {
-        Transform::Chat(_) => Wire::Chat,
+    let wire = match &transform {
+        Transform::Native(watch) => watch.wire(),
         Transform::Passthrough | Transform::Openai(_) => Wire::Anthropic,
     };
     let ttfb = deadlines.started.elapsed();
@@ -556,17 +577,52 @@ fn openai_headers(inbound: &Inbound, auth: &Auth, stream: bool) -> HeaderMap {
     headers
 }
 
-/// A Chat Completions request to an openai-type provider (the fast path): the client's own body
-/// with only the model replaced, the answer relayed as the provider wrote it, under the same
-/// commit and failover rules as every attempt. An error the client would get is mapped as the
-/// converting path maps it (context overflow in the words agents act on, the provider's refusal
-/// of the balancer's key never a 401).
-async fn chat_passthrough(
+/// The OpenAI API a request speaks natively to an openai-type provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Native {
+    /// Chat Completions (`/chat/completions`).
+    Chat,
+    /// Responses (`/responses`), for a provider configured with `responses: true`.
+    Responses,
+}
+
+/// The commit decision on the first Responses events: the first one that parses (an `error` or
+/// `response.failed` event is a provider fault).
+fn decide_responses(faults: &FaultPolicy, all: &Bytes) -> Option<Result<(), Fault>> {
+    let payloads = data_payloads(all);
+    let first = payloads
+        .iter()
+        .find_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())?;
+    match first.get("type").and_then(serde_json::Value::as_str) {
+        Some("error" | "response.failed") => {
+            let message = first
+                .pointer("/response/error/message")
+                .or_else(|| first.get("message"))
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("an error event")
+                .to_owned();
+            Some(Err(Fault::new(
+                FaultClass::Other,
+                format!("error before the first event: {message}"),
+            )))
+        }
+        _ => Some(faults.body_fault(all).map_or(Ok(()), Err)),
+    }
+}
+
+/// A request to an openai-type provider in its own API (the fast path: Chat Completions, or
+/// Responses to a provider that speaks it): the client's own body with only the model replaced,
+/// the answer relayed as the provider wrote it, under the same commit and failover rules as every
+/// attempt. An error the client would get is mapped as the converting path maps it (context
+/// overflow in the words agents act on, the provider's refusal of the balancer's key never a
+/// 401).
+async fn native(
     state: &Arc<AppState>,
     runtime: &Runtime,
     candidate: &Candidate,
     inbound: &Inbound,
-    chat: &ChatFront,
+    api: Native,
+    original: &Bytes,
     auth: &Auth,
 ) -> Outcome {
     let faults = &runtime.faults;
@@ -574,18 +630,20 @@ async fn chat_passthrough(
     let stream = inbound.envelope.stream;
     let deadlines = message_deadlines(runtime, stream);
     let body = body::rewrite(
-        &chat.original,
+        original,
         &candidate.upstream_model,
         &inbound.envelope.model,
         false,
     );
     let headers = openai_headers(inbound, auth, stream);
-    let mut resp = match send(
-        candidate.provider.post_messages(None, headers, body),
-        &deadlines,
-    )
-    .await
-    {
+    let provider = &candidate.provider;
+    let request = async {
+        match api {
+            Native::Chat => provider.post_messages(None, headers, body).await,
+            Native::Responses => provider.post_responses(headers, body).await,
+        }
+    };
+    let mut resp = match send(request, &deadlines).await {
         Ok(r) => r,
         Err(f) => return Outcome::Fault(f),
     };
@@ -619,6 +677,7 @@ async fn chat_passthrough(
         struct Head {
             error: Option<serde_json::Value>,
             choices: Option<serde::de::IgnoredAny>,
+            output: Option<serde::de::IgnoredAny>,
         }
         match serde_json::from_slice::<Head>(&body) {
             Err(e) => {
@@ -635,32 +694,48 @@ async fn chat_passthrough(
                     format!("error inside a 200: {message}"),
                 ));
             }
-            Ok(Head { choices: None, .. }) => {
+            Ok(Head { choices: None, .. }) if api == Native::Chat => {
                 return Outcome::Fault(Fault::new(FaultClass::Other, "answer has no choices"));
+            }
+            Ok(Head { output: None, .. }) if api == Native::Responses => {
+                return Outcome::Fault(Fault::new(FaultClass::Other, "answer has no output"));
             }
             Ok(_) => {}
         }
         let mut usage = Usage::default();
-        usage.merge_chat_json(&body);
+        let wire = match api {
+            Native::Chat => {
+                usage.merge_chat_json(&body);
+                Wire::Chat
+            }
+            Native::Responses => {
+                usage.merge_responses_json(&body);
+                Wire::Responses
+            }
+        };
         return Outcome::Committed(Reply {
             status: StatusCode::OK,
             headers: client_response_headers(&upstream_headers),
             usage: Some(usage),
             body: Body::Json(body),
-            wire: Wire::Chat,
+            wire,
             ttfb: Some(deadlines.started.elapsed()),
         });
     }
     let mut upstream: Upstream = resp.into_stream();
-    let decided = first_events(&mut upstream, &deadlines, |all, _| {
-        decide_chunks(faults, all)
+    let decided = first_events(&mut upstream, &deadlines, |all, _| match api {
+        Native::Chat => decide_chunks(faults, all),
+        Native::Responses => decide_responses(faults, all),
     })
     .await;
     let prefix = match decided {
         Ok(p) => p,
         Err(f) => return Outcome::Fault(f),
     };
-    let mut relay = relay::ChatRelay::default();
+    let mut relay = match api {
+        Native::Chat => relay::NativeRelay::chat(),
+        Native::Responses => relay::NativeRelay::responses(),
+    };
     let prefix = Prefix {
         ended: relay.observe(&prefix.bytes),
         ..prefix
@@ -674,7 +749,7 @@ async fn chat_passthrough(
         name,
         prefix,
         upstream,
-        Transform::Chat(relay),
+        Transform::Native(relay),
     )
 }
 

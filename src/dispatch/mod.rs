@@ -47,7 +47,7 @@ pub enum Front {
     /// OpenAI Chat Completions (`/v1/chat/completions`).
     Chat(Arc<ChatFront>),
     /// OpenAI Responses (`/v1/responses`), stateless.
-    Responses(Arc<crate::adapter::responses::ResponsesContext>),
+    Responses(Arc<ResponsesFront>),
 }
 
 impl Front {
@@ -66,6 +66,15 @@ pub struct ChatFront {
     /// The client's own body: what an openai-type provider gets, with only the model replaced.
     pub original: Bytes,
     pub context: crate::adapter::chat::ChatContext,
+}
+
+/// What a Responses request keeps beside its Anthropic form.
+#[derive(Debug)]
+pub struct ResponsesFront {
+    /// The client's own body: what an openai-type provider that speaks the Responses API gets,
+    /// with only the model replaced.
+    pub original: Bytes,
+    pub context: crate::adapter::responses::ResponsesContext,
 }
 
 /// One inbound request (`/v1/messages`, `count_tokens`, or a Chat Completions request in its

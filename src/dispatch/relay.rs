@@ -15,6 +15,7 @@ use futures_util::stream::{self, BoxStream, Stream, StreamExt};
 use tokio::time::{Instant, Sleep, sleep_until};
 
 use crate::adapter::openai::stream::{Step, StreamState};
+use crate::dispatch::Wire;
 use crate::routing::health::{HealthPolicy, Verdict};
 use crate::secret::Redactor;
 use crate::state::AppState;
@@ -54,31 +55,83 @@ pub enum Transform {
     Passthrough,
     /// Chat Completions chunks, converted by the stream state machine.
     Openai(Box<StreamState>),
-    /// Chat Completions chunks for a Chat Completions client, forwarded byte for byte.
-    Chat(ChatRelay),
+    /// An OpenAI client's own API (Chat Completions chunks, Responses events), forwarded byte
+    /// for byte.
+    Native(NativeRelay),
 }
 
-/// What the relay of a Chat Completions stream watches for: its end (`data: [DONE]`, or an
-/// error chunk) and whether a chunk finished the choice.
-#[derive(Debug, Default)]
-pub struct ChatRelay {
+/// What the relay of a stream in an OpenAI API watches for: its end (`data: [DONE]` or an error
+/// chunk; a terminal Responses event or `error`) and, for Chat Completions, whether a chunk
+/// finished the choice. It also counts the events, to number a `response.failed` it must add.
+#[derive(Debug)]
+pub struct NativeRelay {
+    responses: bool,
     finished_choice: bool,
     failed: bool,
+    events: u64,
 }
 
-impl ChatRelay {
+impl NativeRelay {
+    pub fn chat() -> Self {
+        Self {
+            responses: false,
+            finished_choice: false,
+            failed: false,
+            events: 0,
+        }
+    }
+
+    pub fn responses() -> Self {
+        Self {
+            responses: true,
+            ..Self::chat()
+        }
+    }
+
+    pub fn wire(&self) -> Wire {
+        if self.responses {
+            Wire::Responses
+        } else {
+            Wire::Chat
+        }
+    }
+
     /// Looks at whole events going to the client: whether they end the stream.
     pub fn observe(&mut self, events: &[u8]) -> bool {
         use memchr::memmem::find;
-        if find(events, b"\"finish_reason\":\"").is_some()
-            || find(events, b"\"finish_reason\": \"").is_some()
+        if !self.responses
+            && (find(events, b"\"finish_reason\":\"").is_some()
+                || find(events, b"\"finish_reason\": \"").is_some())
         {
             self.finished_choice = true;
         }
         let mut ended = false;
         for data in data_payloads(events) {
+            self.events += 1;
             let data = data.trim();
-            if data == "[DONE]" {
+            if self.responses {
+                #[derive(serde::Deserialize)]
+                struct Typed<'a> {
+                    #[serde(rename = "type", borrow)]
+                    kind: Option<std::borrow::Cow<'a, str>>,
+                }
+                // Only the events that can end a stream are read.
+                if !(data.contains("\"response.") || data.contains("\"error\"")) {
+                    continue;
+                }
+                match serde_json::from_str::<Typed<'_>>(data)
+                    .ok()
+                    .and_then(|t| t.kind)
+                    .as_deref()
+                {
+                    Some("response.completed" | "response.incomplete") => ended = true,
+                    Some("response.failed" | "error") => {
+                        self.failed = true;
+                        ended = true;
+                    }
+                    _ => {}
+                }
+            } else if data == "[DONE]" {
                 ended = true;
             } else if data.contains("\"error\"")
                 && serde_json::from_str::<serde_json::Value>(data)
@@ -89,6 +142,17 @@ impl ChatRelay {
             }
         }
         ended
+    }
+
+    /// The event that ends the stream with an error.
+    fn error(&self, message: &str) -> Bytes {
+        if !self.responses {
+            return chat_error_chunk(message);
+        }
+        let v = serde_json::json!({"type": "response.failed", "sequence_number": self.events,
+            "response": {"id": crate::adapter::responses::response_id(), "object": "response", "status": "failed",
+                "output": [], "usage": null, "error": {"code": "server_error", "message": message}}});
+        Bytes::from(format!("event: response.failed\ndata: {v}\n\n"))
     }
 }
 
@@ -127,7 +191,7 @@ impl Transform {
                     state.is_finished(),
                 )
             }
-            Transform::Chat(watch) => {
+            Transform::Native(watch) => {
                 let done = watch.observe(&bytes);
                 (
                     if watch.failed {
@@ -175,7 +239,7 @@ impl Transform {
                 };
                 (Bytes::from(state.take()), reason)
             }
-            Transform::Chat(watch) => {
+            Transform::Native(watch) => {
                 // A last event that only lacks its blank line still counts; a cut one is dropped.
                 let mut out = BytesMut::new();
                 let pending = splitter.pending();
@@ -194,8 +258,8 @@ impl Transform {
                     out.extend_from_slice(b"data: [DONE]\n\n");
                     return (out.freeze(), None);
                 }
-                let reason = "stream ended before its last chunk".to_owned();
-                out.extend_from_slice(&chat_error_chunk(&format!("upstream provider: {reason}")));
+                let reason = "stream ended before its last event".to_owned();
+                out.extend_from_slice(&watch.error(&format!("upstream provider: {reason}")));
                 (out.freeze(), Some(reason))
             }
         }
@@ -210,7 +274,7 @@ impl Transform {
                 state.fail("api_error", &message);
                 Bytes::from(state.take())
             }
-            Transform::Chat(_) => chat_error_chunk(&message),
+            Transform::Native(watch) => watch.error(&message),
         }
     }
 }

@@ -21,7 +21,7 @@ use crate::adapter::chat::request::FrontOptions;
 use crate::adapter::chat::{ChatContext, Refusal};
 use crate::adapter::responses::ResponsesContext;
 use crate::clients::Caller;
-use crate::dispatch::{Answer, ChatFront, Endpoint, Front, Inbound};
+use crate::dispatch::{Answer, ChatFront, Endpoint, Front, Inbound, ResponsesFront};
 use crate::error::ApiError;
 use crate::observability::{self, Record};
 use crate::respond::{respond_chat, respond_responses};
@@ -96,10 +96,13 @@ impl OpenaiFront for Responses {
         }
     }
 
-    fn convert(value: &Value, _raw: Bytes) -> Result<(Bytes, Front, ResponsesContext), Refusal> {
+    fn convert(value: &Value, raw: Bytes) -> Result<(Bytes, Front, ResponsesContext), Refusal> {
         let c = crate::adapter::responses::request::to_anthropic(value)?;
         let body = Bytes::from(serde_json::to_vec(&c.body).unwrap_or_default());
-        let front = Front::Responses(Arc::new(c.context.clone()));
+        let front = Front::Responses(Arc::new(ResponsesFront {
+            original: raw,
+            context: c.context.clone(),
+        }));
         Ok((body, front, c.context))
     }
 

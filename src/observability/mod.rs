@@ -226,6 +226,9 @@ fn sniff_usage(record: &mut Record, chunk: &[u8]) {
             match record.wire {
                 crate::dispatch::Wire::Anthropic => record.usage.merge_json(data.as_bytes()),
                 crate::dispatch::Wire::Chat => record.usage.merge_chat_json(data.as_bytes()),
+                crate::dispatch::Wire::Responses => {
+                    record.usage.merge_responses_json(data.as_bytes());
+                }
             }
         }
     }

@@ -329,6 +329,7 @@ mod tests {
             dialect: Dialect::Generic,
             sanitize_schemas: false,
             models: Vec::new(),
+            responses: false,
         }
     }
 

@@ -29,6 +29,8 @@ pub struct Provider {
     pub messages_url: String,
     /// `POST` target for count_tokens (anthropic only).
     pub count_tokens_url: String,
+    /// `POST` target for the Responses API (openai only).
+    pub responses_url: String,
     /// `messages_url` parsed once.
     messages_target: Option<Uri>,
     /// `Basic` credentials from a `base_url` written as `https://user:password@host/…`, sent when
@@ -54,6 +56,7 @@ impl Provider {
             }
             ProviderKind::Openai => (format!("{base}/chat/completions"), String::new()),
         };
+        let responses_url = format!("{base}/responses");
         Self {
             name: Arc::from(config.name.as_str()),
             config,
@@ -61,8 +64,19 @@ impl Provider {
             messages_target: messages_url.parse().ok(),
             messages_url,
             count_tokens_url,
+            responses_url,
             url_credentials,
         }
+    }
+
+    /// `POST`s to `responses_url`.
+    pub async fn post_responses(
+        &self,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<UpstreamResponse, TransportError> {
+        let target = target(&self.responses_url, None)?;
+        self.post(target, headers, body).await
     }
 
     /// `POST`s to `messages_url`, with the client's query string if it sent one.
@@ -339,6 +353,7 @@ mod tests {
             dialect: crate::config::Dialect::Generic,
             sanitize_schemas: false,
             models: Vec::new(),
+            responses: false,
         };
         Provider::new(config, Client::direct(Duration::from_secs(1)).unwrap())
     }

@@ -51,7 +51,9 @@ pub(crate) fn is_blank(s: &str) -> bool {
 }
 
 /// The thinking budget for a `reasoning_effort`, within `max_tokens` (OpenAI counts reasoning in
-/// the completion's budget): `None` for no thinking.
+/// the completion's budget, so at least [`MIN_VISIBLE_TOKENS`] are left for the answer): `None`
+/// for no thinking. Each level's budget reads as the same level again where a budget is turned
+/// back into an effort (an openai-type provider behind an Anthropic request).
 pub(crate) fn thinking_budget(effort: &str, max_tokens: u64) -> Option<u64> {
     let wanted = match effort {
         "low" => 2048,
@@ -60,9 +62,12 @@ pub(crate) fn thinking_budget(effort: &str, max_tokens: u64) -> Option<u64> {
         "xhigh" | "max" => 32000,
         _ => return None,
     };
-    let budget = wanted.min(max_tokens / 2);
+    let budget = wanted.min(max_tokens.saturating_sub(MIN_VISIBLE_TOKENS));
     (budget >= MIN_THINKING_BUDGET).then_some(budget)
 }
+
+/// What a thinking budget leaves, at least, for the visible answer.
+const MIN_VISIBLE_TOKENS: u64 = 1024;
 
 /// A tool-call id as Anthropic accepts it (kept when valid, encoded reversibly otherwise); the
 /// same function for `tool_calls[].id` and `tool_call_id`, so the pair still matches.
@@ -939,9 +944,9 @@ mod tests {
             b.get("temperature").is_none(),
             "thinking takes no temperature"
         );
-        assert_eq!(convert(req("low", 3000))["thinking"]["budget_tokens"], 1500);
+        assert_eq!(convert(req("low", 3000))["thinking"]["budget_tokens"], 1976);
         assert!(
-            convert(req("high", 1500)).get("thinking").is_none(),
+            convert(req("high", 2000)).get("thinking").is_none(),
             "no room for the smallest budget"
         );
         assert!(convert(req("minimal", 64000)).get("thinking").is_none());

@@ -572,10 +572,7 @@ mod tests {
             json!([{"type": "text", "text": "done"}])
         );
         let fresh = convert(json!({"model": "m", "reasoning": {"effort": "high"}, "input": "hi"}));
-        assert_eq!(
-            fresh.body["thinking"]["budget_tokens"], 16000,
-            "half the default output budget"
-        );
+        assert_eq!(fresh.body["thinking"]["budget_tokens"], 16384);
         assert_eq!(fresh.body["messages"][0]["content"][0]["text"], "hi");
     }
 
