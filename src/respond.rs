@@ -37,10 +37,12 @@ pub fn respond(
 /// to the observer.
 fn finish(
     state: &Arc<AppState>,
-    record: Record,
+    mut record: Record,
     permit: Option<OwnedSemaphorePermit>,
     mut response: Response,
 ) -> Response {
+    // What the client got (an OpenAI front end maps some statuses: 529 is 503 there).
+    record.status = response.status().as_u16();
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&record.id) {
         headers.insert("x-request-id", v);

@@ -156,7 +156,7 @@ async fn a_tool_loop_of_two_turns_reaches_the_anthropic_provider_as_tool_use_and
     assert_eq!(m[1]["content"][0]["id"], call["id"]);
     assert_eq!(
         m[2]["content"][0],
-        json!({"type": "tool_result", "tool_use_id": call["id"], "content": "a.txt b.txt"})
+        json!({"type": "tool_result", "tool_use_id": call["id"], "content": "a.txt b.txt", "cache_control": {"type": "ephemeral"}})
     );
     assert_eq!(sent["tools"][0]["name"], "shell");
     assert_eq!(

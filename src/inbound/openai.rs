@@ -118,14 +118,20 @@ impl OpenaiFront for Responses {
 }
 
 /// The session of an OpenAI request, for sticky routing: the Claude Code session header if
-/// present, else the client's `prompt_cache_key` (Codex sets it to its conversation id).
+/// present, else OpenCode's `x-session-affinity` or `x-session-id`, else the client's
+/// `prompt_cache_key` (Codex sets it to its conversation id).
 fn session(headers: &HeaderMap, body: &Value) -> Option<String> {
-    super::session_id(
-        headers,
-        body.get("prompt_cache_key")
-            .and_then(Value::as_str)
-            .filter(|k| !k.is_empty()),
-    )
+    let header = ["x-session-affinity", "x-session-id"].iter().find_map(|h| {
+        headers
+            .get(*h)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+    });
+    let key = body
+        .get("prompt_cache_key")
+        .and_then(Value::as_str)
+        .filter(|k| !k.is_empty());
+    super::session_id(headers, header.or(key))
 }
 
 pub async fn chat_completions(

@@ -93,6 +93,40 @@ fn request_body(stream: bool) -> Bytes {
     Bytes::from(body.to_string())
 }
 
+/// The same conversation as [`request_body`] as a Chat Completions request (about 40 KB).
+fn chat_body(stream: bool) -> Bytes {
+    let anthropic: serde_json::Value =
+        serde_json::from_slice(&request_body(stream)).unwrap_or_default();
+    let mut messages = vec![
+        json!({"role": "system", "content": "You are an interactive agent that helps users with software engineering tasks. ".repeat(40)}),
+    ];
+    for m in anthropic["messages"].as_array().into_iter().flatten() {
+        let text = match &m["content"] {
+            serde_json::Value::String(s) => s.clone(),
+            other => other
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b["text"].as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        };
+        messages.push(json!({"role": m["role"], "content": text}));
+    }
+    let tools: Vec<_> = anthropic["tools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| json!({"type": "function", "function": {"name": t["name"], "description": t["description"], "parameters": t["input_schema"]}}))
+        .collect();
+    let mut body = json!({"model": "claude-sonnet-4-6", "max_tokens": 32000, "messages": messages, "tools": tools});
+    if stream {
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    Bytes::from(body.to_string())
+}
+
 /// 50 Anthropic events (a text answer in 44 deltas).
 fn anthropic_events() -> Vec<String> {
     let words: String = (0..44).map(|i| format!("w{i} ")).collect();
@@ -163,7 +197,13 @@ async fn load(c: &HttpClient, url: &str, body: Bytes, concurrency: usize, total:
         workers.push(tokio::spawn(async move {
             let mut s = Samples::default();
             while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
-                let req = Request::post(format!("{url}/v1/messages"))
+                // An arm's URL is its base, for `/v1/messages`, or a whole `/v1/…` target.
+                let target = if url.contains("/v1/") {
+                    url.clone()
+                } else {
+                    format!("{url}/v1/messages")
+                };
+                let req = Request::post(target)
                     .header("content-type", "application/json")
                     .header("anthropic-version", "2023-06-01")
                     .header("x-api-key", "bench-key")
@@ -507,7 +547,7 @@ fn machine() -> String {
     format!("{cores} cores, {model}, Linux {}", kernel.trim())
 }
 
-const USAGE: &str = "usage: bench [--quick] [--only latency|stream|throughput|convert|memory] [--concurrency N] [--out FILE]
+const USAGE: &str = "usage: bench [--quick] [--only latency|stream|throughput|convert|chat|memory] [--concurrency N] [--out FILE]
   runs every scenario and rewrites the measured part of FILE (BENCHMARKS.md) unless --only is given;
   --quick runs a quarter of the requests; --concurrency N runs the latency scenario at N connections (16).";
 
@@ -523,7 +563,7 @@ async fn main() {
     // otherwise start a full run that rewrites BENCHMARKS.md.
     let mut quick = false;
     let mut out = "BENCHMARKS.md".to_owned();
-    // `--only NAME` runs one scenario (latency, stream, throughput, convert, memory) and writes no file.
+    // `--only NAME` runs one scenario (latency, stream, throughput, convert, chat, memory) and writes no file.
     let mut only: Option<String> = None;
     // `--concurrency N` runs the latency scenario at N instead of 16 (1 is how Claude Code calls).
     let mut concurrency: Option<&String> = None;
@@ -544,7 +584,14 @@ async fn main() {
         }
     }
     let scale = if quick { 1 } else { 4 };
-    const SCENARIOS: [&str; 5] = ["latency", "stream", "throughput", "convert", "memory"];
+    const SCENARIOS: [&str; 6] = [
+        "latency",
+        "stream",
+        "throughput",
+        "convert",
+        "chat",
+        "memory",
+    ];
     if let Some(o) = only.as_deref()
         && !SCENARIOS.contains(&o)
     {
@@ -638,16 +685,31 @@ async fn main() {
         conc: usize,
         per_round: usize,
     ) -> Vec<(String, Samples, Option<f64>)> {
+        let arms: Vec<(&str, String, Bytes)> = arms
+            .iter()
+            .map(|(n, u)| (*n, u.clone(), body.clone()))
+            .collect();
+        rounds_with(c, &arms, pids, conc, per_round).await
+    }
+
+    // [`rounds`] with a body of its own for each arm.
+    async fn rounds_with(
+        c: &HttpClient,
+        arms: &[(&str, String, Bytes)],
+        pids: &dyn Fn(&str) -> Option<u32>,
+        conc: usize,
+        per_round: usize,
+    ) -> Vec<(String, Samples, Option<f64>)> {
         let mut res: Vec<(String, Samples, f64)> = arms
             .iter()
-            .map(|(n, _)| ((*n).to_owned(), Samples::default(), 0.0))
+            .map(|(n, _, _)| ((*n).to_owned(), Samples::default(), 0.0))
             .collect();
         // Warm-up.
-        for (_, url) in arms {
+        for (_, url, body) in arms {
             load(c, url, body.clone(), conc, conc * 4).await;
         }
         for _ in 0..3 {
-            for (i, (name, url)) in arms.iter().enumerate() {
+            for (i, (name, url, body)) in arms.iter().enumerate() {
                 let before = pids(name).map(cpu_seconds);
                 let s = load(c, url, body.clone(), conc, per_round).await;
                 if let (Some(b), Some(pid)) = (before, pids(name)) {
@@ -809,7 +871,113 @@ async fn main() {
         );
     }
 
-    // 5. Memory: idle, and holding 1,000 concurrent streams (50 events, 100 ms apart).
+    // 5. The OpenAI front end: Chat Completions to an openai-type provider (the fast path) and to
+    //    an anthropic-type one (conversion), beside the Anthropic passthrough, in the same rounds.
+    if want("chat") {
+        const PASS: &str =
+            "claude-balancer, as shipped: Anthropic Messages → anthropic (passthrough)";
+        const FAST: &str = "claude-balancer, as shipped: Chat Completions → openai (fast path)";
+        const CONV: &str = "claude-balancer, as shipped: Chat Completions → anthropic (conversion)";
+        let chat_pids = |name: &str| match name {
+            PASS | CONV => Some(bal_proc.0.id()),
+            FAST => Some(oai_proc.0.id()),
+            _ => None,
+        };
+        for stream in [false, true] {
+            if stream {
+                mock.set_default(stream_reply(
+                    &anthropic_events(),
+                    Duration::from_millis(20),
+                    Duration::ZERO,
+                ));
+                oai.set_default(stream_reply(
+                    &openai_events(),
+                    Duration::from_millis(20),
+                    Duration::ZERO,
+                ));
+            } else {
+                mock.set_default(
+                    Reply::message("claude-sonnet-4-6", "ok").with_delay(Duration::from_millis(20)),
+                );
+                oai.set_default(
+                    Reply::json(
+                        200,
+                        &mock_provider::openai_completion(
+                            json!({"role": "assistant", "content": "ok"}),
+                            "stop",
+                        ),
+                    )
+                    .with_delay(Duration::from_millis(20)),
+                );
+            }
+            let (anthropic, chat) = (request_body(stream), chat_body(stream));
+            let arms = [
+                (
+                    "direct, Anthropic Messages",
+                    format!("{}/v1/messages", mock.url()),
+                    anthropic.clone(),
+                ),
+                (
+                    "direct, Chat Completions",
+                    format!("{}/v1/chat/completions", oai.url()),
+                    chat.clone(),
+                ),
+                (PASS, format!("{bal}/v1/messages"), anthropic),
+                (FAST, format!("{oai_bal}/v1/chat/completions"), chat.clone()),
+                (CONV, format!("{bal}/v1/chat/completions"), chat),
+            ];
+            let r = rounds_with(
+                &c,
+                &arms,
+                &chat_pids,
+                16,
+                if stream { 150 } else { 300 } * scale,
+            )
+            .await;
+            let direct_of = |name: &str| if name == FAST { &r[1].1 } else { &r[0].1 };
+            table(
+                &mut report,
+                &format!(
+                    "\n### OpenAI front end: {}, 20 ms provider, concurrency 16, {} KB requests",
+                    if stream {
+                        "streaming (50 events or chunks)"
+                    } else {
+                        "non-streaming"
+                    },
+                    request_body(false).len() / 1024
+                ),
+                &[
+                    "arm",
+                    "p50 ms",
+                    "added p50 ms",
+                    "added p99 ms",
+                    "CPU µs/request",
+                    "errors",
+                ],
+                r.iter().map(|(n, s, cpu)| {
+                    let d = direct_of(n);
+                    let (p50, p99) = (Samples::pct(&s.total, 0.5), Samples::pct(&s.total, 0.99));
+                    let added = |p: f64, q: f64| {
+                        if cpu.is_some() {
+                            format!("{:.2}", p - Samples::pct(&d.total, q))
+                        } else {
+                            "-".to_owned()
+                        }
+                    };
+                    vec![
+                        n.clone(),
+                        format!("{p50:.2}"),
+                        added(p50, 0.5),
+                        added(p99, 0.99),
+                        cpu_cell(cpu),
+                        s.errors.to_string(),
+                    ]
+                }),
+            );
+        }
+    }
+
+    // 6. Memory: idle, and holding 1,000 concurrent streams (50 events, 100 ms apart).
     if want("memory") {
         mock.set_default(stream_reply(
             &anthropic_events(),

@@ -79,6 +79,42 @@ pub(crate) fn tool_id(id: &str) -> String {
     }
 }
 
+/// Prompt-cache breakpoints an OpenAI client cannot write (OpenAI caches prompts by itself):
+/// the last system block, the last tool and the last block of the last turn, so each request
+/// reads the cache the one before wrote.
+pub(crate) fn add_cache_breakpoints(body: &mut Value) {
+    let ephemeral = || json!({"type": "ephemeral"});
+    if let Some(last) = body
+        .get_mut("system")
+        .and_then(Value::as_array_mut)
+        .and_then(|s| s.last_mut())
+    {
+        last["cache_control"] = ephemeral();
+    }
+    if let Some(last) = body
+        .get_mut("tools")
+        .and_then(Value::as_array_mut)
+        .and_then(|t| t.last_mut())
+    {
+        last["cache_control"] = ephemeral();
+    }
+    if let Some(last) = body
+        .get_mut("messages")
+        .and_then(Value::as_array_mut)
+        .and_then(|m| m.last_mut())
+        .and_then(|m| m.get_mut("content"))
+        .and_then(Value::as_array_mut)
+        .and_then(|c| c.last_mut())
+    {
+        if matches!(
+            last["type"].as_str(),
+            Some("text" | "image" | "tool_result" | "document")
+        ) {
+            last["cache_control"] = ephemeral();
+        }
+    }
+}
+
 /// A `data:` URL's media type and base64 payload.
 fn data_url(url: &str) -> Option<(&str, &str)> {
     let rest = url.strip_prefix("data:")?;
@@ -622,8 +658,10 @@ pub fn to_anthropic(req: &Value, opts: &FrontOptions) -> Result<Converted, Refus
         out.insert("metadata".into(), json!({"user_id": hex}));
     }
     out.insert("stream".into(), json!(stream));
+    let mut body = Value::Object(out);
+    add_cache_breakpoints(&mut body);
     Ok(Converted {
-        body: Value::Object(out),
+        body,
         stream,
         include_usage,
     })
@@ -765,10 +803,17 @@ mod tests {
         ]}));
         assert_eq!(
             b["system"],
-            json!([{"type": "text", "text": "be brief"}, {"type": "text", "text": "use tools"}])
+            json!([{"type": "text", "text": "be brief"}, {"type": "text", "text": "use tools", "cache_control": {"type": "ephemeral"}}]),
+            "the last system block is a cache breakpoint"
         );
         let m = b["messages"].as_array().unwrap();
         assert_eq!(m.len(), 3);
+        assert_eq!(
+            m[2]["content"][1]["cache_control"],
+            json!({"type": "ephemeral"}),
+            "so is the last turn's last block"
+        );
+        assert!(m[2]["content"][0].get("cache_control").is_none());
         assert_eq!(
             m[2]["content"][0]["text"],
             "<system-reminder>\nnow formal\n</system-reminder>"

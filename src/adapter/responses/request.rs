@@ -6,8 +6,8 @@ use serde_json::{Map, Value, json};
 use super::{ResponsesContext, ToolKind, decrypt};
 use crate::adapter::chat::Refusal;
 use crate::adapter::chat::request::{
-    History, arguments, function_tool, is_blank, plain_text, refuse, thinking_budget, tool_id,
-    user_part,
+    History, add_cache_breakpoints, arguments, function_tool, is_blank, plain_text, refuse,
+    thinking_budget, tool_id, user_part,
 };
 
 /// `max_tokens` when the request names no `max_output_tokens` (Codex never does): room for a
@@ -433,8 +433,10 @@ pub fn to_anthropic(req: &Value) -> Result<Converted, Refusal> {
             echo.insert(k.to_owned(), v.clone());
         }
     }
+    let mut body = Value::Object(out);
+    add_cache_breakpoints(&mut body);
     Ok(Converted {
-        body: Value::Object(out),
+        body,
         stream,
         context: ResponsesContext {
             model: model.to_owned(),
@@ -538,8 +540,9 @@ mod tests {
         );
         assert_eq!(
             m[2]["content"][0],
-            json!({"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.txt"})
+            json!({"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.txt", "cache_control": {"type": "ephemeral"}})
         );
+        assert_eq!(b["tools"][0]["cache_control"], json!({"type": "ephemeral"}));
         assert_eq!(
             b["tools"].as_array().unwrap().len(),
             1,
