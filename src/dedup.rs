@@ -65,15 +65,15 @@ pub fn key(inbound: &Inbound, include_max_tokens: bool) -> Key {
         }
     }
     h.update(inbound.query.as_deref().unwrap_or("").as_bytes());
-    // A Chat Completions request: its own body too (an openai-type provider gets it, fields the
-    // Anthropic form drops included), so it never shares an answer with an Anthropic request or
-    // with a request that differs only in what conversion drops; `stream` included, as the fast
-    // path's answers are not rebuilt in the other form.
+    // An OpenAI request never shares an answer with a request of another front end. A Chat
+    // Completions request is signed as the client wrote it; `stream` counts, as the fast path's
+    // answers are not rebuilt in the other form. A Responses request is signed in its Anthropic
+    // form, so its own body counts too (a provider that speaks the API gets that).
     match &inbound.front {
         crate::dispatch::Front::Anthropic => {}
-        crate::dispatch::Front::Chat(chat) => {
+        crate::dispatch::Front::Chat(_) => {
             h.update(b"\0openai_chat\0");
-            h.update(&xxhash_rust::xxh3::xxh3_128(&chat.original).to_le_bytes());
+            h.update(&[u8::from(inbound.envelope.stream)]);
         }
         crate::dispatch::Front::Responses(r) => {
             h.update(b"\0openai_responses\0");

@@ -16,7 +16,7 @@ use crate::adapter::chat::stream::ChunkState;
 use crate::adapter::chat::{self, ChatContext};
 use crate::adapter::responses::stream::EventState;
 use crate::adapter::responses::{self, ResponsesContext};
-use crate::dispatch::{Answer, Body, CacheStatus, Source, Wire};
+use crate::dispatch::{Answer, Body, CacheStatus, ChatFront, Source, Wire};
 use crate::observability::{self, Record};
 use crate::state::AppState;
 
@@ -64,16 +64,16 @@ pub fn respond_chat(
     mut record: Record,
     permit: Option<OwnedSemaphorePermit>,
     mut answer: Answer,
-    ctx: &ChatContext,
+    front: &ChatFront,
 ) -> Response {
     record.fill(&mut answer);
     let render = answer.wire == Wire::Anthropic && answer.is_stream();
-    let response = finish(state, record, permit, chat_response(answer, ctx));
+    let response = finish(state, record, permit, chat_response(answer, front));
     if !render {
         return response;
     }
     let (parts, body) = response.into_parts();
-    Response::from_parts(parts, chunks(body, ctx.clone()))
+    Response::from_parts(parts, chunks(body, front.context()))
 }
 
 /// A writer of another API's events from Anthropic events.
@@ -306,7 +306,7 @@ fn openai_error(
 }
 
 /// An answer in the Chat Completions wire format (an Anthropic stream is left for [`chunks`]).
-fn chat_response(answer: Answer, ctx: &ChatContext) -> Response {
+fn chat_response(answer: Answer, front: &ChatFront) -> Response {
     let Answer {
         status,
         mut headers,
@@ -347,7 +347,7 @@ fn chat_response(answer: Answer, ctx: &ChatContext) -> Response {
                 Ok(message) => {
                     let c = chat::response::completion(
                         &message,
-                        ctx,
+                        &front.context(),
                         &chat::completion_id(),
                         chat::now_secs(),
                     );

@@ -1,7 +1,8 @@
 //! The HTTP front: the router, its fallbacks (every error Anthropic-shaped) and `serve`.
 //!
-//! `POST /v1/messages`, nearly every request a balancer serves, goes straight from hyper to its
-//! handler (the same key check, the same panic answer); everything else goes through the router.
+//! `POST /v1/messages`, nearly every request a balancer serves, and `POST /v1/chat/completions`
+//! go straight from hyper to their handlers (the same key check, the same panic answer);
+//! everything else goes through the router.
 
 use std::any::Any;
 use std::convert::Infallible;
@@ -119,9 +120,29 @@ fn front(
                 let served = AssertUnwindSafe(Box::pin(messages(state, request))).catch_unwind();
                 return Ok(served.await.unwrap_or_else(panic_response));
             }
+            if request.method() == Method::POST && request.uri().path() == "/v1/chat/completions" {
+                let served =
+                    AssertUnwindSafe(Box::pin(chat_completions(state, request))).catch_unwind();
+                return Ok(served.await.unwrap_or_else(panic_response));
+            }
             Box::pin(app.oneshot(request.map(Body::new))).await
         }
     })
+}
+
+async fn chat_completions(state: Arc<AppState>, request: Request<Incoming>) -> Response {
+    let (parts, body) = request.into_parts();
+    let caller = match inbound::auth::check(&state, &parts.uri, &parts.headers) {
+        Ok(caller) => caller,
+        Err(why) => return inbound::auth::refuse_openai(why),
+    };
+    inbound::openai::chat_completions(
+        State(state),
+        axum::Extension(caller),
+        parts.headers,
+        Body::new(body),
+    )
+    .await
 }
 
 async fn messages(state: Arc<AppState>, request: Request<Incoming>) -> Response {

@@ -400,3 +400,42 @@ async fn identical_requests_in_flight_share_one_upstream_call() {
     assert_eq!(anth.request_count(), 1);
     assert_eq!(oai.request_count(), 1);
 }
+
+#[tokio::test]
+async fn the_fast_path_forwards_what_only_conversion_would_refuse() {
+    let (_anth, oai, bal) = setup("").await;
+    // n = 2 is the provider's to serve: nothing is converted on the way.
+    let mut two = chat("gpt-4x", "x", false);
+    two["n"] = json!(2);
+    let (status, _, text) = post(&bal, &two).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(oai.requests()[0].json()["n"], 2);
+    // Failing over to an anthropic-type candidate that cannot take it: skipped, and the 400 names
+    // the parameter.
+    oai.set_default(Reply::error(529, "overloaded_error", "busy"));
+    let mut both = chat("both", "x", false);
+    both["n"] = json!(2);
+    let (status, _, text) = post(&bal, &both).await;
+    let e: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        status, 503,
+        "the openai-type provider's fault decides: {text}"
+    );
+    assert_eq!(e["error"]["type"], "server_error");
+}
+
+#[tokio::test]
+async fn a_streaming_and_a_plain_request_alike_are_not_coalesced_into_one_form() {
+    let (_anth, oai, bal) = setup("settings:\n  deduplication:\n    enabled: true\n").await;
+    oai.set_latency(Duration::from_millis(300), Duration::ZERO);
+    // Alike but for `stream` (which the signature leaves out).
+    let b = chat("gpt-4x", "same", false);
+    let mut a = b.clone();
+    a["stream"] = json!(true);
+    let (streamed, plain) = tokio::join!(post(&bal, &a), post(&bal, &b));
+    assert_eq!((streamed.0, plain.0), (200, 200));
+    assert!(reassemble(streamed.2.as_bytes()).is_ok(), "{}", streamed.2);
+    let c: Value = serde_json::from_str(&plain.2).unwrap();
+    assert_eq!(c["object"], "chat.completion");
+    assert_eq!(oai.request_count(), 2);
+}

@@ -119,9 +119,10 @@ pub async fn attempt(
         (Endpoint::CountTokens, ProviderKind::Anthropic) => {
             count_tokens(runtime, candidate, inbound, auth).await
         }
-        (Endpoint::CountTokens, ProviderKind::Openai) => {
-            Outcome::Unsupported("OpenAI-compatible providers have no count_tokens endpoint".into())
-        }
+        (Endpoint::CountTokens, ProviderKind::Openai) => Outcome::Unsupported(
+            "OpenAI-compatible providers have no count_tokens endpoint".into(),
+            None,
+        ),
     }
 }
 
@@ -428,6 +429,25 @@ fn passthrough_body(inbound: &Inbound, candidate: &Candidate) -> Bytes {
     )
 }
 
+/// The Anthropic request body for an anthropic-type provider: for a Chat Completions request its
+/// converted form (made now, once), or why it has none (the candidate is then skipped).
+fn anthropic_body<'a>(
+    inbound: &'a Inbound,
+    candidate: &Candidate,
+) -> Result<Bytes, &'a crate::adapter::chat::Refusal> {
+    let Front::Chat(chat) = &inbound.front else {
+        return Ok(passthrough_body(inbound, candidate));
+    };
+    match chat.converted() {
+        Ok(c) => {
+            let mut body = c.body.clone();
+            body["model"] = serde_json::json!(candidate.upstream_model);
+            Ok(Bytes::from(serde_json::to_vec(&body).unwrap_or_default()))
+        }
+        Err(r) => Err(r),
+    }
+}
+
 async fn anthropic(
     state: &Arc<AppState>,
     runtime: &Runtime,
@@ -440,7 +460,10 @@ async fn anthropic(
     let name = provider.config.name.as_str();
     let stream = inbound.envelope.stream;
     let deadlines = message_deadlines(runtime, stream);
-    let body = passthrough_body(inbound, candidate);
+    let body = match anthropic_body(inbound, candidate) {
+        Ok(b) => b,
+        Err(r) => return Outcome::Unsupported(r.message.clone(), r.param.clone()),
+    };
     let headers = anthropic_request_headers(&inbound.headers, auth);
     let mut resp = match send(
         provider.post_messages(inbound.query.as_deref(), headers, body),
@@ -633,7 +656,7 @@ async fn native(
         original,
         &candidate.upstream_model,
         &inbound.envelope.model,
-        false,
+        inbound.envelope.provider.is_some(),
     );
     let headers = openai_headers(inbound, auth, stream);
     let provider = &candidate.provider;
@@ -778,7 +801,7 @@ async fn openai(
     let converted =
         match openai::request::convert(request_value, &candidate.upstream_model, stream, &opts) {
             Ok(v) => v,
-            Err(u) => return Outcome::Unsupported(u.to_string()),
+            Err(u) => return Outcome::Unsupported(u.to_string(), None),
         };
     let ctx = ReplyContext::from_request(request_value, estimate);
     let deadlines = message_deadlines(runtime, stream);

@@ -60,12 +60,54 @@ impl Front {
     }
 }
 
-/// What a Chat Completions request keeps beside its Anthropic form.
+/// What a Chat Completions request carries besides its envelope. Its Anthropic form is made
+/// only when a request needs it (an anthropic-type candidate, an Anthropic answer to render):
+/// an openai-type provider gets the client's own body, so the fast path never parses it.
 #[derive(Debug)]
 pub struct ChatFront {
     /// The client's own body: what an openai-type provider gets, with only the model replaced.
     pub original: Bytes,
-    pub context: crate::adapter::chat::ChatContext,
+    /// The model name the client asked for.
+    pub model: String,
+    converted: std::sync::OnceLock<
+        Result<crate::adapter::chat::request::Converted, crate::adapter::chat::Refusal>,
+    >,
+}
+
+impl ChatFront {
+    pub fn new(original: Bytes, model: String) -> Self {
+        Self {
+            original,
+            model,
+            converted: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The request in Anthropic form (converted on first use), or why it has none.
+    pub fn converted(
+        &self,
+    ) -> &Result<crate::adapter::chat::request::Converted, crate::adapter::chat::Refusal> {
+        self.converted.get_or_init(|| {
+            let value: serde_json::Value = serde_json::from_slice(&self.original).map_err(|e| {
+                crate::adapter::chat::Refusal {
+                    message: format!("the request body is not valid JSON: {e}"),
+                    param: None,
+                }
+            })?;
+            crate::adapter::chat::request::to_anthropic(
+                &value,
+                &crate::adapter::chat::request::FrontOptions::default(),
+            )
+        })
+    }
+
+    /// What rendering an Anthropic answer for this request needs.
+    pub fn context(&self) -> crate::adapter::chat::ChatContext {
+        crate::adapter::chat::ChatContext {
+            model: self.model.clone(),
+            include_usage: self.converted().as_ref().is_ok_and(|c| c.include_usage),
+        }
+    }
 }
 
 /// What a Responses request keeps beside its Anthropic form.
@@ -200,8 +242,8 @@ pub enum Outcome {
     ClientFault(Reply),
     Fault(Fault),
     /// The request cannot be expressed for this provider (e.g. a server tool on an OpenAI-compatible
-    /// route): the candidate is skipped without penalty.
-    Unsupported(String),
+    /// route): the candidate is skipped without penalty. The parameter at fault, when one is.
+    Unsupported(String, Option<String>),
 }
 
 /// The end of a loop in which no candidate answered.
@@ -211,6 +253,9 @@ pub struct Failed {
     pub attempts: Vec<Attempt>,
     pub failures: Vec<(String, Fault)>,
     pub unsupported: Vec<String>,
+    /// The parameter a skipped candidate named as the reason (an OpenAI request that cannot be
+    /// expressed in Anthropic form).
+    pub param: Option<String>,
 }
 
 /// The ordered candidates for a model name (pure: no I/O).
@@ -291,6 +336,7 @@ pub async fn run(
     let mut attempts: Vec<Attempt> = Vec::new();
     let mut failures: Vec<(String, Fault)> = Vec::new();
     let mut unsupported: Vec<String> = Vec::new();
+    let mut param: Option<String> = None;
     // A candidate whose probe another instance holds goes to the end, once: like a provider
     // cooling down, it is tried only if every other candidate fails.
     let mut queue: VecDeque<(&Candidate, bool)> =
@@ -351,8 +397,9 @@ pub async fn run(
                 failures.push((name.to_owned(), fault));
                 continue;
             }
-            Outcome::Unsupported(reason) => {
+            Outcome::Unsupported(reason, named) => {
                 drop(ticket);
+                param = param.or(named);
                 tracing::info!(provider = %name, endpoint = endpoint.as_str(), %reason, "candidate cannot serve this request; skipped");
                 unsupported.push(format!("{name}: {reason}"));
                 continue;
@@ -402,6 +449,7 @@ pub async fn run(
         attempts,
         failures,
         unsupported,
+        param,
     })
 }
 
@@ -574,7 +622,7 @@ fn record_attempt(candidate: &Candidate, outcome: &Outcome, took: Duration) -> A
             f.status,
             Some(f.reason.clone()),
         ),
-        Outcome::Unsupported(reason) => (
+        Outcome::Unsupported(reason, _) => (
             AttemptOutcome::Unsupported,
             None,
             None,
@@ -607,10 +655,14 @@ impl Failed {
     /// The answer to a `/v1/messages` request no candidate served.
     pub fn into_answer(self, state: &AppState, model: &str) -> Answer {
         let error = if self.failures.is_empty() && !self.unsupported.is_empty() {
-            ApiError::invalid_request(format!(
+            let e = ApiError::invalid_request(format!(
                 "no provider of this route can serve the request: {}",
                 self.unsupported.join("; ")
-            ))
+            ));
+            match self.param {
+                Some(p) => e.with_param(p),
+                None => e,
+            }
         } else {
             all_failed(state, model, &self.failures)
         };

@@ -96,52 +96,65 @@ impl NativeRelay {
         }
     }
 
-    /// Looks at whole events going to the client: whether they end the stream.
+    /// Looks at whole events going to the client: whether they end the stream. Only bytes are
+    /// searched; an event is parsed only when it may end the stream.
     pub fn observe(&mut self, events: &[u8]) -> bool {
-        use memchr::memmem::find;
-        if !self.responses
-            && (find(events, b"\"finish_reason\":\"").is_some()
-                || find(events, b"\"finish_reason\": \"").is_some())
-        {
-            self.finished_choice = true;
-        }
-        let mut ended = false;
-        for data in data_payloads(events) {
-            self.events += 1;
-            let data = data.trim();
-            if self.responses {
-                #[derive(serde::Deserialize)]
-                struct Typed<'a> {
-                    #[serde(rename = "type", borrow)]
-                    kind: Option<std::borrow::Cow<'a, str>>,
-                }
-                // Only the events that can end a stream are read.
-                if !(data.contains("\"response.") || data.contains("\"error\"")) {
-                    continue;
-                }
-                match serde_json::from_str::<Typed<'_>>(data)
-                    .ok()
-                    .and_then(|t| t.kind)
-                    .as_deref()
-                {
-                    Some("response.completed" | "response.incomplete") => ended = true,
-                    Some("response.failed" | "error") => {
-                        self.failed = true;
-                        ended = true;
-                    }
-                    _ => {}
-                }
-            } else if data == "[DONE]" {
-                ended = true;
-            } else if data.contains("\"error\"")
-                && serde_json::from_str::<serde_json::Value>(data)
-                    .is_ok_and(|v| v.get("error").is_some_and(|e| !e.is_null()))
+        use memchr::memmem::{find, find_iter};
+        self.events += find_iter(events, b"data:").count() as u64;
+        if !self.responses {
+            // `"finish_reason":"stop"` (any value but null), with or without a space.
+            self.finished_choice |= find_iter(events, b"\"finish_reason\":").any(|at| {
+                let rest = &events[at + 16..];
+                let value = rest.iter().position(|b| *b != b' ').map(|i| rest[i]);
+                value == Some(b'"')
+            });
+            // A `data: [DONE]` line (the same letters inside a chunk's text do not count).
+            let done = find_iter(events, b"[DONE]").any(|at| {
+                let line = events[..at]
+                    .rsplit(|b| *b == b'\n')
+                    .next()
+                    .unwrap_or_default();
+                line.strip_prefix(b"data:")
+                    .is_some_and(|rest| rest.iter().all(|b| *b == b' '))
+            });
+            if find(events, b"\"error\"").is_some()
+                && data_payloads(events).iter().any(|d| {
+                    serde_json::from_str::<serde_json::Value>(d)
+                        .is_ok_and(|v| v.get("error").is_some_and(|e| !e.is_null()))
+                })
             {
                 self.failed = true;
-                ended = true;
+                return true;
+            }
+            return done;
+        }
+        // Only the events that can end a stream are read.
+        if find(events, b"\"response.completed\"").is_some()
+            || find(events, b"\"response.incomplete\"").is_some()
+        {
+            return true;
+        }
+        if find(events, b"\"response.failed\"").is_some() || find(events, b"\"error\"").is_some() {
+            #[derive(serde::Deserialize)]
+            struct Typed<'a> {
+                #[serde(rename = "type", borrow)]
+                kind: Option<std::borrow::Cow<'a, str>>,
+            }
+            let failed = data_payloads(events).iter().any(|d| {
+                matches!(
+                    serde_json::from_str::<Typed<'_>>(d)
+                        .ok()
+                        .and_then(|t| t.kind)
+                        .as_deref(),
+                    Some("response.failed" | "error")
+                )
+            });
+            if failed {
+                self.failed = true;
+                return true;
             }
         }
-        ended
+        false
     }
 
     /// The event that ends the stream with an error.
@@ -427,4 +440,39 @@ pub fn relay(relay: Relay) -> impl Stream<Item = Bytes> + Send + 'static {
     stream::unfold(running, |mut r| async move {
         r.next_item().await.map(|b| (b, r))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chat_stream_ends_at_its_done_line_or_error_chunk_only() {
+        let mut w = NativeRelay::chat();
+        let text = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"data: [DONE] and \\\"error\\\"\"},\"finish_reason\":null}]}\n\n";
+        assert!(!w.observe(text), "the words inside a chunk end nothing");
+        assert!(!w.finished_choice);
+        assert!(!w.observe(
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\": \"stop\"}]}\n\n"
+        ));
+        assert!(w.finished_choice);
+        assert!(w.observe(b"data: [DONE]\n\n"));
+        let mut e = NativeRelay::chat();
+        assert!(e.observe(b"data: {\"error\":{\"message\":\"boom\"}}\n\n"));
+        assert!(e.failed);
+    }
+
+    #[test]
+    fn a_responses_stream_ends_at_its_terminal_event() {
+        let mut w = NativeRelay::responses();
+        let delta = b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"\\\"response.completed\\\" error\"}\n\n";
+        assert!(!w.observe(delta));
+        assert_eq!(w.events, 1);
+        assert!(w.observe(b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{}}\n\n"));
+        let mut f = NativeRelay::responses();
+        assert!(f.observe(
+            b"event: error\ndata: {\"type\":\"error\",\"code\":\"x\",\"message\":\"m\"}\n\n"
+        ));
+        assert!(f.failed);
+    }
 }

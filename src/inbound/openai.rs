@@ -17,8 +17,7 @@ use http::HeaderMap;
 use serde_json::Value;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::adapter::chat::request::FrontOptions;
-use crate::adapter::chat::{ChatContext, Refusal};
+use crate::adapter::chat::Refusal;
 use crate::adapter::responses::ResponsesContext;
 use crate::clients::Caller;
 use crate::dispatch::{Answer, ChatFront, Endpoint, Front, Inbound, ResponsesFront};
@@ -27,111 +26,17 @@ use crate::observability::{self, Record};
 use crate::respond::{respond_chat, respond_responses};
 use crate::state::AppState;
 
-/// What differs between the two OpenAI front ends.
-trait OpenaiFront {
-    /// What the rendering of an answer needs.
-    type Context: Clone;
-    const NAME: &'static str;
-    /// The context of a request refused before it could be read.
-    fn unknown() -> Self::Context;
-    /// The Anthropic form of the request, the front it came by, and the rendering context.
-    fn convert(value: &Value, raw: Bytes) -> Result<(Bytes, Front, Self::Context), Refusal>;
-    fn respond(
-        state: &Arc<AppState>,
-        record: Record,
-        permit: Option<OwnedSemaphorePermit>,
-        answer: Answer,
-        ctx: &Self::Context,
-    ) -> Response;
-}
-
-struct Chat;
-
-impl OpenaiFront for Chat {
-    type Context = ChatContext;
-    const NAME: &'static str = "openai_chat";
-
-    fn unknown() -> ChatContext {
-        ChatContext {
-            model: String::new(),
-            include_usage: false,
-        }
-    }
-
-    fn convert(value: &Value, raw: Bytes) -> Result<(Bytes, Front, ChatContext), Refusal> {
-        let c = crate::adapter::chat::request::to_anthropic(value, &FrontOptions::default())?;
-        let context = ChatContext {
-            model: value["model"].as_str().unwrap_or_default().to_owned(),
-            include_usage: c.include_usage,
-        };
-        let front = Front::Chat(Arc::new(ChatFront {
-            original: raw,
-            context: context.clone(),
-        }));
-        Ok((crate::adapter::chat::request::to_bytes(&c), front, context))
-    }
-
-    fn respond(
-        state: &Arc<AppState>,
-        record: Record,
-        permit: Option<OwnedSemaphorePermit>,
-        answer: Answer,
-        ctx: &ChatContext,
-    ) -> Response {
-        respond_chat(state, record, permit, answer, ctx)
-    }
-}
-
-struct Responses;
-
-impl OpenaiFront for Responses {
-    type Context = ResponsesContext;
-    const NAME: &'static str = "openai_responses";
-
-    fn unknown() -> ResponsesContext {
-        ResponsesContext {
-            model: String::new(),
-            echo: Value::Object(Default::default()),
-            tools: Vec::new(),
-        }
-    }
-
-    fn convert(value: &Value, raw: Bytes) -> Result<(Bytes, Front, ResponsesContext), Refusal> {
-        let c = crate::adapter::responses::request::to_anthropic(value)?;
-        let body = Bytes::from(serde_json::to_vec(&c.body).unwrap_or_default());
-        let front = Front::Responses(Arc::new(ResponsesFront {
-            original: raw,
-            context: c.context.clone(),
-        }));
-        Ok((body, front, c.context))
-    }
-
-    fn respond(
-        state: &Arc<AppState>,
-        record: Record,
-        permit: Option<OwnedSemaphorePermit>,
-        answer: Answer,
-        ctx: &ResponsesContext,
-    ) -> Response {
-        respond_responses(state, record, permit, answer, ctx)
-    }
-}
-
 /// The session of an OpenAI request, for sticky routing: the Claude Code session header if
 /// present, else OpenCode's `x-session-affinity` or `x-session-id`, else the client's
 /// `prompt_cache_key` (Codex sets it to its conversation id).
-fn session(headers: &HeaderMap, body: &Value) -> Option<String> {
+fn session(headers: &HeaderMap, prompt_cache_key: Option<&str>) -> Option<String> {
     let header = ["x-session-affinity", "x-session-id"].iter().find_map(|h| {
         headers
             .get(*h)
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty())
     });
-    let key = body
-        .get("prompt_cache_key")
-        .and_then(Value::as_str)
-        .filter(|k| !k.is_empty());
-    super::session_id(headers, header.or(key))
+    super::session_id(headers, header.or(prompt_cache_key))
 }
 
 pub async fn chat_completions(
@@ -140,7 +45,46 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    serve::<Chat>(state, caller, headers, body).await
+    let (record, permit) = match open(&state, &caller, &headers, "openai_chat") {
+        (record, Ok(permit)) => (record, permit),
+        (record, Err(busy)) => {
+            let nobody = ChatFront::new(Bytes::new(), String::new());
+            return respond_chat(&state, record, None, Answer::error(busy), &nobody);
+        }
+    };
+    let runtime = state.runtime();
+    let settings = &runtime.config.settings;
+    // The client's own body is what the balancer reads (scanned, never parsed): an openai-type
+    // provider gets it as it is, and its Anthropic form is made only if a candidate needs it.
+    let accepted = async {
+        let raw = super::read_request_body(body, &headers, settings.max_request_bytes).await?;
+        let sign = settings.deduplication.enabled || settings.max_cache_size > 0;
+        let envelope = super::body::parse_with(&raw, sign)?;
+        let front = Arc::new(ChatFront::new(raw.clone(), envelope.model.clone()));
+        let session = session(&headers, None);
+        let mut inbound = Inbound::new(envelope, raw, headers.clone(), None, session);
+        inbound.front = Front::Chat(Arc::clone(&front));
+        Ok::<_, ApiError>((inbound, front))
+    };
+    let accepted = accepted.await;
+    drop(runtime);
+    match accepted {
+        Ok((inbound, front)) => {
+            serve(
+                &state,
+                caller,
+                record,
+                permit,
+                inbound,
+                |state, record, permit, answer| respond_chat(state, record, permit, answer, &front),
+            )
+            .await
+        }
+        Err(e) => {
+            let nobody = ChatFront::new(Bytes::new(), String::new());
+            respond_chat(&state, record, permit, Answer::error(e), &nobody)
+        }
+    }
 }
 
 pub async fn responses(
@@ -149,61 +93,107 @@ pub async fn responses(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    serve::<Responses>(state, caller, headers, body).await
-}
-
-async fn serve<F: OpenaiFront>(
-    state: Arc<AppState>,
-    caller: Caller,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    state.metrics.started();
-    let id = observability::request_id(&headers);
-    let mut record = Record::new(id, Endpoint::Messages, None, String::new(), false);
-    record.front = F::NAME;
-    record.client = caller.0.as_ref().map(|c| Arc::clone(&c.name));
-    let permit = match super::permit(&state) {
-        Ok(p) => p,
-        Err(busy) => return F::respond(&state, record, None, Answer::error(busy), &F::unknown()),
+    let unknown = || ResponsesContext {
+        model: String::new(),
+        echo: Value::Object(Default::default()),
+        tools: Vec::new(),
+    };
+    let (record, permit) = match open(&state, &caller, &headers, "openai_responses") {
+        (record, Ok(permit)) => (record, permit),
+        (record, Err(busy)) => {
+            return respond_responses(&state, record, None, Answer::error(busy), &unknown());
+        }
     };
     let runtime = state.runtime();
     let settings = &runtime.config.settings;
+    // Converted at once: every provider type but one that speaks the API reads the Anthropic form.
     let accepted = async {
         let raw = super::read_request_body(body, &headers, settings.max_request_bytes).await?;
         let value: Value = serde_json::from_slice(&raw).map_err(|e| {
             ApiError::invalid_request(format!("the request body is not valid JSON: {e}"))
         })?;
-        let (anthropic, front, context) = F::convert(&value, raw).map_err(|r| {
-            let e = ApiError::invalid_request(r.message);
-            match r.param {
-                Some(p) => e.with_param(p),
-                None => e,
-            }
-        })?;
+        let c = crate::adapter::responses::request::to_anthropic(&value).map_err(refusal)?;
+        let anthropic = Bytes::from(serde_json::to_vec(&c.body).unwrap_or_default());
         let sign = settings.deduplication.enabled || settings.max_cache_size > 0;
         let envelope = super::body::parse_with(&anthropic, sign)?;
-        let session = session(&headers, &value);
+        let key = value
+            .get("prompt_cache_key")
+            .and_then(Value::as_str)
+            .filter(|k| !k.is_empty());
+        let session = session(&headers, key);
         let mut inbound = Inbound::new(envelope, anthropic, headers.clone(), None, session);
-        inbound.front = front;
-        Ok::<_, ApiError>((inbound, context))
+        inbound.front = Front::Responses(Arc::new(ResponsesFront {
+            original: raw,
+            context: c.context.clone(),
+        }));
+        Ok::<_, ApiError>((inbound, c.context))
     };
-    let (inbound, ctx) = match accepted.await {
-        Ok(x) => x,
-        Err(e) => return F::respond(&state, record, permit, Answer::error(e), &F::unknown()),
-    };
+    let accepted = accepted.await;
     drop(runtime);
+    match accepted {
+        Ok((inbound, ctx)) => {
+            serve(
+                &state,
+                caller,
+                record,
+                permit,
+                inbound,
+                |state, record, permit, answer| {
+                    respond_responses(state, record, permit, answer, &ctx)
+                },
+            )
+            .await
+        }
+        Err(e) => respond_responses(&state, record, permit, Answer::error(e), &unknown()),
+    }
+}
+
+/// A front end's refusal as the balancer's 400 naming the parameter.
+fn refusal(r: Refusal) -> ApiError {
+    let e = ApiError::invalid_request(r.message);
+    match r.param {
+        Some(p) => e.with_param(p),
+        None => e,
+    }
+}
+
+/// Counts the request and takes its concurrency permit: its record, and its permit or the 529
+/// that says none is left.
+fn open(
+    state: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    front: &'static str,
+) -> (Record, Result<Option<OwnedSemaphorePermit>, ApiError>) {
+    state.metrics.started();
+    let id = observability::request_id(headers);
+    let mut record = Record::new(id, Endpoint::Messages, None, String::new(), false);
+    record.front = front;
+    record.client = caller.0.as_ref().map(|c| Arc::clone(&c.name));
+    (record, super::permit(state))
+}
+
+/// An accepted request: the client's model list and limits, then coalescing, the cache and the
+/// failover loop, then the front end's rendering.
+async fn serve(
+    state: &Arc<AppState>,
+    caller: Caller,
+    mut record: Record,
+    permit: Option<OwnedSemaphorePermit>,
+    inbound: Inbound,
+    respond: impl FnOnce(&Arc<AppState>, Record, Option<OwnedSemaphorePermit>, Answer) -> Response,
+) -> Response {
     record.model = inbound.envelope.model.clone();
     record.stream = inbound.envelope.stream;
     record.session = inbound.session.clone();
     if let Some(client) = caller.0 {
         if let Err(refusal) =
-            super::admit(&state, &client, &inbound.envelope.model, &mut record).await
+            super::admit(state, &client, &inbound.envelope.model, &mut record).await
         {
-            return F::respond(&state, record, permit, Answer::error(refusal), &ctx);
+            return respond(state, record, permit, Answer::error(refusal));
         }
         record.charge_to = Some(client);
     }
-    let answer = crate::dedup::serve(&state, inbound).await;
-    F::respond(&state, record, permit, answer, &ctx)
+    let answer = crate::dedup::serve(state, inbound).await;
+    respond(state, record, permit, answer)
 }

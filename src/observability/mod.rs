@@ -215,14 +215,24 @@ impl Drop for Finisher {
     }
 }
 
-/// Reads usage from the whole events passing by (Anthropic events, or Chat Completions chunks).
+/// Whether JSON text holds a `usage` object (not `"usage":null`, which Chat Completions chunks
+/// carry when the client asked for usage).
+fn has_usage(text: &[u8]) -> bool {
+    memchr::memmem::find_iter(text, b"\"usage\":").any(|at| {
+        let rest = &text[at + 8..];
+        rest.iter().find(|b| **b != b' ') == Some(&b'{')
+    })
+}
+
+/// Reads usage from the whole events passing by (Anthropic events, Chat Completions chunks or
+/// Responses events).
 fn sniff_usage(record: &mut Record, chunk: &[u8]) {
-    if memchr::memmem::find(chunk, b"\"usage\"").is_none() {
+    if !has_usage(chunk) {
         return;
     }
     let text = String::from_utf8_lossy(chunk);
     for (_, data) in crate::upstream::sse::parse_all(&text) {
-        if data.contains("\"usage\"") {
+        if has_usage(data.as_bytes()) {
             match record.wire {
                 crate::dispatch::Wire::Anthropic => record.usage.merge_json(data.as_bytes()),
                 crate::dispatch::Wire::Chat => record.usage.merge_chat_json(data.as_bytes()),
