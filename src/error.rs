@@ -86,6 +86,23 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// An error response in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`), for
+/// the OpenAI front end's paths.
+pub fn openai_response(
+    status: StatusCode,
+    error_type: &str,
+    message: &str,
+    code: Option<&str>,
+) -> Response {
+    let body = serde_json::json!({"error": {"message": message, "type": error_type, "param": null, "code": code}});
+    let mut resp = (status, body.to_string()).into_response();
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
 /// The Anthropic error type for an HTTP status.
 pub fn error_type_for_status(status: u16) -> &'static str {
     match status {

@@ -250,28 +250,9 @@ fn responses_response(answer: Answer, ctx: &ResponsesContext, stream: bool) -> R
                 axum::body::Body::from_stream(events.map(Ok::<_, Infallible>)),
             )
         }
-        Body::Json(bytes) if status.is_success() => {
-            match serde_json::from_slice::<serde_json::Value>(&bytes) {
-                Ok(message) => {
-                    let r = responses::response(
-                        &message,
-                        ctx,
-                        &responses::response_id(),
-                        chat::now_secs(),
-                    );
-                    headers.insert(CONTENT_TYPE, json());
-                    (status, headers, axum::body::Body::from(r.to_string()))
-                }
-                Err(_) => openai_error(
-                    chat::errors::openai_error(
-                        502,
-                        "api_error",
-                        "the provider's answer is not JSON",
-                    ),
-                    headers,
-                ),
-            }
-        }
+        Body::Json(bytes) if status.is_success() => rendered_message(&bytes, headers, |m| {
+            responses::response(m, ctx, &responses::response_id(), chat::now_secs())
+        }),
         Body::Json(bytes) => {
             let (kind, message) = anthropic_error_of(status.as_u16(), &bytes);
             responses_error(status, &kind, &message, headers, ctx, stream)
@@ -294,6 +275,29 @@ fn anthropic_error_of(status: u16, body: &[u8]) -> (String, String) {
     let (_, openai) = chat::errors::from_anthropic_body(status, body);
     let message = openai["error"]["message"].as_str().unwrap_or("").to_owned();
     (kind.to_owned(), message)
+}
+
+/// A complete Anthropic message rendered by `render` as a 200 JSON answer (a 502 when the
+/// provider's answer is not JSON).
+fn rendered_message(
+    bytes: &[u8],
+    mut headers: HeaderMap,
+    render: impl FnOnce(&serde_json::Value) -> serde_json::Value,
+) -> (http::StatusCode, HeaderMap, axum::body::Body) {
+    match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Ok(message) => {
+            headers.insert(CONTENT_TYPE, json());
+            (
+                http::StatusCode::OK,
+                headers,
+                axum::body::Body::from(render(&message).to_string()),
+            )
+        }
+        Err(_) => openai_error(
+            chat::errors::openai_error(502, "api_error", "the provider's answer is not JSON"),
+            headers,
+        ),
+    }
 }
 
 /// An OpenAI error response.
@@ -343,26 +347,14 @@ fn chat_response(answer: Answer, front: &ChatFront) -> Response {
             (status, headers, axum::body::Body::from(bytes))
         }
         (Body::Json(bytes), Wire::Anthropic) if status.is_success() => {
-            match serde_json::from_slice::<serde_json::Value>(&bytes) {
-                Ok(message) => {
-                    let c = chat::response::completion(
-                        &message,
-                        &front.context(),
-                        &chat::completion_id(),
-                        chat::now_secs(),
-                    );
-                    headers.insert(CONTENT_TYPE, json());
-                    (status, headers, axum::body::Body::from(c.to_string()))
-                }
-                Err(_) => openai_error(
-                    chat::errors::openai_error(
-                        502,
-                        "api_error",
-                        "the provider's answer is not JSON",
-                    ),
-                    headers,
-                ),
-            }
+            rendered_message(&bytes, headers, |m| {
+                chat::response::completion(
+                    m,
+                    &front.context(),
+                    &chat::completion_id(),
+                    chat::now_secs(),
+                )
+            })
         }
         (Body::Json(bytes), Wire::Anthropic) => openai_error(
             chat::errors::from_anthropic_body(status.as_u16(), &bytes),

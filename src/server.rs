@@ -84,13 +84,12 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// A 404 in OpenAI's error shape.
 fn openai_not_found(message: &str) -> Response {
-    let body = serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": "not_found"}});
-    let mut resp = (StatusCode::NOT_FOUND, body.to_string()).into_response();
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    resp
+    crate::error::openai_response(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        message,
+        Some("not_found"),
+    )
 }
 
 fn panic_response(_: Box<dyn Any + Send + 'static>) -> Response {

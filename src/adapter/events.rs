@@ -209,6 +209,28 @@ pub fn accumulate<'a>(
     message.ok_or_else(|| "no message".into())
 }
 
+/// Calls `f` with each Anthropic event (its name, else its `type`, and its data) in whole SSE
+/// events.
+pub fn for_each_event(bytes: &[u8], mut f: impl FnMut(&str, &Value)) {
+    for (name, data) in crate::upstream::sse::parse_all(&String::from_utf8_lossy(bytes)) {
+        let v: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+        let name = name.unwrap_or_else(|| v["type"].as_str().unwrap_or("").to_owned());
+        f(&name, &v);
+    }
+}
+
+/// Takes the fields of an event's `usage` (from `message_start`'s message or `message_delta`)
+/// into the usage so far: later figures replace earlier ones, nulls change nothing.
+pub fn merge_usage(total: &mut Value, usage: Option<&Value>) {
+    if let Some(u) = usage.and_then(Value::as_object) {
+        for (k, v) in u {
+            if !v.is_null() {
+                total[k] = v.clone();
+            }
+        }
+    }
+}
+
 /// [`accumulate`] over an SSE text.
 pub fn accumulate_sse(text: &str) -> Result<Value, String> {
     let events: Vec<(String, Value)> = crate::upstream::sse::parse_all(text)

@@ -558,6 +558,33 @@ fn chunk_error_class(kind: &str) -> FaultClass {
     }
 }
 
+/// A non-2xx answer of an openai-type provider: a provider fault, or the client's error mapped as
+/// Anthropic errors are (context overflow in the words agents act on, the provider's refusal of
+/// the balancer's key never a 401), rendered by the client's front end.
+async fn openai_error(
+    resp: UpstreamResponse,
+    deadlines: &Deadlines,
+    runtime: &Runtime,
+    inbound: &Inbound,
+    name: &str,
+    estimate: u64,
+) -> Outcome {
+    match error_status(resp, &runtime.faults, deadlines, runtime, inbound).await {
+        Err(f) => Outcome::Fault(f),
+        Ok((status, headers, body)) => {
+            let error = openai::errors::to_anthropic(status.as_u16(), &body, name, estimate);
+            Outcome::ClientFault(Reply {
+                status: error.status,
+                headers: client_response_headers(&headers),
+                body: Body::Error(error),
+                wire: Wire::Anthropic,
+                usage: None,
+                ttfb: None,
+            })
+        }
+    }
+}
+
 /// The commit decision on the first Chat Completions chunks: none yet, the first one that parses
 /// (an error in it, or `[DONE]` before any content, is a provider fault).
 fn decide_chunks(faults: &FaultPolicy, all: &Bytes) -> Option<Result<(), Fault>> {
@@ -671,21 +698,8 @@ async fn native(
         Err(f) => return Outcome::Fault(f),
     };
     if !resp.status.is_success() {
-        return match error_status(resp, faults, &deadlines, runtime, inbound).await {
-            Err(f) => Outcome::Fault(f),
-            Ok((status, headers, body)) => {
-                let estimate = inbound.body.len() as u64 / 4;
-                let error = openai::errors::to_anthropic(status.as_u16(), &body, name, estimate);
-                Outcome::ClientFault(Reply {
-                    status: error.status,
-                    headers: client_response_headers(&headers),
-                    body: Body::Error(error),
-                    wire: Wire::Anthropic,
-                    usage: None,
-                    ttfb: None,
-                })
-            }
-        };
+        let estimate = inbound.body.len() as u64 / 4;
+        return openai_error(resp, &deadlines, runtime, inbound, name, estimate).await;
     }
     let upstream_headers = std::mem::take(&mut resp.headers);
     if !stream {
@@ -817,20 +831,7 @@ async fn openai(
         Err(f) => return Outcome::Fault(f),
     };
     if !resp.status.is_success() {
-        return match error_status(resp, faults, &deadlines, runtime, inbound).await {
-            Err(f) => Outcome::Fault(f),
-            Ok((status, headers, body)) => {
-                let error = openai::errors::to_anthropic(status.as_u16(), &body, name, estimate);
-                Outcome::ClientFault(Reply {
-                    status: error.status,
-                    headers: client_response_headers(&headers),
-                    body: Body::Error(error),
-                    wire: Wire::Anthropic,
-                    usage: None,
-                    ttfb: None,
-                })
-            }
-        };
+        return openai_error(resp, &deadlines, runtime, inbound, name, estimate).await;
     }
     // The provider's request-id names a Chat Completions request, not an Anthropic message.
     let mut upstream_headers = std::mem::take(&mut resp.headers);

@@ -136,13 +136,12 @@ pub fn is_openai_path(path: &str) -> bool {
 
 /// A 401 in OpenAI's error shape.
 pub fn refuse_openai(message: &str) -> Response {
-    let body = serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}});
-    let mut resp = (StatusCode::UNAUTHORIZED, body.to_string()).into_response();
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    resp
+    crate::error::openai_response(
+        StatusCode::UNAUTHORIZED,
+        "invalid_request_error",
+        message,
+        Some("invalid_api_key"),
+    )
 }
 
 #[cfg(test)]

@@ -325,6 +325,127 @@ impl History {
     }
 }
 
+impl History {
+    /// The conversation as Anthropic takes it: begun by the user, and the calls of a final
+    /// assistant turn (a prefill the client left open) closed.
+    pub(crate) fn finish(mut self) -> Vec<Value> {
+        if self.messages.first().is_some_and(|m| m["role"] != "user") {
+            self.messages.insert(
+                0,
+                json!({"role": "user", "content": [{"type": "text", "text": "(continue)"}]}),
+            );
+        }
+        if self
+            .messages
+            .last()
+            .is_some_and(|m| m["role"] == "assistant")
+            && !self.open_calls.is_empty()
+        {
+            self.close_open_calls();
+        }
+        self.messages
+    }
+}
+
+/// Structured output of either OpenAI API: a JSON schema becomes Anthropic's
+/// `output_config.format`, `json_object` an instruction in the system prompt. `at` names the
+/// format's field and `schema_at` its schema's, for a refusal.
+pub(crate) fn structured_output(
+    kind: Option<&str>,
+    schema: Option<&Value>,
+    (at, schema_at): (&str, &str),
+    out: &mut Map<String, Value>,
+    system: &mut Vec<Value>,
+) -> Result<(), Refusal> {
+    match kind {
+        Some("json_schema") => {
+            let schema = schema
+                .cloned()
+                .ok_or_else(|| refuse(schema_at, "a json_schema format needs a schema"))?;
+            out.insert(
+                "output_config".into(),
+                json!({"format": {"type": "json_schema", "schema": schema}}),
+            );
+        }
+        Some("json_object") => system.push(
+            json!({"type": "text", "text": "Reply with one JSON object only, and nothing else."}),
+        ),
+        Some("text") | None => {}
+        Some(other) => {
+            return Err(refuse(
+                &format!("{at}.type"),
+                format!("unknown format {other:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The tools and tool choice, with `parallel_tool_calls: false` as Anthropic's
+/// `disable_parallel_tool_use` (which `none` does not take).
+pub(crate) fn insert_tools(
+    obj: &Map<String, Value>,
+    out: &mut Map<String, Value>,
+    tools: Vec<Value>,
+    mut choice: Option<Value>,
+) {
+    if tools.is_empty() {
+        return;
+    }
+    if obj.get("parallel_tool_calls").and_then(Value::as_bool) == Some(false) {
+        let c = choice.get_or_insert_with(|| json!({"type": "auto"}));
+        if c["type"] != "none" {
+            c["disable_parallel_tool_use"] = json!(true);
+        }
+    }
+    out.insert("tools".into(), Value::Array(tools));
+    if let Some(c) = choice {
+        out.insert("tool_choice".into(), c);
+    }
+}
+
+/// Thinking for a reasoning `effort` when `allowed` and no tool is forced (manual thinking does
+/// not take a forced tool), else the client's sampling parameters (thinking takes none).
+pub(crate) fn thinking_or_sampling(
+    obj: &Map<String, Value>,
+    out: &mut Map<String, Value>,
+    effort: &str,
+    max_tokens: u64,
+    allowed: bool,
+) {
+    let forced = out
+        .get("tool_choice")
+        .is_some_and(|c| c["type"] == "any" || c["type"] == "tool");
+    match (!forced && allowed)
+        .then(|| thinking_budget(effort, max_tokens))
+        .flatten()
+    {
+        Some(b) => {
+            out.insert(
+                "thinking".into(),
+                json!({"type": "enabled", "budget_tokens": b}),
+            );
+        }
+        None => {
+            if let Some(t) = obj.get("temperature").and_then(Value::as_f64) {
+                out.insert("temperature".into(), json!(t.clamp(0.0, 1.0)));
+            }
+            if let Some(p) = obj.get("top_p").and_then(Value::as_f64) {
+                out.insert("top_p".into(), json!(p));
+            }
+        }
+    }
+}
+
+/// Whether the conversation ends in an open tool loop (tool results the model has not answered).
+pub(crate) fn loop_open(messages: &[Value]) -> bool {
+    messages
+        .last()
+        .and_then(|m| m["content"].as_array())
+        .and_then(|c| c.first())
+        .is_some_and(|b| b["type"] == "tool_result")
+}
+
 /// Converts a Chat Completions request body into an Anthropic Messages request body.
 pub fn to_anthropic(req: &Value, opts: &FrontOptions) -> Result<Converted, Refusal> {
     let Some(obj) = req.as_object() else {
@@ -500,56 +621,20 @@ pub fn to_anthropic(req: &Value, opts: &FrontOptions) -> Result<Converted, Refus
             "the conversation has no user or assistant message with content",
         ));
     }
-    // Anthropic begins a conversation with the user.
-    if history.messages[0]["role"] != "user" {
-        history.messages.insert(
-            0,
-            json!({"role": "user", "content": [{"type": "text", "text": "(continue)"}]}),
-        );
-    }
-    // A loop still open at the end (the client's last turn made calls and sent no results) is
-    // the model's own turn to continue: a prefill. Calls without results are closed.
-    if history
-        .messages
-        .last()
-        .is_some_and(|m| m["role"] == "assistant")
-        && !history.open_calls.is_empty()
-    {
-        history.close_open_calls();
-    }
-
     // Structured output (§2.1 response_format).
-    match req.pointer("/response_format/type").and_then(Value::as_str) {
-        Some("json_schema") => {
-            let schema = req
-                .pointer("/response_format/json_schema/schema")
-                .cloned()
-                .ok_or_else(|| {
-                    refuse(
-                        "response_format.json_schema.schema",
-                        "a json_schema response format needs a schema",
-                    )
-                })?;
-            out.insert(
-                "output_config".into(),
-                json!({"format": {"type": "json_schema", "schema": schema}}),
-            );
-        }
-        Some("json_object") => system.push(
-            json!({"type": "text", "text": "Reply with one JSON object only, and nothing else."}),
-        ),
-        Some("text") | None => {}
-        Some(other) => {
-            return Err(refuse(
-                "response_format.type",
-                format!("unknown response format {other:?}"),
-            ));
-        }
-    }
+    structured_output(
+        req.pointer("/response_format/type").and_then(Value::as_str),
+        req.pointer("/response_format/json_schema/schema"),
+        ("response_format", "response_format.json_schema.schema"),
+        &mut out,
+        &mut system,
+    )?;
     if !system.is_empty() {
         out.insert("system".into(), Value::Array(system));
     }
-    out.insert("messages".into(), Value::Array(history.messages));
+    let messages = history.finish();
+    let loop_open = loop_open(&messages);
+    out.insert("messages".into(), Value::Array(messages));
     out.insert("max_tokens".into(), json!(max_tokens));
 
     // Tools (§2.3).
@@ -588,52 +673,16 @@ pub fn to_anthropic(req: &Value, opts: &FrontOptions) -> Result<Converted, Refus
     {
         tools.push(function_tool(f, &format!("functions[{k}]"))?);
     }
-    let mut choice = tool_choice(obj, &mut tools)?;
-    if obj.get("parallel_tool_calls").and_then(Value::as_bool) == Some(false) && !tools.is_empty() {
-        let c = choice.get_or_insert_with(|| json!({"type": "auto"}));
-        if c["type"] != "none" {
-            c["disable_parallel_tool_use"] = json!(true);
-        }
-    }
-    if !tools.is_empty() {
-        out.insert("tools".into(), Value::Array(tools));
-        if let Some(c) = &choice {
-            out.insert("tool_choice".into(), c.clone());
-        }
-    }
+    let choice = tool_choice(obj, &mut tools)?;
+    insert_tools(obj, &mut out, tools, choice);
 
-    // Sampling, stops, thinking.
-    let forced = choice
-        .as_ref()
-        .is_some_and(|c| c["type"] == "any" || c["type"] == "tool");
+    // Sampling, stops, thinking. With thinking on, an open tool loop needs the turn's signed
+    // thinking, which a Chat Completions client never sends back: such a request goes without.
     let effort = obj
         .get("reasoning_effort")
         .and_then(Value::as_str)
         .unwrap_or("none");
-    // With thinking on, an open tool loop needs the turn's signed thinking, which a Chat
-    // Completions client never sends back: such a request goes without thinking.
-    let loop_open = out["messages"]
-        .as_array()
-        .and_then(|m| m.last())
-        .and_then(|m| m["content"].as_array())
-        .and_then(|c| c.first())
-        .is_some_and(|b| b["type"] == "tool_result");
-    let budget = (!forced && !loop_open)
-        .then(|| thinking_budget(effort, max_tokens))
-        .flatten();
-    if let Some(b) = budget {
-        out.insert(
-            "thinking".into(),
-            json!({"type": "enabled", "budget_tokens": b}),
-        );
-    } else {
-        if let Some(t) = obj.get("temperature").and_then(Value::as_f64) {
-            out.insert("temperature".into(), json!(t.clamp(0.0, 1.0)));
-        }
-        if let Some(p) = obj.get("top_p").and_then(Value::as_f64) {
-            out.insert("top_p".into(), json!(p));
-        }
-    }
+    thinking_or_sampling(obj, &mut out, effort, max_tokens, !loop_open);
     let stops: Vec<Value> = match obj.get("stop") {
         Some(Value::String(s)) => vec![json!(s)],
         Some(Value::Array(a)) => a.clone(),

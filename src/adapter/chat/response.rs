@@ -17,17 +17,45 @@ pub fn finish_reason(stop_reason: Option<&str>, tool_calls: bool) -> &'static st
     }
 }
 
+/// An Anthropic `usage` object as OpenAI counts it: the whole prompt (cached tokens included),
+/// the cached part read, the part written, the output, and the thinking among the output.
+pub struct Counts {
+    pub prompt: u64,
+    pub read: u64,
+    pub write: u64,
+    pub output: u64,
+    pub reasoning: u64,
+}
+
+impl Counts {
+    pub fn of(u: &Value) -> Self {
+        let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let (read, write) = (
+            n("cache_read_input_tokens"),
+            n("cache_creation_input_tokens"),
+        );
+        Self {
+            prompt: n("input_tokens") + read + write,
+            read,
+            write,
+            output: n("output_tokens"),
+            reasoning: u
+                .pointer("/output_tokens_details/thinking_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+        }
+    }
+}
+
 /// OpenAI's `usage` for an Anthropic `usage` object (§2.7): the prompt counts cached tokens.
 pub fn usage(u: &Value) -> Value {
-    let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let read = n("cache_read_input_tokens");
-    let write = n("cache_creation_input_tokens");
-    let prompt = n("input_tokens") + read + write;
-    let completion = n("output_tokens");
-    let reasoning = u
-        .pointer("/output_tokens_details/thinking_tokens")
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
+    let Counts {
+        prompt,
+        read,
+        write,
+        output: completion,
+        reasoning,
+    } = Counts::of(u);
     json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,

@@ -7,6 +7,8 @@
 
 use serde_json::{Value, json};
 
+use crate::adapter::events::{for_each_event, merge_usage};
+
 use super::ChatContext;
 use super::errors;
 use super::response::{call_id, finish_reason, usage};
@@ -94,11 +96,7 @@ impl ChunkState {
         }
         match name {
             "message_start" => {
-                if let Some(u) = data.pointer("/message/usage").and_then(Value::as_object) {
-                    for (k, v) in u {
-                        self.usage[k] = v.clone();
-                    }
-                }
+                merge_usage(&mut self.usage, data.pointer("/message/usage"));
                 self.start();
             }
             "content_block_start" => {
@@ -167,13 +165,7 @@ impl ChunkState {
                 if let Some(r) = data.pointer("/delta/stop_reason").and_then(Value::as_str) {
                     self.stop_reason = Some(r.to_owned());
                 }
-                if let Some(u) = data.get("usage").and_then(Value::as_object) {
-                    for (k, v) in u {
-                        if !v.is_null() {
-                            self.usage[k] = v.clone();
-                        }
-                    }
-                }
+                merge_usage(&mut self.usage, data.get("usage"));
             }
             "message_stop" => {
                 self.start();
@@ -219,16 +211,7 @@ impl ChunkState {
 
     /// Takes whole Anthropic events as SSE bytes.
     pub fn push_sse(&mut self, bytes: &[u8]) {
-        for (name, data) in crate::upstream::sse::parse_all(&String::from_utf8_lossy(bytes)) {
-            let v: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
-            let name = name.unwrap_or_else(|| {
-                v.get("type")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_owned()
-            });
-            self.push(&name, &v);
-        }
+        for_each_event(bytes, |name, data| self.push(name, data));
     }
 
     /// The Anthropic stream ended: if it never said `message_stop`, the client gets an error.

@@ -78,15 +78,13 @@ pub fn item_id(prefix: &str) -> String {
 
 /// The Responses `usage` for an Anthropic `usage` object (§3.4): input counts cached tokens.
 pub fn usage(u: &Value) -> Value {
-    let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let read = n("cache_read_input_tokens");
-    let write = n("cache_creation_input_tokens");
-    let input = n("input_tokens") + read + write;
-    let output = n("output_tokens");
-    let reasoning = u
-        .pointer("/output_tokens_details/thinking_tokens")
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
+    let crate::adapter::chat::response::Counts {
+        prompt: input,
+        read,
+        write,
+        output,
+        reasoning,
+    } = crate::adapter::chat::response::Counts::of(u);
     json!({
         "input_tokens": input,
         "input_tokens_details": {"cached_tokens": read, "cache_write_tokens": write},

@@ -6,8 +6,8 @@ use serde_json::{Map, Value, json};
 use super::{ResponsesContext, ToolKind, decrypt};
 use crate::adapter::chat::Refusal;
 use crate::adapter::chat::request::{
-    History, add_cache_breakpoints, arguments, function_tool, is_blank, plain_text, refuse,
-    thinking_budget, tool_id, user_part,
+    History, add_cache_breakpoints, arguments, function_tool, insert_tools, is_blank, loop_open,
+    plain_text, refuse, structured_output, thinking_or_sampling, tool_id, user_part,
 };
 
 /// `max_tokens` when the request names no `max_output_tokens` (Codex never does): room for a
@@ -318,97 +318,39 @@ pub fn to_anthropic(req: &Value) -> Result<Converted, Refusal> {
     if history.messages.is_empty() {
         return Err(refuse("input", "the input has no message with content"));
     }
-    if history.messages[0]["role"] != "user" {
-        history.messages.insert(
-            0,
-            json!({"role": "user", "content": [{"type": "text", "text": "(continue)"}]}),
-        );
-    }
-    if history
-        .messages
-        .last()
-        .is_some_and(|m| m["role"] == "assistant")
-        && !history.open_calls.is_empty()
-    {
-        history.close_open_calls();
-    }
+    let messages = history.finish();
 
     let mut out = Map::new();
     out.insert("model".into(), json!(model));
-    match req.pointer("/text/format/type").and_then(Value::as_str) {
-        Some("json_schema") => {
-            let schema = req.pointer("/text/format/schema").cloned().ok_or_else(|| {
-                refuse("text.format.schema", "a json_schema format needs a schema")
-            })?;
-            out.insert(
-                "output_config".into(),
-                json!({"format": {"type": "json_schema", "schema": schema}}),
-            );
-        }
-        Some("json_object") => system.push(
-            json!({"type": "text", "text": "Reply with one JSON object only, and nothing else."}),
-        ),
-        _ => {}
-    }
+    structured_output(
+        req.pointer("/text/format/type").and_then(Value::as_str),
+        req.pointer("/text/format/schema"),
+        ("text.format", "text.format.schema"),
+        &mut out,
+        &mut system,
+    )?;
     if !system.is_empty() {
         out.insert("system".into(), Value::Array(system));
     }
     // With thinking on, an open tool loop needs the last assistant turn to start with its signed
     // thinking (carried in the reasoning item's encrypted_content); without it, no thinking.
-    let last_assistant_thinks = history
-        .messages
+    let last_assistant_thinks = messages
         .iter()
         .rev()
         .find(|m| m["role"] == "assistant")
         .and_then(|m| m["content"].as_array())
         .and_then(|c| c.first())
         .is_some_and(|b| b["type"] == "thinking" || b["type"] == "redacted_thinking");
-    let loop_open = history
-        .messages
-        .last()
-        .and_then(|m| m["content"].as_array())
-        .and_then(|c| c.first())
-        .is_some_and(|b| b["type"] == "tool_result");
-    out.insert("messages".into(), Value::Array(history.messages));
+    let thinking_allowed = !loop_open(&messages) || last_assistant_thinks;
+    out.insert("messages".into(), Value::Array(messages));
     out.insert("max_tokens".into(), json!(max_tokens));
-
     let choice = tool_choice(obj, &mut tools)?;
-    let mut choice = choice;
-    if obj.get("parallel_tool_calls").and_then(Value::as_bool) == Some(false) && !tools.is_empty() {
-        let c = choice.get_or_insert_with(|| json!({"type": "auto"}));
-        if c["type"] != "none" {
-            c["disable_parallel_tool_use"] = json!(true);
-        }
-    }
-    let forced = choice
-        .as_ref()
-        .is_some_and(|c| c["type"] == "any" || c["type"] == "tool");
-    if !tools.is_empty() {
-        out.insert("tools".into(), Value::Array(tools));
-        if let Some(c) = choice {
-            out.insert("tool_choice".into(), c);
-        }
-    }
+    insert_tools(obj, &mut out, tools, choice);
     let effort = req
         .pointer("/reasoning/effort")
         .and_then(Value::as_str)
         .unwrap_or("none");
-    let budget = (!forced && (!loop_open || last_assistant_thinks))
-        .then(|| thinking_budget(effort, max_tokens))
-        .flatten();
-    if let Some(b) = budget {
-        out.insert(
-            "thinking".into(),
-            json!({"type": "enabled", "budget_tokens": b}),
-        );
-    } else {
-        if let Some(t) = obj.get("temperature").and_then(Value::as_f64) {
-            out.insert("temperature".into(), json!(t.clamp(0.0, 1.0)));
-        }
-        if let Some(p) = obj.get("top_p").and_then(Value::as_f64) {
-            out.insert("top_p".into(), json!(p));
-        }
-    }
+    thinking_or_sampling(obj, &mut out, effort, max_tokens, thinking_allowed);
     out.insert("stream".into(), json!(stream));
 
     let echo_keys = [

@@ -7,6 +7,8 @@
 
 use serde_json::{Value, json};
 
+use crate::adapter::events::{for_each_event, merge_usage};
+
 use super::{
     ResponsesContext, ToolKind, call_item, ending, envelope, failure_code, item_id, message_item,
     reasoning_item, usage,
@@ -321,11 +323,7 @@ impl EventState {
         }
         match name {
             "message_start" => {
-                if let Some(u) = data.pointer("/message/usage").and_then(Value::as_object) {
-                    for (k, v) in u {
-                        self.usage[k] = v.clone();
-                    }
-                }
+                merge_usage(&mut self.usage, data.pointer("/message/usage"));
                 self.start();
             }
             "content_block_start" => {
@@ -339,13 +337,7 @@ impl EventState {
                 if let Some(r) = data.pointer("/delta/stop_reason").and_then(Value::as_str) {
                     self.stop_reason = Some(r.to_owned());
                 }
-                if let Some(u) = data.get("usage").and_then(Value::as_object) {
-                    for (k, v) in u {
-                        if !v.is_null() {
-                            self.usage[k] = v.clone();
-                        }
-                    }
-                }
+                merge_usage(&mut self.usage, data.get("usage"));
             }
             "message_stop" => {
                 self.start();
@@ -410,11 +402,7 @@ impl EventState {
 
     /// Takes whole Anthropic events as SSE bytes.
     pub fn push_sse(&mut self, bytes: &[u8]) {
-        for (name, data) in crate::upstream::sse::parse_all(&String::from_utf8_lossy(bytes)) {
-            let v: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
-            let name = name.unwrap_or_else(|| v["type"].as_str().unwrap_or("").to_owned());
-            self.push(&name, &v);
-        }
+        for_each_event(bytes, |name, data| self.push(name, data));
     }
 
     /// The Anthropic stream ended: if it never said `message_stop`, the response failed.
