@@ -642,12 +642,27 @@ async fn pump(driver: Driver, rest: Rest) {
 
 #[derive(Debug, Clone)]
 struct CacheEntry {
-    /// The answer as a complete `Message` JSON.
-    message: Value,
+    /// The answer: a complete `Message`, or a provider's own OpenAI answer.
+    answer: Cached,
     /// The provider that answered.
     source: Source,
     expires: Instant,
     size: usize,
+}
+
+/// A cached answer.
+#[derive(Debug, Clone)]
+enum Cached {
+    /// A complete Anthropic `Message`, served as JSON or as a stream.
+    Message(Value),
+    /// An answer in a client's own API as an openai-type provider wrote it (the fast path): the
+    /// whole JSON body or the whole event stream, served again in the same form (the form is part
+    /// of such a request's key).
+    Native {
+        wire: dispatch::Wire,
+        stream: bool,
+        bytes: Bytes,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -880,49 +895,94 @@ fn store(state: &AppState, flight: &Flight, key: Key, max_entries: usize, ttl: D
     {
         return;
     }
-    let (stream, source) = (matches!(head.kind, Kind::Stream), head.source.clone());
+    let (stream, source, wire) = (
+        matches!(head.kind, Kind::Stream),
+        head.source.clone(),
+        head.wire,
+    );
     let mut body = BytesMut::with_capacity(st.bytes);
     for c in &st.chunks {
         body.extend_from_slice(c);
     }
     drop(st);
-    let message = if stream {
+    let body_len = body.len();
+    let answer = if wire != dispatch::Wire::Anthropic {
+        // Only a complete answer: a stream that ended as its API ends one, without an error.
+        let bytes = body.freeze();
+        if !native_complete(wire, stream, &bytes) {
+            return;
+        }
+        Cached::Native {
+            wire,
+            stream,
+            bytes,
+        }
+    } else if stream {
         // An error event or a cut stream: never cached.
         match accumulate_sse(&String::from_utf8_lossy(&body)) {
-            Ok(m) => m,
+            Ok(m) => Cached::Message(m),
             Err(_) => return,
         }
     } else {
         match serde_json::from_slice::<Value>(&body) {
-            Ok(m) if m.get("type").and_then(Value::as_str) == Some("message") => m,
+            Ok(m) if m.get("type").and_then(Value::as_str) == Some("message") => Cached::Message(m),
             _ => return,
         }
     };
+    let size = match &answer {
+        Cached::Native { bytes, .. } => bytes.len(),
+        Cached::Message(_) => body_len,
+    };
     if let Some(cluster) = state.cluster.as_ref().filter(|c| c.is_up()) {
-        if let Some(bytes) = SharedEntry::encode(&message, &source) {
+        if let Some(bytes) = SharedEntry::encode(&answer, &source) {
             cluster.cache(key, bytes, ttl, max_entries);
         }
         return;
     }
     let entry = CacheEntry {
-        message,
+        answer,
         source,
         expires: Instant::now() + ttl,
-        size: body.len(),
+        size,
     };
     state.dedup.cache().insert(key, entry, max_entries);
 }
 
+/// Whether an OpenAI answer as a provider wrote it is complete: a stream ended as its API ends
+/// one (`data: [DONE]`, `response.completed`) without an error, a JSON body without one.
+fn native_complete(wire: dispatch::Wire, stream: bool, bytes: &[u8]) -> bool {
+    let mut watch = match wire {
+        dispatch::Wire::Responses => dispatch::relay::NativeRelay::responses(),
+        _ => dispatch::relay::NativeRelay::chat(),
+    };
+    if stream {
+        return watch.observe(bytes) && !watch.failed();
+    }
+    #[derive(serde::Deserialize)]
+    struct Head {
+        error: Option<Value>,
+    }
+    serde_json::from_slice::<Head>(bytes).is_ok_and(|h| h.error.is_none_or(|e| e.is_null()))
+}
+
 /// A cache entry as the cluster keeps it: the message and the provider that answered it.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Deserialize)]
 struct SharedEntry {
+    #[serde(default)]
     message: Value,
+    /// A native answer (`Cached::Native`): its text, its API and whether it is a stream.
+    #[serde(default)]
+    native: Option<String>,
+    #[serde(default)]
+    wire: Option<String>,
+    #[serde(default)]
+    stream: bool,
     provider: String,
     upstream_model: String,
 }
 
 impl SharedEntry {
-    fn encode(message: &Value, source: &Source) -> Option<Vec<u8>> {
+    fn encode(answer: &Cached, source: &Source) -> Option<Vec<u8>> {
         let Source::Provider {
             name,
             upstream_model,
@@ -930,21 +990,44 @@ impl SharedEntry {
         else {
             return None;
         };
-        serde_json::to_vec(&serde_json::json!({
-            "message": message,
-            "provider": name,
-            "upstream_model": upstream_model,
-        }))
-        .ok()
+        let mut v = serde_json::json!({"provider": name, "upstream_model": upstream_model});
+        match answer {
+            Cached::Message(m) => v["message"] = m.clone(),
+            Cached::Native {
+                wire,
+                stream,
+                bytes,
+            } => {
+                v["native"] = Value::String(std::str::from_utf8(bytes).ok()?.to_owned());
+                v["wire"] = serde_json::json!(match wire {
+                    dispatch::Wire::Responses => "responses",
+                    _ => "chat",
+                });
+                v["stream"] = serde_json::json!(stream);
+            }
+        }
+        serde_json::to_vec(&v).ok()
     }
 
     fn decode(bytes: &[u8]) -> Option<CacheEntry> {
         let e: Self = serde_json::from_slice(bytes).ok()?;
-        if e.message.get("type").and_then(Value::as_str) != Some("message") {
-            return None;
-        }
+        let answer = match (e.native, e.wire.as_deref()) {
+            (Some(text), Some(w @ ("chat" | "responses"))) => Cached::Native {
+                wire: if w == "chat" {
+                    dispatch::Wire::Chat
+                } else {
+                    dispatch::Wire::Responses
+                },
+                stream: e.stream,
+                bytes: Bytes::from(text),
+            },
+            _ if e.message.get("type").and_then(Value::as_str) == Some("message") => {
+                Cached::Message(e.message)
+            }
+            _ => return None,
+        };
         Some(CacheEntry {
-            message: e.message,
+            answer,
             source: Source::Provider {
                 name: e.provider,
                 upstream_model: e.upstream_model,
@@ -955,23 +1038,41 @@ impl SharedEntry {
     }
 }
 
-/// A cached message, with a fresh id, as JSON or as a synthesized stream.
+/// A cached answer: a message with a fresh id, as JSON or as a synthesized stream; a native one
+/// as it was written.
 fn from_cache(entry: CacheEntry, stream: bool) -> Answer {
-    let mut message = entry.message;
-    message["id"] = Value::String(message_id());
-    let text = message.to_string();
-    let usage = Some(Usage::of_message(text.as_bytes()));
-    Answer {
+    let mut answer = Answer {
         status: StatusCode::OK,
         headers: HeaderMap::new(),
         source: entry.source,
         route: None,
         attempts: Vec::new(),
         cache: CacheStatus::Hit,
-        body: message_body(&message, text, stream),
+        body: Body::Json(Bytes::new()),
         wire: dispatch::Wire::Anthropic,
-        usage,
+        usage: None,
+    };
+    match entry.answer {
+        Cached::Message(mut message) => {
+            message["id"] = Value::String(message_id());
+            let text = message.to_string();
+            answer.usage = Some(Usage::of_message(text.as_bytes()));
+            answer.body = message_body(&message, text, stream);
+        }
+        Cached::Native {
+            wire,
+            stream,
+            bytes,
+        } => {
+            answer.wire = wire;
+            answer.body = if stream {
+                Body::Stream(one_chunk(bytes))
+            } else {
+                Body::Json(bytes)
+            };
+        }
     }
+    answer
 }
 
 /// A complete message as the body a client asked for.
@@ -1170,11 +1271,50 @@ mod tests {
 
     fn entry(size: usize, expires: Instant) -> CacheEntry {
         CacheEntry {
-            message: serde_json::json!({"type": "message"}),
+            answer: Cached::Message(serde_json::json!({"type": "message"})),
             source: Source::Balancer,
             expires,
             size,
         }
+    }
+
+    #[test]
+    fn a_shared_cache_entry_keeps_a_native_answer_and_its_form() {
+        let source = Source::Provider {
+            name: "P".into(),
+            upstream_model: "m".into(),
+        };
+        for (wire, stream, text) in [
+            (dispatch::Wire::Chat, true, "data: {}\n\ndata: [DONE]\n\n"),
+            (
+                dispatch::Wire::Responses,
+                false,
+                "{\"object\":\"response\"}",
+            ),
+        ] {
+            let answer = Cached::Native {
+                wire,
+                stream,
+                bytes: Bytes::from(text),
+            };
+            let back =
+                SharedEntry::decode(&SharedEntry::encode(&answer, &source).unwrap()).unwrap();
+            match back.answer {
+                Cached::Native {
+                    wire: w,
+                    stream: s,
+                    bytes,
+                } => assert_eq!((w, s, &bytes[..]), (wire, stream, text.as_bytes())),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(back.source, source);
+        }
+        let message = serde_json::json!({"type": "message", "content": []});
+        let back = SharedEntry::decode(
+            &SharedEntry::encode(&Cached::Message(message.clone()), &source).unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(back.answer, Cached::Message(m) if m == message));
     }
 
     /// The buffer's bookkeeping agrees with its chunks.

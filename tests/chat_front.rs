@@ -439,3 +439,27 @@ async fn a_streaming_and_a_plain_request_alike_are_not_coalesced_into_one_form()
     assert_eq!(c["object"], "chat.completion");
     assert_eq!(oai.request_count(), 2);
 }
+
+#[tokio::test]
+async fn the_cache_serves_fast_path_answers_again_in_their_own_form() {
+    let (_anth, oai, bal) =
+        setup("settings:\n  max_cache_size: 10\n  cache_ttl_seconds: 60\n").await;
+    for stream in [false, true] {
+        let body = chat("gpt-4x", "cache me", stream);
+        let (s1, h1, first) = post(&bal, &body).await;
+        let (s2, h2, again) = post(&bal, &body).await;
+        assert_eq!((s1, s2), (200, 200));
+        assert_eq!(h1["x-balancer-cache"], "miss");
+        assert_eq!(h2["x-balancer-cache"], "hit", "stream {stream}");
+        assert_eq!(first, again, "the provider's own answer, again");
+    }
+    assert_eq!(oai.request_count(), 2, "one call per form");
+    // A stream that failed is not kept.
+    oai.set_default(Reply::ModelCut(3));
+    let body = chat("gpt-4x", "cut me short", true);
+    post(&bal, &body).await;
+    oai.set_default(Reply::Model);
+    let (_, headers, text) = post(&bal, &body).await;
+    assert_eq!(headers["x-balancer-cache"], "miss");
+    assert!(reassemble(text.as_bytes()).is_ok());
+}

@@ -88,6 +88,11 @@ impl NativeRelay {
         }
     }
 
+    /// The stream carried an error (an error chunk, `response.failed`, an `error` event).
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
     pub fn wire(&self) -> Wire {
         if self.responses {
             Wire::Responses
