@@ -120,13 +120,19 @@ fn chunks(body: axum::body::Body, ctx: ChatContext) -> axum::body::Body {
     rendered(body, state)
 }
 
-/// An Anthropic event stream's body rendered by `state`, stopping when it has finished.
+/// An Anthropic event stream's body rendered by `state`. When the rendering has finished, the
+/// inner stream is still read to its end (the relay ends right after `message_stop`): ending it
+/// is what completes a coalesced flight and puts the answer into the cache.
 fn rendered(body: axum::body::Body, state: impl Render) -> axum::body::Body {
     let events = body.into_data_stream();
     let rendered = futures_util::stream::unfold(
         (events, state, false),
         |(mut events, mut state, ended)| async move {
-            if ended || state.is_finished() {
+            if ended {
+                return None;
+            }
+            if state.is_finished() {
+                while events.next().await.is_some() {}
                 return None;
             }
             loop {

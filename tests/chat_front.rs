@@ -463,3 +463,67 @@ async fn the_cache_serves_fast_path_answers_again_in_their_own_form() {
     assert_eq!(headers["x-balancer-cache"], "miss");
     assert!(reassemble(text.as_bytes()).is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn silence_in_a_fast_path_stream_gets_comments_not_anthropic_pings() {
+    let (_anth, oai, bal) =
+        setup("settings:\n  timeouts:\n    streaming:\n      read_timeout: 40\n").await;
+    let first = mock_provider::openai_sse(
+        &[mock_provider::openai_chunk(
+            json!({"role": "assistant", "content": ""}),
+            None,
+        )],
+        false,
+    );
+    oai.push(Reply::sse_chunks(
+        vec![(Duration::ZERO, first.into_bytes())],
+        End::Hang,
+    ));
+    let (status, _, text) = post(&bal, &chat("gpt-4x", "x", true)).await;
+    assert_eq!(status, 200);
+    assert!(!text.contains("\"ping\""), "{text}");
+    assert_eq!(text.matches(": ping\n\n").count(), 2, "{text}");
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    assert!(last.contains("read_timeout"), "{text}");
+}
+
+#[tokio::test]
+async fn the_cache_keeps_converted_streams_too() {
+    let (anth, _oai, bal) =
+        setup("settings:\n  max_cache_size: 10\n  cache_ttl_seconds: 60\n").await;
+    let body = chat("claude-x", "stream and cache", true);
+    let (_, h1, first) = post(&bal, &body).await;
+    let (_, h2, again) = post(&bal, &body).await;
+    assert_eq!(h1["x-balancer-cache"], "miss");
+    assert_eq!(h2["x-balancer-cache"], "hit", "{again}");
+    assert_eq!(anth.request_count(), 1);
+    let (a, b) = (
+        reassemble(first.as_bytes()).unwrap(),
+        reassemble(again.as_bytes()).unwrap(),
+    );
+    assert_eq!(a["message"], b["message"]);
+}
+
+#[tokio::test]
+async fn a_key_in_a_fast_path_streams_last_unterminated_error_is_masked() {
+    let (_anth, oai, bal) = setup("").await;
+    let first = mock_provider::openai_sse(
+        &[mock_provider::openai_chunk(
+            json!({"role": "assistant", "content": "hi"}),
+            None,
+        )],
+        false,
+    );
+    let error = "data: {\"error\":{\"message\":\"invalid key key-oai\"}}";
+    oai.push(Reply::sse_chunks(
+        vec![
+            (Duration::ZERO, first.into_bytes()),
+            (Duration::ZERO, error.as_bytes().to_vec()),
+        ],
+        End::Complete,
+    ));
+    let (status, _, text) = post(&bal, &chat("gpt-4x", "x", true)).await;
+    assert_eq!(status, 200);
+    assert!(!text.contains("key-oai"), "{text}");
+    assert!(text.contains("invalid key"), "{text}");
+}

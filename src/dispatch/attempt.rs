@@ -679,8 +679,13 @@ async fn native(
     let name = candidate.provider.config.name.as_str();
     let stream = inbound.envelope.stream;
     let deadlines = message_deadlines(runtime, stream);
+    // Reasoning this gateway carried for an Anthropic-native provider means nothing to one that
+    // speaks the Responses API itself.
+    let stripped = (api == Native::Responses)
+        .then(|| crate::adapter::responses::strip_gateway_reasoning(original))
+        .flatten();
     let body = body::rewrite(
-        original,
+        stripped.as_ref().unwrap_or(original),
         &candidate.upstream_model,
         &inbound.envelope.model,
         inbound.envelope.provider.is_some(),

@@ -124,7 +124,9 @@ pub struct ResponsesFront {
 #[derive(Debug, Clone)]
 pub struct Inbound {
     pub envelope: Envelope,
-    /// The Anthropic request body (for the Chat Completions front end, the converted one).
+    /// The request body as the balancer reads it: the Anthropic body (a Responses request's
+    /// converted one) or, for a Chat Completions request, the client's own OpenAI body (its
+    /// Anthropic form is `ChatFront::converted`).
     pub body: Bytes,
     /// The API the request came in by.
     pub front: Front,

@@ -224,7 +224,7 @@ impl Transform {
     }
 
     /// Upstream EOF: the closing bytes, and a failure reason if the ending was not clean.
-    fn end(&mut self, splitter: &Splitter) -> (Bytes, Option<String>) {
+    fn end(&mut self, splitter: &Splitter, redactor: &Redactor) -> (Bytes, Option<String>) {
         match self {
             Transform::Passthrough => {
                 if splitter.unterminated_kind() == Some(EventKind::MessageStop) {
@@ -268,7 +268,16 @@ impl Transform {
                     out.extend_from_slice(pending);
                     out.extend_from_slice(b"\n\n");
                     if watch.observe(&out) {
-                        return (out.freeze(), None);
+                        // It may be the provider's error, which is masked as every error is.
+                        let out = out.freeze();
+                        return (
+                            if watch.failed {
+                                redactor.bytes(out)
+                            } else {
+                                out
+                            },
+                            None,
+                        );
                     }
                 }
                 if watch.finished_choice {
@@ -280,6 +289,15 @@ impl Transform {
                 out.extend_from_slice(&watch.error(&format!("upstream provider: {reason}")));
                 (out.freeze(), Some(reason))
             }
+        }
+    }
+
+    /// What goes out during a provider's silence: Anthropic's `ping` event, or an SSE comment in
+    /// an OpenAI stream (whose clients would read a ping as a malformed chunk).
+    fn keepalive(&self) -> Bytes {
+        match self {
+            Transform::Passthrough | Transform::Openai(_) => Bytes::from_static(PING_EVENT),
+            Transform::Native(_) => Bytes::from_static(b": ping\n\n"),
         }
     }
 
@@ -391,7 +409,10 @@ impl Running {
                 }
                 Wake::Chunk(None) => {
                     self.finished = true;
-                    let (out, failure) = self.relay.transform.end(&self.relay.splitter);
+                    let (out, failure) = self
+                        .relay
+                        .transform
+                        .end(&self.relay.splitter, &self.relay.redactor);
                     if let Some(reason) = failure {
                         self.record_failure(&reason);
                     }
@@ -418,7 +439,7 @@ impl Running {
                     let wake = self.next_wake();
                     self.timer.as_mut().reset(wake);
                     if ping {
-                        return Some(Bytes::from_static(PING_EVENT));
+                        return Some(self.relay.transform.keepalive());
                     }
                 }
             }

@@ -13,6 +13,9 @@ use super::ChatContext;
 use super::errors;
 use super::response::{call_id, finish_reason, usage};
 
+/// How far past the blocks seen so far a block's index may jump (a valid stream's never does).
+const MAX_INDEX_GAP: usize = 64;
+
 /// What one Anthropic content block becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Block {
@@ -123,6 +126,11 @@ impl ChunkState {
                     }
                     _ => Block::Hidden,
                 };
+                // Indices are dense in a valid stream; one far beyond the blocks seen so far is
+                // not given memory.
+                if index > self.blocks.len() + MAX_INDEX_GAP {
+                    return;
+                }
                 if self.blocks.len() <= index {
                     self.blocks.resize(index + 1, Block::Hidden);
                 }
@@ -416,6 +424,17 @@ mod tests {
             );
             assert!(reassemble(text.as_bytes()).is_err());
         }
+    }
+
+    #[test]
+    fn a_block_index_far_out_of_range_is_not_given_memory() {
+        let mut s = ChunkState::new(ctx(false), "c".into(), 1);
+        s.push("message_start", &json!({"message": {"usage": {}}}));
+        s.push(
+            "content_block_start",
+            &json!({"index": 4_000_000_000u64, "content_block": {"type": "text"}}),
+        );
+        assert!(s.blocks.len() < 100);
     }
 
     #[test]

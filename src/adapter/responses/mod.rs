@@ -66,6 +66,23 @@ pub fn decrypt(blob: &str) -> Option<Vec<Value>> {
     (valid && !blocks.is_empty()).then_some(blocks)
 }
 
+/// A Responses request body without the reasoning items whose `encrypted_content` this gateway
+/// wrote (from an Anthropic-native turn): a provider that speaks the API itself would reject
+/// them. `None` when there are none.
+pub fn strip_gateway_reasoning(body: &[u8]) -> Option<bytes::Bytes> {
+    memchr::memmem::find(body, format!("\"{BLOB_PREFIX}").as_bytes())?;
+    let mut v: Value = serde_json::from_slice(body).ok()?;
+    let items = v.get_mut("input")?.as_array_mut()?;
+    let before = items.len();
+    items.retain(|i| {
+        !(i["type"] == "reasoning"
+            && i["encrypted_content"]
+                .as_str()
+                .is_some_and(|e| e.starts_with(BLOB_PREFIX)))
+    });
+    (items.len() < before).then(|| bytes::Bytes::from(v.to_string()))
+}
+
 /// `resp_` plus 24 random base62 characters.
 pub fn response_id() -> String {
     format!("resp_{}", base62(24))
@@ -270,6 +287,20 @@ mod tests {
             echo: json!({"tools": [{"type": "function", "name": "shell"}], "store": false}),
             tools: vec![("apply_patch".into(), ToolKind::Custom)],
         }
+    }
+
+    #[test]
+    fn only_this_gateways_reasoning_items_are_stripped_for_a_native_provider() {
+        let ours = encrypt(&[json!({"type": "thinking", "thinking": "t", "signature": "s"})]);
+        let body = json!({"model": "m", "input": [{"role": "user", "content": "x"},
+            {"type": "reasoning", "summary": [], "encrypted_content": ours},
+            {"type": "reasoning", "summary": [], "encrypted_content": "gAAAA-theirs"}]});
+        let stripped: Value =
+            serde_json::from_slice(&strip_gateway_reasoning(body.to_string().as_bytes()).unwrap())
+                .unwrap();
+        assert_eq!(stripped["input"].as_array().unwrap().len(), 2);
+        assert_eq!(stripped["input"][1]["encrypted_content"], "gAAAA-theirs");
+        assert!(strip_gateway_reasoning(b"{\"model\":\"m\",\"input\":\"hi\"}").is_none());
     }
 
     #[test]

@@ -340,7 +340,15 @@ pub fn to_anthropic(req: &Value) -> Result<Converted, Refusal> {
         .find(|m| m["role"] == "assistant")
         .and_then(|m| m["content"].as_array())
         .and_then(|c| c.first())
-        .is_some_and(|b| b["type"] == "thinking" || b["type"] == "redacted_thinking");
+        .is_some_and(|b| {
+            // Thinking this gateway signed (from an OpenAI-compatible route) is removed before an
+            // Anthropic-native provider sees it, so it does not count.
+            b["type"] == "redacted_thinking"
+                || (b["type"] == "thinking"
+                    && !b["signature"]
+                        .as_str()
+                        .is_some_and(crate::adapter::ids::is_gateway_signature))
+        });
     let thinking_allowed = !loop_open(&messages) || last_assistant_thinks;
     out.insert("messages".into(), Value::Array(messages));
     out.insert("max_tokens".into(), json!(max_tokens));
