@@ -68,12 +68,45 @@ pub fn respond_chat(
 ) -> Response {
     record.fill(&mut answer);
     let render = answer.wire == Wire::Anthropic && answer.is_stream();
+    let strip = answer.wire == Wire::Chat && answer.is_stream() && front.usage_added;
     let response = finish(state, record, permit, chat_response(answer, front));
-    if !render {
+    if !render && !strip {
         return response;
     }
     let (parts, body) = response.into_parts();
-    Response::from_parts(parts, chunks(body, front.context()))
+    let body = if render {
+        chunks(body, front.context())
+    } else {
+        without_usage_chunk(body)
+    };
+    Response::from_parts(parts, body)
+}
+
+/// A Chat Completions stream without the usage chunk (`"choices":[]` and a `usage` object) the
+/// balancer asked for on its client's behalf; the observer inside has read it already.
+fn without_usage_chunk(body: axum::body::Body) -> axum::body::Body {
+    let events = body.into_data_stream().map(|item| {
+        let bytes = item.unwrap_or_default();
+        if memchr::memmem::find(&bytes, b"\"usage\"").is_none() {
+            return Ok::<_, Infallible>(bytes);
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        let mut kept = String::with_capacity(text.len());
+        for event in text.split_inclusive("\n\n") {
+            let usage_only = crate::upstream::sse::data_payloads(event.as_bytes())
+                .iter()
+                .any(|d| {
+                    serde_json::from_str::<serde_json::Value>(d).is_ok_and(|v| {
+                        v["choices"].as_array().is_some_and(Vec::is_empty) && v["usage"].is_object()
+                    })
+                });
+            if !usage_only {
+                kept.push_str(event);
+            }
+        }
+        Ok(bytes::Bytes::from(kept))
+    });
+    axum::body::Body::from_stream(events)
 }
 
 /// A writer of another API's events from Anthropic events.

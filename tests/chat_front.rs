@@ -527,3 +527,30 @@ async fn a_key_in_a_fast_path_streams_last_unterminated_error_is_masked() {
     assert!(!text.contains("key-oai"), "{text}");
     assert!(text.contains("invalid key"), "{text}");
 }
+
+#[tokio::test]
+async fn a_fast_path_stream_is_accounted_even_when_its_client_asks_no_usage() {
+    let (_anth, oai, bal) = setup("").await;
+    let body = json!({"model": "gpt-4x", "stream": true, "messages": [{"role": "user", "content": "count me"}]});
+    let (status, _, text) = post(&bal, &body).await;
+    assert_eq!(status, 200);
+    // The provider was asked for usage; the client, which did not ask, gets no usage chunk.
+    let sent = String::from_utf8(oai.requests()[0].body.clone()).unwrap();
+    assert!(
+        sent.ends_with(",\"stream_options\":{\"include_usage\":true}}"),
+        "{sent}"
+    );
+    assert!(!text.contains("\"usage\""), "{text}");
+    let r = reassemble(text.as_bytes()).unwrap();
+    assert!(
+        r["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("count me")
+    );
+    let metrics = bal.get_text("/metrics").await;
+    assert!(
+        metrics.contains("claude_balancer_tokens_total{provider=\"Oai\",kind=\"input\"} 25"),
+        "{metrics}"
+    );
+}

@@ -94,7 +94,9 @@ pub async fn attempt(
                     runtime,
                     candidate,
                     inbound,
-                    Native::Chat,
+                    Native::Chat {
+                        add_usage: chat.usage_added,
+                    },
                     &chat.original,
                     auth,
                 )
@@ -630,8 +632,9 @@ fn openai_headers(inbound: &Inbound, auth: &Auth, stream: bool) -> HeaderMap {
 /// The OpenAI API a request speaks natively to an openai-type provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Native {
-    /// Chat Completions (`/chat/completions`).
-    Chat,
+    /// Chat Completions (`/chat/completions`); asking the provider for the stream's usage when
+    /// the client did not.
+    Chat { add_usage: bool },
     /// Responses (`/responses`), for a provider configured with `responses: true`.
     Responses,
 }
@@ -658,6 +661,19 @@ fn decide_responses(faults: &FaultPolicy, all: &Bytes) -> Option<Result<(), Faul
         }
         _ => Some(faults.body_fault(all).map_or(Ok(()), Err)),
     }
+}
+
+/// A Chat Completions body with `"stream_options":{"include_usage":true}` added as its last
+/// member (the body is a JSON object, checked when it was read).
+fn with_usage_asked(body: &Bytes) -> Bytes {
+    let Some(end) = body.iter().rposition(|b| *b == b'}') else {
+        return body.clone();
+    };
+    let mut out = BytesMut::with_capacity(body.len() + 48);
+    out.extend_from_slice(&body[..end]);
+    out.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}");
+    out.extend_from_slice(&body[end..]);
+    out.freeze()
 }
 
 /// A request to an openai-type provider in its own API (the fast path: Chat Completions, or
@@ -690,11 +706,15 @@ async fn native(
         &inbound.envelope.model,
         inbound.envelope.provider.is_some(),
     );
+    let body = match api {
+        Native::Chat { add_usage: true } => with_usage_asked(&body),
+        _ => body,
+    };
     let headers = openai_headers(inbound, auth, stream);
     let provider = &candidate.provider;
     let request = async {
         match api {
-            Native::Chat => provider.post_messages(None, headers, body).await,
+            Native::Chat { .. } => provider.post_messages(None, headers, body).await,
             Native::Responses => provider.post_responses(headers, body).await,
         }
     };
@@ -736,7 +756,7 @@ async fn native(
                     format!("error inside a 200: {message}"),
                 ));
             }
-            Ok(Head { choices: None, .. }) if api == Native::Chat => {
+            Ok(Head { choices: None, .. }) if matches!(api, Native::Chat { .. }) => {
                 return Outcome::Fault(Fault::new(FaultClass::Other, "answer has no choices"));
             }
             Ok(Head { output: None, .. }) if api == Native::Responses => {
@@ -746,7 +766,7 @@ async fn native(
         }
         let mut usage = Usage::default();
         let wire = match api {
-            Native::Chat => {
+            Native::Chat { .. } => {
                 usage.merge_chat_json(&body);
                 Wire::Chat
             }
@@ -766,7 +786,7 @@ async fn native(
     }
     let mut upstream: Upstream = resp.into_stream();
     let decided = first_events(&mut upstream, &deadlines, |all, _| match api {
-        Native::Chat => decide_chunks(faults, all),
+        Native::Chat { .. } => decide_chunks(faults, all),
         Native::Responses => decide_responses(faults, all),
     })
     .await;
@@ -775,7 +795,7 @@ async fn native(
         Err(f) => return Outcome::Fault(f),
     };
     let mut relay = match api {
-        Native::Chat => relay::NativeRelay::chat(),
+        Native::Chat { .. } => relay::NativeRelay::chat(),
         Native::Responses => relay::NativeRelay::responses(),
     };
     let prefix = Prefix {

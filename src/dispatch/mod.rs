@@ -69,16 +69,23 @@ pub struct ChatFront {
     pub original: Bytes,
     /// The model name the client asked for.
     pub model: String,
+    /// A stream whose client did not ask for usage (no `stream_options`): an openai-type provider
+    /// is asked for it all the same, so that the request is accounted and charged, and the usage
+    /// chunk is taken out again at the edge.
+    pub usage_added: bool,
     converted: std::sync::OnceLock<
         Result<crate::adapter::chat::request::Converted, crate::adapter::chat::Refusal>,
     >,
 }
 
 impl ChatFront {
-    pub fn new(original: Bytes, model: String) -> Self {
+    pub fn new(original: Bytes, model: String, stream: bool) -> Self {
+        let usage_added =
+            stream && memchr::memmem::find(&original, b"\"stream_options\"").is_none();
         Self {
             original,
             model,
+            usage_added,
             converted: std::sync::OnceLock::new(),
         }
     }

@@ -48,7 +48,7 @@ pub async fn chat_completions(
     let (record, permit) = match open(&state, &caller, &headers, "openai_chat") {
         (record, Ok(permit)) => (record, permit),
         (record, Err(busy)) => {
-            let nobody = ChatFront::new(Bytes::new(), String::new());
+            let nobody = ChatFront::new(Bytes::new(), String::new(), false);
             return respond_chat(&state, record, None, Answer::error(busy), &nobody);
         }
     };
@@ -60,7 +60,11 @@ pub async fn chat_completions(
         let raw = super::read_request_body(body, &headers, settings.max_request_bytes).await?;
         let sign = settings.deduplication.enabled || settings.max_cache_size > 0;
         let envelope = super::body::parse_with(&raw, sign)?;
-        let front = Arc::new(ChatFront::new(raw.clone(), envelope.model.clone()));
+        let front = Arc::new(ChatFront::new(
+            raw.clone(),
+            envelope.model.clone(),
+            envelope.stream,
+        ));
         let session = session(&headers, None);
         let mut inbound = Inbound::new(envelope, raw, headers.clone(), None, session);
         inbound.front = Front::Chat(Arc::clone(&front));
@@ -81,7 +85,7 @@ pub async fn chat_completions(
             .await
         }
         Err(e) => {
-            let nobody = ChatFront::new(Bytes::new(), String::new());
+            let nobody = ChatFront::new(Bytes::new(), String::new(), false);
             respond_chat(&state, record, permit, Answer::error(e), &nobody)
         }
     }
