@@ -12,6 +12,7 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue};
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::adapter::Render;
 use crate::adapter::chat::stream::ChunkState;
 use crate::adapter::chat::{self, ChatContext};
 use crate::adapter::responses::stream::EventState;
@@ -107,44 +108,6 @@ fn without_usage_chunk(body: axum::body::Body) -> axum::body::Body {
         Ok(bytes::Bytes::from(kept))
     });
     axum::body::Body::from_stream(events)
-}
-
-/// A writer of another API's events from Anthropic events.
-trait Render: Send + 'static {
-    fn push_sse(&mut self, bytes: &[u8]);
-    fn take(&mut self) -> Vec<u8>;
-    fn end(&mut self);
-    fn is_finished(&self) -> bool;
-}
-
-impl Render for ChunkState {
-    fn push_sse(&mut self, bytes: &[u8]) {
-        ChunkState::push_sse(self, bytes);
-    }
-    fn take(&mut self) -> Vec<u8> {
-        ChunkState::take(self)
-    }
-    fn end(&mut self) {
-        ChunkState::end(self);
-    }
-    fn is_finished(&self) -> bool {
-        ChunkState::is_finished(self)
-    }
-}
-
-impl Render for EventState {
-    fn push_sse(&mut self, bytes: &[u8]) {
-        EventState::push_sse(self, bytes);
-    }
-    fn take(&mut self) -> Vec<u8> {
-        EventState::take(self)
-    }
-    fn end(&mut self) {
-        EventState::end(self);
-    }
-    fn is_finished(&self) -> bool {
-        EventState::is_finished(self)
-    }
 }
 
 /// An Anthropic event stream's body rendered as Chat Completions chunks.

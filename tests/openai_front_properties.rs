@@ -4,6 +4,7 @@
 //! Completions and for the Responses API.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly
 
+use claude_balancer::adapter::Render;
 use claude_balancer::adapter::chat::ChatContext;
 use claude_balancer::adapter::chat::response::completion;
 use claude_balancer::adapter::chat::stream::{ChunkState, reassemble};

@@ -28,7 +28,48 @@ pub fn strip_gateway_thinking(body: &[u8]) -> Option<Bytes> {
             }
         }
     }
+    if changed && thinking_loses_its_turn(&v) {
+        // An open tool loop whose last assistant turn began with the thinking just removed:
+        // with thinking on, Anthropic would refuse it ("Expected `thinking`…"); it goes without.
+        if let Some(o) = v.as_object_mut() {
+            o.remove("thinking");
+        }
+    }
     changed.then(|| Bytes::from(serde_json::to_vec(&v).unwrap_or_default()))
+}
+
+/// Thinking is on, the conversation ends in tool results, and the assistant turn that called
+/// the tools does not begin with thinking.
+fn thinking_loses_its_turn(v: &Value) -> bool {
+    let on = matches!(
+        v.pointer("/thinking/type").and_then(Value::as_str),
+        Some("enabled" | "adaptive")
+    );
+    let Some(messages) = v.get("messages").and_then(Value::as_array) else {
+        return false;
+    };
+    let first_type = |m: &Value| {
+        m.get("content")
+            .and_then(Value::as_array)
+            .and_then(|c| c.first())
+            .and_then(|b| b.get("type"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let loop_open = messages
+        .last()
+        .is_some_and(|m| first_type(m).as_deref() == Some("tool_result"));
+    let thinks = messages
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+        .is_some_and(|m| {
+            matches!(
+                first_type(m).as_deref(),
+                Some("thinking" | "redacted_thinking")
+            )
+        });
+    on && loop_open && !thinks
 }
 
 #[cfg(test)]
@@ -51,5 +92,43 @@ mod tests {
         assert_eq!(blocks.len(), 2);
         assert_eq!(blocks[0]["signature"], "EqQBCkgIBhAB");
         assert!(strip_gateway_thinking(br#"{"model":"m","messages":[]}"#).is_none());
+    }
+
+    #[test]
+    fn an_open_loop_that_loses_its_thinking_goes_without_thinking() {
+        let body = |last_user: Value| {
+            json!({"model":"m","thinking":{"type":"enabled","budget_tokens":2048},"messages":[
+                {"role":"user","content":"go"},
+                {"role":"assistant","content":[
+                    {"type":"thinking","thinking":"mine","signature": thinking_signature("mine")},
+                    {"type":"tool_use","id":"t1","name":"a","input":{}}]},
+                last_user]})
+        };
+        let open = body(
+            json!({"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"x"}]}),
+        );
+        let v: Value =
+            serde_json::from_slice(&strip_gateway_thinking(open.to_string().as_bytes()).unwrap())
+                .unwrap();
+        assert!(v.get("thinking").is_none());
+        let closed = body(
+            json!({"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"x"}, {"type":"text","text":"and"}]}),
+        );
+        let mut closed = closed;
+        closed["messages"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"role":"assistant","content":"ok"}));
+        closed["messages"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"role":"user","content":"next"}));
+        let v: Value =
+            serde_json::from_slice(&strip_gateway_thinking(closed.to_string().as_bytes()).unwrap())
+                .unwrap();
+        assert_eq!(
+            v["thinking"]["type"], "enabled",
+            "a closed loop keeps thinking"
+        );
     }
 }

@@ -11,6 +11,18 @@
 //! - [`anthropic`]: the one change passthrough ever makes beyond the model name: removing
 //!   thinking blocks this gateway signed, which Anthropic would reject.
 
+/// A writer of another API's stream from Anthropic events: the OpenAI front ends' renderers.
+pub trait Render: Send + 'static {
+    /// Takes whole Anthropic events as SSE bytes.
+    fn push_sse(&mut self, bytes: &[u8]);
+    /// The bytes written so far, taken.
+    fn take(&mut self) -> Vec<u8>;
+    /// The Anthropic stream ended: one that was not complete ends in the API's error form.
+    fn end(&mut self);
+    /// The stream's ending has been written.
+    fn is_finished(&self) -> bool;
+}
+
 pub mod anthropic;
 pub mod chat;
 pub mod events;

@@ -248,6 +248,20 @@ async fn read_whole(
     }
 }
 
+/// Reads a whole 2xx answer within the attempt's deadlines; a body matching the fault patterns is
+/// a provider fault.
+async fn read_answer(
+    resp: UpstreamResponse,
+    deadlines: &Deadlines,
+    faults: &FaultPolicy,
+) -> Result<Bytes, Fault> {
+    let body = read_whole(resp, deadlines, MAX_RESPONSE_BODY).await?;
+    match faults.body_fault(&body) {
+        Some(f) => Err(f),
+        None => Ok(body),
+    }
+}
+
 /// Commits a complete JSON answer; `usage` is read from it when it is a message.
 fn commit_json(
     deadlines: &Deadlines,
@@ -485,13 +499,10 @@ async fn anthropic(
     }
     let upstream_headers = std::mem::take(&mut resp.headers);
     if !stream {
-        let body = match read_whole(resp, &deadlines, MAX_RESPONSE_BODY).await {
+        let body = match read_answer(resp, &deadlines, faults).await {
             Ok(b) => b,
             Err(f) => return Outcome::Fault(f),
         };
-        if let Some(f) = faults.body_fault(&body) {
-            return Outcome::Fault(f);
-        }
         if is_error_body(&body) {
             return Outcome::Fault(error_payload_fault(&String::from_utf8_lossy(&body)));
         }
@@ -728,13 +739,10 @@ async fn native(
     }
     let upstream_headers = std::mem::take(&mut resp.headers);
     if !stream {
-        let body = match read_whole(resp, &deadlines, MAX_RESPONSE_BODY).await {
+        let body = match read_answer(resp, &deadlines, faults).await {
             Ok(b) => b,
             Err(f) => return Outcome::Fault(f),
         };
-        if let Some(f) = faults.body_fault(&body) {
-            return Outcome::Fault(f);
-        }
         #[derive(serde::Deserialize)]
         struct Head {
             error: Option<serde_json::Value>,
@@ -862,13 +870,10 @@ async fn openai(
     let mut upstream_headers = std::mem::take(&mut resp.headers);
     upstream_headers.remove("request-id");
     if !stream {
-        let body = match read_whole(resp, &deadlines, MAX_RESPONSE_BODY).await {
+        let body = match read_answer(resp, &deadlines, faults).await {
             Ok(b) => b,
             Err(f) => return Outcome::Fault(f),
         };
-        if let Some(f) = faults.body_fault(&body) {
-            return Outcome::Fault(f);
-        }
         let answer: serde_json::Value = match serde_json::from_slice(&body) {
             Ok(v) => v,
             Err(e) => {

@@ -446,8 +446,8 @@ pub(crate) fn loop_open(messages: &[Value]) -> bool {
         .is_some_and(|b| b["type"] == "tool_result")
 }
 
-/// Converts a Chat Completions request body into an Anthropic Messages request body.
-pub fn to_anthropic(req: &Value, opts: &FrontOptions) -> Result<Converted, Refusal> {
+/// A request body's members and its model name, or the refusal of a body without them.
+pub(crate) fn object_and_model(req: &Value) -> Result<(&Map<String, Value>, &str), Refusal> {
     let Some(obj) = req.as_object() else {
         return Err(Refusal {
             message: "the request body must be a JSON object".into(),
@@ -459,6 +459,12 @@ pub fn to_anthropic(req: &Value, opts: &FrontOptions) -> Result<Converted, Refus
         .and_then(Value::as_str)
         .filter(|m| !is_blank(m))
         .ok_or_else(|| refuse("model", "you must provide a model parameter"))?;
+    Ok((obj, model))
+}
+
+/// Converts a Chat Completions request body into an Anthropic Messages request body.
+pub fn to_anthropic(req: &Value, opts: &FrontOptions) -> Result<Converted, Refusal> {
+    let (obj, model) = object_and_model(req)?;
     let Some(messages) = obj.get("messages").and_then(Value::as_array) else {
         return Err(refuse("messages", "messages must be a list of messages"));
     };

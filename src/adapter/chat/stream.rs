@@ -7,6 +7,7 @@
 
 use serde_json::{Value, json};
 
+use crate::adapter::Render;
 use crate::adapter::events::{for_each_event, merge_usage};
 
 use super::ChatContext;
@@ -57,15 +58,6 @@ impl ChunkState {
             finished: false,
             out: Vec::new(),
         }
-    }
-
-    pub fn is_finished(&self) -> bool {
-        self.finished
-    }
-
-    /// The bytes written so far, taken.
-    pub fn take(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.out)
     }
 
     fn data(&mut self, v: &Value) {
@@ -216,17 +208,28 @@ impl ChunkState {
         self.data(&body);
         self.finished = true;
     }
+}
 
+impl Render for ChunkState {
     /// Takes whole Anthropic events as SSE bytes.
-    pub fn push_sse(&mut self, bytes: &[u8]) {
+    fn push_sse(&mut self, bytes: &[u8]) {
         for_each_event(bytes, |name, data| self.push(name, data));
     }
 
+    /// The bytes written so far, taken.
+    fn take(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
     /// The Anthropic stream ended: if it never said `message_stop`, the client gets an error.
-    pub fn end(&mut self) {
+    fn end(&mut self) {
         if !self.finished {
             self.fail("api_error", "the answer ended before it was complete");
         }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.finished
     }
 }
 

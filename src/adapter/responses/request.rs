@@ -7,7 +7,8 @@ use super::{ResponsesContext, ToolKind, decrypt};
 use crate::adapter::chat::Refusal;
 use crate::adapter::chat::request::{
     History, add_cache_breakpoints, arguments, function_tool, insert_tools, is_blank, loop_open,
-    plain_text, refuse, structured_output, thinking_or_sampling, tool_id, user_part,
+    object_and_model, plain_text, refuse, structured_output, thinking_or_sampling, tool_id,
+    user_part,
 };
 
 /// `max_tokens` when the request names no `max_output_tokens` (Codex never does): room for a
@@ -107,17 +108,7 @@ impl Turn {
 
 /// Converts a Responses request body into an Anthropic Messages request body.
 pub fn to_anthropic(req: &Value) -> Result<Converted, Refusal> {
-    let Some(obj) = req.as_object() else {
-        return Err(Refusal {
-            message: "the request body must be a JSON object".into(),
-            param: None,
-        });
-    };
-    let model = obj
-        .get("model")
-        .and_then(Value::as_str)
-        .filter(|m| !is_blank(m))
-        .ok_or_else(|| refuse("model", "you must provide a model parameter"))?;
+    let (obj, model) = object_and_model(req)?;
     if obj
         .get("previous_response_id")
         .is_some_and(|v| !v.is_null())
@@ -340,15 +331,7 @@ pub fn to_anthropic(req: &Value) -> Result<Converted, Refusal> {
         .find(|m| m["role"] == "assistant")
         .and_then(|m| m["content"].as_array())
         .and_then(|c| c.first())
-        .is_some_and(|b| {
-            // Thinking this gateway signed (from an OpenAI-compatible route) is removed before an
-            // Anthropic-native provider sees it, so it does not count.
-            b["type"] == "redacted_thinking"
-                || (b["type"] == "thinking"
-                    && !b["signature"]
-                        .as_str()
-                        .is_some_and(crate::adapter::ids::is_gateway_signature))
-        });
+        .is_some_and(|b| b["type"] == "thinking" || b["type"] == "redacted_thinking");
     let thinking_allowed = !loop_open(&messages) || last_assistant_thinks;
     out.insert("messages".into(), Value::Array(messages));
     out.insert("max_tokens".into(), json!(max_tokens));

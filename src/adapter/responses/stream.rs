@@ -7,6 +7,7 @@
 
 use serde_json::{Value, json};
 
+use crate::adapter::Render;
 use crate::adapter::events::{for_each_event, merge_usage};
 
 use super::{
@@ -71,14 +72,6 @@ impl EventState {
             finished: false,
             out: Vec::new(),
         }
-    }
-
-    pub fn is_finished(&self) -> bool {
-        self.finished
-    }
-
-    pub fn take(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.out)
     }
 
     fn event(&mut self, kind: &str, mut data: Value) {
@@ -399,20 +392,30 @@ impl EventState {
         self.event("response.failed", json!({"response": r}));
         self.finished = true;
     }
+}
 
+impl Render for EventState {
     /// Takes whole Anthropic events as SSE bytes.
-    pub fn push_sse(&mut self, bytes: &[u8]) {
+    fn push_sse(&mut self, bytes: &[u8]) {
         for_each_event(bytes, |name, data| self.push(name, data));
     }
 
+    fn take(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
     /// The Anthropic stream ended: if it never said `message_stop`, the response failed.
-    pub fn end(&mut self) {
+    fn end(&mut self) {
         if !self.finished {
             self.fail(
                 "api_error",
                 "stream closed before the response was complete",
             );
         }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.finished
     }
 }
 
