@@ -70,7 +70,12 @@ pub fn respond_chat(
     record.fill(&mut answer);
     let render = answer.wire == Wire::Anthropic && answer.is_stream();
     let strip = answer.wire == Wire::Chat && answer.is_stream() && front.usage_added;
-    let response = finish(state, record, permit, chat_response(answer, front));
+    let response = finish(
+        state,
+        record,
+        permit,
+        openai_response(answer, Openai::Chat(front)),
+    );
     if !render && !strip {
         return response;
     }
@@ -173,7 +178,7 @@ pub fn respond_responses(
         state,
         record,
         permit,
-        responses_response(answer, ctx, stream),
+        openai_response(answer, Openai::Responses(ctx, stream)),
     );
     if !render {
         return response;
@@ -209,62 +214,6 @@ fn responses_error(
         v["error"]["code"] = serde_json::Value::Null;
     }
     openai_error((s, v), headers)
-}
-
-fn responses_response(answer: Answer, ctx: &ResponsesContext, stream: bool) -> Response {
-    let Answer {
-        status,
-        mut headers,
-        source,
-        cache,
-        body,
-        wire,
-        ..
-    } = answer;
-    let (status, mut headers, body) = match body {
-        // The provider's own Responses answer, as it wrote it.
-        Body::Json(bytes) if wire == Wire::Responses => {
-            if status.is_success() || !headers.contains_key(CONTENT_TYPE) {
-                headers.insert(CONTENT_TYPE, json());
-            }
-            (status, headers, axum::body::Body::from(bytes))
-        }
-        Body::Error(e) => {
-            if let Some(secs) = e.retry_after {
-                headers.insert(RETRY_AFTER, HeaderValue::from(secs));
-            }
-            match &e.param {
-                // A refusal of the request itself, naming the parameter.
-                Some(p) => {
-                    let (s, mut v) =
-                        chat::errors::openai_error(e.status.as_u16(), e.error_type, &e.message);
-                    v["error"]["param"] = serde_json::json!(p);
-                    openai_error((s, v), headers)
-                }
-                None => responses_error(e.status, e.error_type, &e.message, headers, ctx, stream),
-            }
-        }
-        Body::Stream(events) => {
-            sse_headers(&mut headers);
-            (
-                status,
-                headers,
-                axum::body::Body::from_stream(events.map(Ok::<_, Infallible>)),
-            )
-        }
-        Body::Json(bytes) if status.is_success() => rendered_message(&bytes, headers, |m| {
-            responses::response(m, ctx, &responses::response_id(), chat::now_secs())
-        }),
-        Body::Json(bytes) => {
-            let (kind, message) = anthropic_error_of(status.as_u16(), &bytes);
-            responses_error(status, &kind, &message, headers, ctx, stream)
-        }
-    };
-    provenance(&mut headers, &source, cache);
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    *response.headers_mut() = headers;
-    response
 }
 
 /// The type and message of an Anthropic error body a provider wrote.
@@ -311,8 +260,17 @@ fn openai_error(
     (status, headers, axum::body::Body::from(body.to_string()))
 }
 
-/// An answer in the Chat Completions wire format (an Anthropic stream is left for [`chunks`]).
-fn chat_response(answer: Answer, front: &ChatFront) -> Response {
+/// The OpenAI API an answer is rendered in, and what its rendering needs.
+#[derive(Clone, Copy)]
+enum Openai<'a> {
+    Chat(&'a ChatFront),
+    /// A Responses request, and whether it streams.
+    Responses(&'a ResponsesContext, bool),
+}
+
+/// An answer in an OpenAI wire format: the provider's own answer as it is, an Anthropic message
+/// rendered, errors in OpenAI's shape (an Anthropic stream is left to [`rendered`]).
+fn openai_response(answer: Answer, api: Openai<'_>) -> Response {
     let Answer {
         status,
         mut headers,
@@ -322,19 +280,27 @@ fn chat_response(answer: Answer, front: &ChatFront) -> Response {
         wire,
         ..
     } = answer;
-    let (status, mut headers, body) = match (body, wire) {
-        (Body::Error(e), _) => {
+    let (status, mut headers, body) = match body {
+        Body::Error(e) => {
             if let Some(secs) = e.retry_after {
                 headers.insert(RETRY_AFTER, HeaderValue::from(secs));
             }
-            let (s, mut v) =
-                chat::errors::openai_error(e.status.as_u16(), e.error_type, &e.message);
-            if let Some(p) = &e.param {
-                v["error"]["param"] = serde_json::json!(p);
+            match (api, &e.param) {
+                (Openai::Responses(ctx, stream), None) => {
+                    responses_error(e.status, e.error_type, &e.message, headers, ctx, stream)
+                }
+                // A refusal of the request itself names the parameter.
+                (_, param) => {
+                    let (s, mut v) =
+                        chat::errors::openai_error(e.status.as_u16(), e.error_type, &e.message);
+                    if let Some(p) = param {
+                        v["error"]["param"] = serde_json::json!(p);
+                    }
+                    openai_error((s, v), headers)
+                }
             }
-            openai_error((s, v), headers)
         }
-        (Body::Stream(events), _) => {
+        Body::Stream(events) => {
             sse_headers(&mut headers);
             (
                 status,
@@ -342,26 +308,36 @@ fn chat_response(answer: Answer, front: &ChatFront) -> Response {
                 axum::body::Body::from_stream(events.map(Ok::<_, Infallible>)),
             )
         }
-        (Body::Json(bytes), Wire::Chat | Wire::Responses) => {
+        // The provider's own answer in the client's API, as it wrote it.
+        Body::Json(bytes) if wire != Wire::Anthropic => {
             if status.is_success() || !headers.contains_key(CONTENT_TYPE) {
                 headers.insert(CONTENT_TYPE, json());
             }
             (status, headers, axum::body::Body::from(bytes))
         }
-        (Body::Json(bytes), Wire::Anthropic) if status.is_success() => {
-            rendered_message(&bytes, headers, |m| {
-                chat::response::completion(
+        Body::Json(bytes) if status.is_success() => {
+            rendered_message(&bytes, headers, |m| match api {
+                Openai::Chat(front) => chat::response::completion(
                     m,
                     &front.context(),
                     &chat::completion_id(),
                     chat::now_secs(),
-                )
+                ),
+                Openai::Responses(ctx, _) => {
+                    responses::response(m, ctx, &responses::response_id(), chat::now_secs())
+                }
             })
         }
-        (Body::Json(bytes), Wire::Anthropic) => openai_error(
-            chat::errors::from_anthropic_body(status.as_u16(), &bytes),
-            headers,
-        ),
+        Body::Json(bytes) => match api {
+            Openai::Chat(_) => openai_error(
+                chat::errors::from_anthropic_body(status.as_u16(), &bytes),
+                headers,
+            ),
+            Openai::Responses(ctx, stream) => {
+                let (kind, message) = anthropic_error_of(status.as_u16(), &bytes);
+                responses_error(status, &kind, &message, headers, ctx, stream)
+            }
+        },
     };
     provenance(&mut headers, &source, cache);
     let mut response = Response::new(body);

@@ -13,8 +13,12 @@
 
 /// A writer of another API's stream from Anthropic events: the OpenAI front ends' renderers.
 pub trait Render: Send + 'static {
+    /// Takes one Anthropic event (its name and JSON data).
+    fn push(&mut self, name: &str, data: &serde_json::Value);
     /// Takes whole Anthropic events as SSE bytes.
-    fn push_sse(&mut self, bytes: &[u8]);
+    fn push_sse(&mut self, bytes: &[u8]) {
+        events::for_each_event(bytes, |name, data| self.push(name, data));
+    }
     /// The bytes written so far, taken.
     fn take(&mut self) -> Vec<u8>;
     /// The Anthropic stream ended: one that was not complete ends in the API's error form.

@@ -498,3 +498,10 @@ pub struct Settings {
     pub state: StateSettings,
     pub usage: UsageSettings,
 }
+
+impl Settings {
+    /// Whether requests are signed: coalescing or the response cache needs their signature.
+    pub fn signs_requests(&self) -> bool {
+        self.deduplication.enabled || self.max_cache_size > 0
+    }
+}

@@ -233,54 +233,58 @@ impl Usage {
     }
 
     /// Merges the usage of a Responses `response` object, or of an event carrying one, in JSON
-    /// text (`input_tokens` there counts the cached ones).
+    /// text.
     pub fn merge_responses_json(&mut self, json: &[u8]) {
         #[derive(serde::Deserialize)]
-        struct Details {
-            cached_tokens: Option<u64>,
-        }
-        #[derive(serde::Deserialize)]
-        struct ResponsesUsage {
-            input_tokens: Option<u64>,
-            output_tokens: Option<u64>,
-            input_tokens_details: Option<Details>,
-        }
-        #[derive(serde::Deserialize)]
         struct WithUsage {
-            usage: Option<ResponsesUsage>,
+            usage: Option<serde_json::Value>,
             response: Option<Box<WithUsage>>,
         }
         let Ok(w) = serde_json::from_slice::<WithUsage>(json) else {
             return;
         };
-        let Some(u) = w.usage.or_else(|| w.response.and_then(|r| r.usage)) else {
+        if let Some(u) = w.usage.or_else(|| w.response.and_then(|r| r.usage)) {
+            self.merge_responses(&u);
+        }
+    }
+
+    /// Merges a Responses `usage` object (`input_tokens` there counts the cached ones).
+    pub fn merge_responses(&mut self, u: &serde_json::Value) {
+        if !u.is_object() {
             return;
-        };
-        let cached = u.input_tokens_details.and_then(|d| d.cached_tokens);
+        }
+        let cached = u
+            .pointer("/input_tokens_details/cached_tokens")
+            .and_then(serde_json::Value::as_u64);
         self.merge(UsageFields {
             input_tokens: u
-                .input_tokens
+                .get("input_tokens")
+                .and_then(serde_json::Value::as_u64)
                 .map(|i| i.saturating_sub(cached.unwrap_or(0))),
-            output_tokens: u.output_tokens,
+            output_tokens: u.get("output_tokens").and_then(serde_json::Value::as_u64),
             cache_read_input_tokens: cached,
             cache_creation_input_tokens: None,
         });
     }
 
-    /// Merges the usage of a Chat Completions answer or chunk in JSON text, if it has any (the
-    /// prompt's cached tokens counted apart, as Anthropic counts them).
+    /// Merges the usage of a Chat Completions answer or chunk in JSON text, if it has any.
     pub fn merge_chat_json(&mut self, json: &[u8]) {
         #[derive(serde::Deserialize)]
         struct WithChatUsage {
             usage: Option<serde_json::Value>,
         }
-        let Ok(WithChatUsage { usage: Some(u) }) = serde_json::from_slice(json) else {
-            return;
-        };
+        if let Ok(WithChatUsage { usage: Some(u) }) = serde_json::from_slice(json) {
+            self.merge_chat(&u);
+        }
+    }
+
+    /// Merges a Chat Completions `usage` object (the prompt's cached tokens counted apart, as
+    /// Anthropic counts them).
+    pub fn merge_chat(&mut self, u: &serde_json::Value) {
         if !u.is_object() {
             return;
         }
-        let a = crate::adapter::openai::usage_to_anthropic(Some(&u), 0, 0);
+        let a = crate::adapter::openai::usage_to_anthropic(Some(u), 0, 0);
         let n = |k: &str| a.get(k).and_then(serde_json::Value::as_u64);
         self.merge(UsageFields {
             input_tokens: n("input_tokens"),

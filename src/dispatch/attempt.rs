@@ -455,11 +455,12 @@ fn anthropic_body<'a>(
         return Ok(passthrough_body(inbound, candidate));
     };
     match chat.converted() {
-        Ok(c) => {
-            let mut body = c.body.clone();
-            body["model"] = serde_json::json!(candidate.upstream_model);
-            Ok(Bytes::from(serde_json::to_vec(&body).unwrap_or_default()))
-        }
+        Ok(c) => Ok(body::rewrite(
+            &c.body,
+            &candidate.upstream_model,
+            &inbound.envelope.model,
+            false,
+        )),
         Err(r) => Err(r),
     }
 }
@@ -743,13 +744,15 @@ async fn native(
             Ok(b) => b,
             Err(f) => return Outcome::Fault(f),
         };
+        // One reading of the answer: its error, its content and its usage.
         #[derive(serde::Deserialize)]
         struct Head {
             error: Option<serde_json::Value>,
             choices: Option<serde::de::IgnoredAny>,
             output: Option<serde::de::IgnoredAny>,
+            usage: Option<serde_json::Value>,
         }
-        match serde_json::from_slice::<Head>(&body) {
+        let reported = match serde_json::from_slice::<Head>(&body) {
             Err(e) => {
                 return Outcome::Fault(Fault::new(
                     FaultClass::Other,
@@ -770,16 +773,16 @@ async fn native(
             Ok(Head { output: None, .. }) if api == Native::Responses => {
                 return Outcome::Fault(Fault::new(FaultClass::Other, "answer has no output"));
             }
-            Ok(_) => {}
-        }
+            Ok(head) => head.usage.unwrap_or_default(),
+        };
         let mut usage = Usage::default();
         let wire = match api {
             Native::Chat { .. } => {
-                usage.merge_chat_json(&body);
+                usage.merge_chat(&reported);
                 Wire::Chat
             }
             Native::Responses => {
-                usage.merge_responses_json(&body);
+                usage.merge_responses(&reported);
                 Wire::Responses
             }
         };

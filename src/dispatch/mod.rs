@@ -73,9 +73,16 @@ pub struct ChatFront {
     /// is asked for it all the same, so that the request is accounted and charged, and the usage
     /// chunk is taken out again at the edge.
     pub usage_added: bool,
-    converted: std::sync::OnceLock<
-        Result<crate::adapter::chat::request::Converted, crate::adapter::chat::Refusal>,
-    >,
+    converted: std::sync::OnceLock<Result<AnthropicForm, crate::adapter::chat::Refusal>>,
+}
+
+/// A Chat Completions request in Anthropic form.
+#[derive(Debug)]
+pub struct AnthropicForm {
+    /// The Anthropic request body, with the model the client asked for.
+    pub body: Bytes,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
 }
 
 impl ChatFront {
@@ -90,10 +97,9 @@ impl ChatFront {
         }
     }
 
-    /// The request in Anthropic form (converted on first use), or why it has none.
-    pub fn converted(
-        &self,
-    ) -> &Result<crate::adapter::chat::request::Converted, crate::adapter::chat::Refusal> {
+    /// The request in Anthropic form (converted and written out on first use, once for every
+    /// candidate), or why it has none.
+    pub fn converted(&self) -> &Result<AnthropicForm, crate::adapter::chat::Refusal> {
         self.converted.get_or_init(|| {
             let value: serde_json::Value = serde_json::from_slice(&self.original).map_err(|e| {
                 crate::adapter::chat::Refusal {
@@ -101,10 +107,14 @@ impl ChatFront {
                     param: None,
                 }
             })?;
-            crate::adapter::chat::request::to_anthropic(
+            let c = crate::adapter::chat::request::to_anthropic(
                 &value,
                 &crate::adapter::chat::request::FrontOptions::default(),
-            )
+            )?;
+            Ok(AnthropicForm {
+                body: crate::adapter::chat::request::to_bytes(&c),
+                include_usage: c.include_usage,
+            })
         })
     }
 

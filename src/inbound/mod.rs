@@ -120,7 +120,7 @@ async fn read_envelope(
     let settings = &runtime.config.settings;
     let raw = read_request_body(body, headers, settings.max_request_bytes).await?;
     // The signature is only worth computing when coalescing or the cache will use it.
-    let sign = sign && (settings.deduplication.enabled || settings.max_cache_size > 0);
+    let sign = sign && settings.signs_requests();
     let envelope = body::parse_with(&raw, sign)?;
     Ok((raw, envelope))
 }

@@ -58,8 +58,7 @@ pub async fn chat_completions(
     // provider gets it as it is, and its Anthropic form is made only if a candidate needs it.
     let accepted = async {
         let raw = super::read_request_body(body, &headers, settings.max_request_bytes).await?;
-        let sign = settings.deduplication.enabled || settings.max_cache_size > 0;
-        let envelope = super::body::parse_with(&raw, sign)?;
+        let envelope = super::body::parse_with(&raw, settings.signs_requests())?;
         let front = Arc::new(ChatFront::new(
             raw.clone(),
             envelope.model.clone(),
@@ -118,8 +117,7 @@ pub async fn responses(
         })?;
         let c = crate::adapter::responses::request::to_anthropic(&value).map_err(refusal)?;
         let anthropic = Bytes::from(serde_json::to_vec(&c.body).unwrap_or_default());
-        let sign = settings.deduplication.enabled || settings.max_cache_size > 0;
-        let envelope = super::body::parse_with(&anthropic, sign)?;
+        let envelope = super::body::parse_with(&anthropic, settings.signs_requests())?;
         let key = value
             .get("prompt_cache_key")
             .and_then(Value::as_str)

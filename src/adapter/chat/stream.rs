@@ -8,7 +8,7 @@
 use serde_json::{Value, json};
 
 use crate::adapter::Render;
-use crate::adapter::events::{for_each_event, merge_usage};
+use crate::adapter::events::merge_usage;
 
 use super::ChatContext;
 use super::errors;
@@ -84,8 +84,25 @@ impl ChunkState {
         }
     }
 
+    /// Ends the stream with one chunk carrying the error (the client raises on it).
+    pub fn fail(&mut self, anthropic_type: &str, message: &str) {
+        if self.finished {
+            return;
+        }
+        let (_, mut body) = errors::openai_error(500, anthropic_type, message);
+        // After the head went out, a server error whatever it was: the client must not read it as
+        // its own request's fault.
+        if body["error"]["type"] == "invalid_request_error" {
+            body["error"]["type"] = json!("server_error");
+        }
+        self.data(&body);
+        self.finished = true;
+    }
+}
+
+impl Render for ChunkState {
     /// Takes one Anthropic event (its name and JSON data).
-    pub fn push(&mut self, name: &str, data: &Value) {
+    fn push(&mut self, name: &str, data: &Value) {
         if self.finished {
             return;
         }
@@ -192,28 +209,6 @@ impl ChunkState {
             }
             _ => {}
         }
-    }
-
-    /// Ends the stream with one chunk carrying the error (the client raises on it).
-    pub fn fail(&mut self, anthropic_type: &str, message: &str) {
-        if self.finished {
-            return;
-        }
-        let (_, mut body) = errors::openai_error(500, anthropic_type, message);
-        // After the head went out, a server error whatever it was: the client must not read it as
-        // its own request's fault.
-        if body["error"]["type"] == "invalid_request_error" {
-            body["error"]["type"] = json!("server_error");
-        }
-        self.data(&body);
-        self.finished = true;
-    }
-}
-
-impl Render for ChunkState {
-    /// Takes whole Anthropic events as SSE bytes.
-    fn push_sse(&mut self, bytes: &[u8]) {
-        for_each_event(bytes, |name, data| self.push(name, data));
     }
 
     /// The bytes written so far, taken.

@@ -8,7 +8,7 @@
 use serde_json::{Value, json};
 
 use crate::adapter::Render;
-use crate::adapter::events::{for_each_event, merge_usage};
+use crate::adapter::events::merge_usage;
 
 use super::{
     ResponsesContext, ToolKind, call_item, ending, envelope, failure_code, item_id, message_item,
@@ -309,8 +309,30 @@ impl EventState {
         self.items.push(item);
     }
 
+    /// Ends the stream with `response.failed` (after `response.created`, if none went out yet).
+    pub fn fail(&mut self, anthropic_type: &str, message: &str) {
+        if self.finished {
+            return;
+        }
+        self.start();
+        let items = self.items.clone();
+        let mut r = envelope(
+            &self.ctx,
+            &self.id,
+            self.created,
+            "failed",
+            items,
+            Value::Null,
+        );
+        r["error"] = json!({"code": failure_code(anthropic_type, message), "message": message});
+        self.event("response.failed", json!({"response": r}));
+        self.finished = true;
+    }
+}
+
+impl Render for EventState {
     /// Takes one Anthropic event (its name and JSON data).
-    pub fn push(&mut self, name: &str, data: &Value) {
+    fn push(&mut self, name: &str, data: &Value) {
         if self.finished {
             return;
         }
@@ -371,33 +393,6 @@ impl EventState {
             }
             _ => {}
         }
-    }
-
-    /// Ends the stream with `response.failed` (after `response.created`, if none went out yet).
-    pub fn fail(&mut self, anthropic_type: &str, message: &str) {
-        if self.finished {
-            return;
-        }
-        self.start();
-        let items = self.items.clone();
-        let mut r = envelope(
-            &self.ctx,
-            &self.id,
-            self.created,
-            "failed",
-            items,
-            Value::Null,
-        );
-        r["error"] = json!({"code": failure_code(anthropic_type, message), "message": message});
-        self.event("response.failed", json!({"response": r}));
-        self.finished = true;
-    }
-}
-
-impl Render for EventState {
-    /// Takes whole Anthropic events as SSE bytes.
-    fn push_sse(&mut self, bytes: &[u8]) {
-        for_each_event(bytes, |name, data| self.push(name, data));
     }
 
     fn take(&mut self) -> Vec<u8> {
