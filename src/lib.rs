@@ -24,6 +24,7 @@ pub mod config;
 pub mod dedup;
 pub mod dispatch;
 pub mod error;
+pub mod explain;
 pub mod inbound;
 pub mod observability;
 pub mod pricing;

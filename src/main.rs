@@ -37,8 +37,15 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Validate the configuration and print each route with its ordered candidates.
+    /// Validate the configuration and print each route with its ordered candidates, their
+    /// capabilities and `when:` conditions.
     Check,
+    /// For a saved request (its body, or `{"headers": {...}, "body": {...}}`), print the route it
+    /// takes, every candidate and why it is kept, skipped or placed where it is.
+    Explain {
+        /// The saved request (JSON).
+        request: PathBuf,
+    },
     /// Print usage and cost from the usage file (`settings.usage.path`) as a table.
     Usage {
         /// Start: a date (2026-12-01), an RFC 3339 time or Unix seconds (default: 24 hours before `to`).
@@ -157,6 +164,25 @@ fn main() -> ExitCode {
             group_by.clone(),
             bucket.clone(),
         );
+    }
+    if let Some(Command::Explain { request }) = &cli.command {
+        let file = match std::fs::read(request) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("{}: {e}", request.display());
+                return ExitCode::from(2);
+            }
+        };
+        return match claude_balancer::explain::explain(loaded.config, &file) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", request.display());
+                ExitCode::from(2)
+            }
+        };
     }
     if let Some(Command::Check) = cli.command {
         for w in &loaded.warnings {
@@ -394,7 +420,7 @@ fn print_routes(config: &Config) {
         );
     }
     println!("routes (exact names first, then patterns in file order):");
-    let table = RouteTable::new(&config.routes);
+    let table = RouteTable::new(&config.routes, &config.models);
     let clients = upstream::ClientPool::default();
     let providers = match claude_balancer::state::Runtime::build(config.clone(), &clients) {
         Ok(rt) => rt.providers,
@@ -405,11 +431,16 @@ fn print_routes(config: &Config) {
     };
     let health = HealthBook::new();
     for r in &config.routes {
+        let headers = http::HeaderMap::new();
+        // No request: every entry is shown, its conditions beside it.
         let ctx = PlanContext {
             providers: &providers,
             health: &health,
             strategy: config::Strategy::Priority,
             now: tokio::time::Instant::now(),
+            needs: None,
+            headers: &headers,
+            explain: true,
         };
         // The route's own pattern as a model name shows its candidates including fallbacks.
         let sample = r.pattern.replace(['*', '?'], "");
@@ -430,8 +461,17 @@ fn print_routes(config: &Config) {
                     } else {
                         format!(" (fallback from route {:?})", &*c.route)
                     };
+                    let when = config
+                        .routes
+                        .iter()
+                        .find(|r| r.pattern == *c.route)
+                        .and_then(|r| r.entries.get(c.entry))
+                        .map(|e| claude_balancer::explain::conditions(&e.when))
+                        .filter(|w| !w.is_empty())
+                        .map_or(String::new(), |w| format!(", when {{{w}}}"));
+                    let caps = claude_balancer::explain::capabilities(&table.capabilities_of(c));
                     println!(
-                        "    {}. {} -> model {model}, priority {}{from}",
+                        "    {}. {} -> model {model}, priority {}{when}{from} [{caps}]",
                         i + 1,
                         c.provider.config.name,
                         c.priority

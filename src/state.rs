@@ -63,7 +63,7 @@ impl Runtime {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
-        let routes = RouteTable::new(&config.routes);
+        let routes = RouteTable::new(&config.routes, &config.models);
         let settings = &config.settings;
         let limit = usize::try_from(settings.max_concurrent_requests)
             .ok()

@@ -83,6 +83,7 @@ const TOP_KEYS: &[&str] = &[
     "settings",
     "clients",
     "pricing",
+    "models",
 ];
 const PROVIDER_KEYS: &[&str] = &[
     "name",
@@ -100,7 +101,35 @@ const PROVIDER_KEYS: &[&str] = &[
     "responses",
 ];
 const PROVIDER_IGNORED: &[&str] = &["streaming_mode", "account_email", "priority"];
-const ENTRY_KEYS: &[&str] = &["provider", "model", "priority", "enabled", "weight"];
+const ENTRY_KEYS: &[&str] = &[
+    "provider",
+    "model",
+    "priority",
+    "enabled",
+    "weight",
+    "context_window",
+    "max_output_tokens",
+    "images",
+    "tools",
+    "thinking",
+    "when",
+];
+const CAPABILITY_KEYS: &[&str] = &[
+    "context_window",
+    "max_output_tokens",
+    "images",
+    "tools",
+    "thinking",
+];
+const CONDITION_KEYS: &[&str] = &[
+    "thinking",
+    "min_input_tokens",
+    "images",
+    "tools",
+    "background",
+    "subagent",
+    "header",
+];
 const ENTRY_IGNORED: &[&str] = &["account_email"];
 const SETTINGS_KEYS: &[&str] = &[
     "selection_strategy",
@@ -403,6 +432,7 @@ impl Walker<'_> {
         let settings = self.settings(settings_map);
         let clients = self.clients(top.get("clients"));
         let pricing = self.pricing(top.get("pricing"));
+        let models = self.models(top.get("models"));
         // A client key that is also an admin or shared key would give that client more than its own.
         for c in &clients {
             let ClientKey::Plain(k) = &c.key else {
@@ -436,6 +466,7 @@ impl Walker<'_> {
             settings,
             clients,
             pricing,
+            models,
         }
     }
 
@@ -1074,13 +1105,109 @@ impl Walker<'_> {
         let weight = self
             .integer(m, "weight", path, 0, i64::from(u32::MAX))
             .map_or(1, |w| w as u32);
+        let capabilities = self.capabilities(m, path);
+        let when = self.conditions(m.get("when"), &join(path, "when"));
         Some(RouteEntry {
             provider: provider?,
             model,
             priority,
             enabled,
             weight,
+            capabilities,
+            when,
         })
+    }
+
+    /// A boolean that may be absent (`None`).
+    fn maybe_bool(&mut self, m: &Map<String, Value>, key: &str, path: &str) -> Option<bool> {
+        m.get(key).filter(|v| !v.is_null())?;
+        Some(self.bool(m, key, path, false))
+    }
+
+    /// A positive token count that may be absent.
+    fn tokens(&mut self, m: &Map<String, Value>, key: &str, path: &str) -> Option<u64> {
+        let n = self.integer(m, key, path, 0, i64::from(u32::MAX))?;
+        if n == 0 {
+            self.error(&join(path, key), "must be greater than 0");
+            return None;
+        }
+        Some(n as u64)
+    }
+
+    /// The capability keys of a route entry or a `models:` entry.
+    fn capabilities(&mut self, m: &Map<String, Value>, path: &str) -> Capabilities {
+        let caps = Capabilities {
+            context_window: self.tokens(m, "context_window", path),
+            max_output_tokens: self.tokens(m, "max_output_tokens", path),
+            images: self.maybe_bool(m, "images", path),
+            tools: self.maybe_bool(m, "tools", path),
+            thinking: self.maybe_bool(m, "thinking", path),
+        };
+        if let (Some(w), Some(o)) = (caps.context_window, caps.max_output_tokens) {
+            if o >= w {
+                self.error(
+                    &join(path, "max_output_tokens"),
+                    format!("must be smaller than context_window ({w}), found {o}"),
+                );
+            }
+        }
+        caps
+    }
+
+    /// `when:` of a route entry.
+    fn conditions(&mut self, v: Option<&Value>, path: &str) -> Conditions {
+        let Some(m) = self.map(v, path) else {
+            return Conditions::default();
+        };
+        self.check_keys(m, path, CONDITION_KEYS, &[]);
+        let mut header = Vec::new();
+        if let Some(h) = self.map(m.get("header"), &join(path, "header")) {
+            for (name, value) in h {
+                let hpath = join(&join(path, "header"), name);
+                if http::HeaderName::from_bytes(name.trim().as_bytes()).is_err() {
+                    self.error(&hpath, "not a valid header name");
+                    continue;
+                }
+                match value {
+                    Value::String(s) => {
+                        header.push((name.trim().to_ascii_lowercase(), self.expand(s).value))
+                    }
+                    Value::Number(_) | Value::Bool(_) => {
+                        header.push((name.trim().to_ascii_lowercase(), value.to_string()))
+                    }
+                    _ => self.error(&hpath, "expected a value (a glob: `*` and `?` allowed)"),
+                }
+            }
+        }
+        Conditions {
+            thinking: self.maybe_bool(m, "thinking", path),
+            min_input_tokens: self.tokens(m, "min_input_tokens", path),
+            images: self.maybe_bool(m, "images", path),
+            tools: self.maybe_bool(m, "tools", path),
+            background: self.maybe_bool(m, "background", path),
+            subagent: self.maybe_bool(m, "subagent", path),
+            header,
+        }
+    }
+
+    /// `models:`: capabilities by upstream model glob.
+    fn models(&mut self, v: Option<&Value>) -> Vec<ModelConfig> {
+        let Some(m) = self.map(v, "models") else {
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(m.len());
+        for (pattern, caps) in m {
+            let path = join("models", pattern);
+            let Some(c) = self.map(Some(caps), &path) else {
+                continue;
+            };
+            self.check_keys(c, &path, CAPABILITY_KEYS, &[]);
+            out.push(ModelConfig {
+                pattern: pattern.clone(),
+                capabilities: self.capabilities(c, &path),
+            });
+        }
+        out
     }
 
     fn timeout_set(&mut self, m: Option<&Map<String, Value>>, path: &str) -> TimeoutSet {

@@ -25,6 +25,8 @@ pub struct Config {
     pub clients: Vec<ClientConfig>,
     /// `pricing:` entries, in file order (they come before the shipped defaults).
     pub pricing: Vec<PriceConfig>,
+    /// `models:` entries, in file order (they come before the shipped defaults).
+    pub models: Vec<ModelConfig>,
 }
 
 /// How a named client proves who it is.
@@ -305,6 +307,71 @@ pub struct RouteEntry {
     pub priority: i64,
     pub enabled: bool,
     pub weight: u32,
+    /// What this entry's upstream model can take, as stated on the entry (each field optional:
+    /// the `models:` table and the shipped defaults fill the rest).
+    pub capabilities: Capabilities,
+    /// `when:`: the request shapes this entry serves (empty: every request).
+    pub when: Conditions,
+}
+
+/// What a model can take. `None`: not stated here (a later table may state it; a model nobody
+/// describes is assumed able and unbounded).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Input plus output tokens the model can hold.
+    pub context_window: Option<u64>,
+    pub max_output_tokens: Option<u64>,
+    pub images: Option<bool>,
+    pub tools: Option<bool>,
+    pub thinking: Option<bool>,
+}
+
+impl Capabilities {
+    /// Each field from `self`, else from `fallback`.
+    pub fn or(self, fallback: Capabilities) -> Capabilities {
+        Capabilities {
+            context_window: self.context_window.or(fallback.context_window),
+            max_output_tokens: self.max_output_tokens.or(fallback.max_output_tokens),
+            images: self.images.or(fallback.images),
+            tools: self.tools.or(fallback.tools),
+            thinking: self.thinking.or(fallback.thinking),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Capabilities::default()
+    }
+}
+
+/// A route entry's `when:` conditions: every stated one must hold for the entry to be a
+/// candidate of a request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Conditions {
+    /// The request asks for extended thinking (or, `false`, does not).
+    pub thinking: Option<bool>,
+    /// The request's estimated input is at least this many tokens.
+    pub min_input_tokens: Option<u64>,
+    pub images: Option<bool>,
+    pub tools: Option<bool>,
+    /// Claude Code's small side requests (titles, topics, summaries).
+    pub background: Option<bool>,
+    /// Requests made by a Claude Code subagent (the Task tool).
+    pub subagent: Option<bool>,
+    /// Request headers that must be present with a value matching the glob (name lower-cased).
+    pub header: Vec<(String, String)>,
+}
+
+impl Conditions {
+    pub fn is_empty(&self) -> bool {
+        *self == Conditions::default()
+    }
+}
+
+/// One `models:` entry: the capabilities of the upstream models matching a glob.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub pattern: String,
+    pub capabilities: Capabilities,
 }
 
 #[derive(Debug, Clone)]

@@ -143,6 +143,9 @@ pub enum AttemptOutcome {
     Fault,
     /// The candidate cannot express this request: skipped without penalty.
     Unsupported,
+    /// The candidate's model cannot hold the request (too long; no images, tools or thinking):
+    /// skipped before any call, without penalty.
+    Skipped,
 }
 
 /// One attempt, as logged and counted.

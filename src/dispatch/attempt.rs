@@ -843,9 +843,15 @@ async fn openai(
             "request body could not be parsed for conversion",
         ));
     };
+    // The output asked for, clamped to the provider's cap and the model's `max_output_tokens`.
+    let model_max = runtime.routes.capabilities_of(candidate).max_output_tokens;
+    let max_tokens_cap = match (provider.config.max_tokens_cap, model_max) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     let opts = Options {
         dialect: provider.config.dialect,
-        max_tokens_cap: provider.config.max_tokens_cap,
+        max_tokens_cap,
         sanitize_schemas: provider.config.sanitize_schemas,
     };
     let converted =
@@ -853,6 +859,19 @@ async fn openai(
             Ok(v) => v,
             Err(u) => return Outcome::Unsupported(u.to_string(), None),
         };
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let betas: Vec<&str> = inbound
+            .headers
+            .get_all("anthropic-beta")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .collect();
+        let adjusted = openai::hygiene::review(request_value, &betas);
+        if !adjusted.is_empty() {
+            tracing::debug!(provider = %name, adjusted = %adjusted.join("; "), "request adjusted for an OpenAI-compatible provider");
+        }
+    }
     let ctx = ReplyContext::from_request(request_value, estimate);
     let deadlines = message_deadlines(runtime, stream);
     let headers = openai_headers(inbound, auth, stream);

@@ -34,6 +34,7 @@ use crate::config::ProviderKind;
 use crate::error::{ApiError, error_type_for_status};
 use crate::inbound::body::Envelope;
 use crate::routing::affinity::Share;
+use crate::routing::fit::{Counter, Misfit, Needs};
 use crate::routing::health::{HealthBook, HealthPolicy, HealthState, Verdict};
 use crate::routing::{Candidate, Plan, PlanContext};
 use crate::state::{AppState, Runtime};
@@ -155,6 +156,9 @@ pub struct Inbound {
     /// The body as a JSON value with a local token estimate, parsed on first use (only conversion
     /// needs it; passthrough never does).
     pub parsed: std::sync::OnceLock<Option<(serde_json::Value, u64)>>,
+    /// What the request needs of a model, made on first use (routing with conditions, the fit
+    /// check).
+    needs: std::sync::OnceLock<Arc<Needs>>,
 }
 
 impl Inbound {
@@ -173,7 +177,31 @@ impl Inbound {
             query,
             session,
             parsed: std::sync::OnceLock::new(),
+            needs: std::sync::OnceLock::new(),
         }
+    }
+
+    /// What the request needs of a model: its shape from the scan, its kind, and how to count its
+    /// tokens if the estimate is not enough (a Chat Completions request: its Anthropic form).
+    pub fn needs(&self) -> &Needs {
+        self.needs.get_or_init(|| {
+            let counter = match &self.front {
+                Front::Chat(chat) => {
+                    let chat = Arc::clone(chat);
+                    Counter::With(Box::new(move || match chat.converted() {
+                        Ok(form) => crate::tokens::count_body(&form.body),
+                        Err(_) => crate::tokens::count_body(&chat.original),
+                    }))
+                }
+                _ => Counter::Body(self.body.clone()),
+            };
+            Arc::new(Needs::new(
+                self.body.clone(),
+                self.envelope.shape.clone(),
+                &self.headers,
+                counter,
+            ))
+        })
     }
 
     /// The parsed body and its token estimate.
@@ -217,6 +245,8 @@ struct Lane<'a> {
     anthropic_only: bool,
     /// Record session affinity on commit.
     affinity: bool,
+    /// Skip candidates that cannot hold the request (a count_tokens request generates nothing).
+    fit: bool,
     /// The book is shared by the cluster (Redis backend): a probe needs the cluster's lease.
     shared: bool,
 }
@@ -230,6 +260,7 @@ impl<'a> Lane<'a> {
                 skip_cooling: false,
                 anthropic_only: false,
                 affinity: runtime.config.settings.sticky_provider_duration > Duration::ZERO,
+                fit: true,
                 shared: true,
             },
             Endpoint::CountTokens => Lane {
@@ -238,6 +269,7 @@ impl<'a> Lane<'a> {
                 skip_cooling: true,
                 anthropic_only: true,
                 affinity: false,
+                fit: false,
                 shared: false,
             },
         }
@@ -275,17 +307,24 @@ pub struct Failed {
     /// The parameter a skipped candidate named as the reason (an OpenAI request that cannot be
     /// expressed in Anthropic form).
     pub param: Option<String>,
+    /// Candidates skipped because the request is too long for them: the size needed and the
+    /// largest of their windows.
+    pub too_long: Option<(u64, u64)>,
 }
 
-/// The ordered candidates for a model name (pure: no I/O).
-pub fn plan(state: &AppState, runtime: &Runtime, model: &str) -> Option<Plan> {
+/// The ordered candidates for a request (pure: no I/O). Its needs are read only when an entry of
+/// the route has `when:` conditions.
+pub fn plan(state: &AppState, runtime: &Runtime, inbound: &Inbound) -> Option<Plan> {
     let ctx = PlanContext {
         providers: &runtime.providers,
         health: &state.health,
         strategy: runtime.config.settings.selection_strategy,
         now: Instant::now(),
+        needs: Some(inbound.needs()),
+        headers: &inbound.headers,
+        explain: false,
     };
-    runtime.routes.plan(model, &ctx)
+    runtime.routes.plan(&inbound.envelope.model, &ctx)
 }
 
 /// Serves one `/v1/messages` request: plan, promote the session's and the body's provider, then
@@ -293,7 +332,7 @@ pub fn plan(state: &AppState, runtime: &Runtime, model: &str) -> Option<Plan> {
 pub async fn messages(state: &Arc<AppState>, inbound: Inbound) -> Answer {
     let runtime = state.runtime();
     let model = &inbound.envelope.model;
-    let Some(mut plan) = plan(state, &runtime, model) else {
+    let Some(mut plan) = plan(state, &runtime, &inbound) else {
         return Answer::error(ApiError::not_found(format!(
             "model {model:?} matches no entry of model_routes"
         )));
@@ -356,6 +395,7 @@ pub async fn run(
     let mut failures: Vec<(String, Fault)> = Vec::new();
     let mut unsupported: Vec<String> = Vec::new();
     let mut param: Option<String> = None;
+    let mut too_long: Option<(u64, u64)> = None;
     // A candidate whose probe another instance holds goes to the end, once: like a provider
     // cooling down, it is tried only if every other candidate fails.
     let mut queue: VecDeque<(&Candidate, bool)> =
@@ -367,6 +407,37 @@ pub async fn run(
         }
         if lane.skip_cooling && !lane.book.standing(name, Instant::now()).available {
             continue;
+        }
+        // Fit: a candidate that cannot hold the request (size, images, tools, thinking) is
+        // skipped before any call, without penalty.
+        if lane.fit {
+            let needs = inbound.needs();
+            let caps = crate::routing::fit::effective(
+                runtime.routes.capabilities_of(candidate),
+                &candidate.upstream_model,
+                needs,
+            );
+            if let Err(misfit) = crate::routing::fit::check(&caps, needs) {
+                if let Misfit::TooLong { needed, window } = misfit {
+                    too_long = Some(match too_long {
+                        Some((n, w)) => (n.max(needed), w.max(window)),
+                        None => (needed, window),
+                    });
+                }
+                let reason = misfit.to_string();
+                tracing::info!(provider = %name, model = %candidate.upstream_model, %reason, "candidate cannot hold this request; skipped");
+                unsupported.push(format!("{name}: {reason}"));
+                attempts.push(Attempt {
+                    provider: name.to_owned(),
+                    upstream_model: candidate.upstream_model.clone(),
+                    outcome: AttemptOutcome::Skipped,
+                    class: None,
+                    status: None,
+                    took: Duration::ZERO,
+                    reason: Some(reason),
+                });
+                continue;
+            }
         }
         let ticket = lane.book.begin(name, Instant::now());
         // The cluster's probe lease (Redis backend): one instance probes after a cooldown. A
@@ -469,6 +540,7 @@ pub async fn run(
         failures,
         unsupported,
         param,
+        too_long,
     })
 }
 
@@ -673,7 +745,17 @@ fn log_change(provider: &str, change: Option<(HealthState, HealthState)>) {
 impl Failed {
     /// The answer to a `/v1/messages` request no candidate served.
     pub fn into_answer(self, state: &AppState, model: &str) -> Answer {
-        let error = if self.failures.is_empty() && !self.unsupported.is_empty() {
+        let error = if let (true, Some((needed, window))) =
+            (self.failures.is_empty(), self.too_long)
+        {
+            // Claude Code compacts the conversation on this wording and tries again.
+            ApiError::invalid_request(format!(
+                "prompt is too long: {needed} tokens > {window} maximum (estimated by the balancer: \
+                 the largest context window among route {:?}'s providers is {window} tokens, and \
+                 the request needs about {needed} with its output; no provider was called)",
+                &*self.route
+            ))
+        } else if self.failures.is_empty() && !self.unsupported.is_empty() {
             let e = ApiError::invalid_request(format!(
                 "no provider of this route can serve the request: {}",
                 self.unsupported.join("; ")

@@ -29,6 +29,8 @@ pub struct Envelope {
     pub max_tokens_hash: Option<u128>,
     /// The body may hold thinking blocks signed by this gateway (see `canonical::Head`).
     pub gateway_signed: bool,
+    /// What the request asks of a model (size, images, tools, thinking), for routing.
+    pub shape: canonical::Shape,
 }
 
 /// Validates a `/v1/messages` or `count_tokens` body and extracts its envelope and signature.
@@ -101,6 +103,7 @@ pub fn parse_with(body: &[u8], sign: bool) -> Result<Envelope, ApiError> {
         signature: head.signature,
         max_tokens_hash: head.max_tokens,
         gateway_signed: head.gateway_signed,
+        shape: head.shape,
     })
 }
 

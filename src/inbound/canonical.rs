@@ -52,7 +52,31 @@ pub struct Head {
     /// A top-level member name that appears twice (after decoding escapes), if any: the balancer
     /// and the provider's parser could read different values.
     pub duplicate: Option<String>,
+    /// What the request asks for, as far as routing goes (read during the same pass).
+    pub shape: Shape,
 }
+
+/// What a request asks of a model, read by the scan: enough to check it against a model's
+/// capabilities and a route entry's conditions without parsing the body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shape {
+    /// `max_tokens` (or `max_completion_tokens`, `max_output_tokens`).
+    pub max_tokens: Option<u64>,
+    /// A non-empty `tools` (or `functions`) list.
+    pub tools: bool,
+    /// `thinking` of type `enabled` or `adaptive`, or a `reasoning_effort` other than `none`.
+    pub thinking: bool,
+    /// Image parts (`"type": "image"`, `"image_url"` or `"input_image"`).
+    pub images: u32,
+    /// Bytes of inline media (long `data` or `url` strings: base64 images and documents), which
+    /// a size estimate must not count as text.
+    pub media_bytes: u64,
+    /// The byte range of the top-level `system` value.
+    pub system: Option<std::ops::Range<usize>>,
+}
+
+/// Inline strings at least this long under `data` or `url` are media, not text.
+const MEDIA_BYTES: usize = 1024;
 
 /// A member name as a JSON parser reads it: its escapes decoded, so `"mod\u0065l"` is `model`.
 /// `raw` is the text between the quotes. A name that does not decode is returned as written.
@@ -159,6 +183,10 @@ struct Scanner<'a, const SIGN: bool> {
     gateway_signed: bool,
     /// The hash of the value just scanned (signing only).
     last: u128,
+    /// The text of the last string value scanned (between its quotes).
+    last_str: (usize, usize),
+    images: u32,
+    media_bytes: u64,
     /// Members of the objects being hashed: (key hash, value hash), innermost last.
     members: Vec<(u64, u128)>,
     /// Hash input being assembled for the arrays and objects being hashed, innermost last.
@@ -174,6 +202,9 @@ impl<'a, const SIGN: bool> Scanner<'a, SIGN> {
             fail: "",
             gateway_signed: false,
             last: 0,
+            last_str: (0, 0),
+            images: 0,
+            media_bytes: 0,
             members: Vec::new(),
             bytes: Vec::new(),
         }
@@ -352,6 +383,7 @@ impl<'a, const SIGN: bool> Scanner<'a, SIGN> {
             Some(b'"') => {
                 let (s, e) = self.string()?;
                 self.gateway_signed |= self.b[s..e].starts_with(SIGNATURE_PREFIX.as_bytes());
+                self.last_str = (s, e);
                 let h = if SIGN { leaf(b's', &self.b[s..e]) } else { 0 };
                 (h, Kind::String)
             }
@@ -428,6 +460,23 @@ impl<'a, const SIGN: bool> Scanner<'a, SIGN> {
         }
     }
 
+    /// Notes a member whose value is the string just scanned: an image part, inline media.
+    #[inline]
+    fn note(&mut self, ks: usize, ke: usize) {
+        let (s, e) = self.last_str;
+        match &self.b[ks..ke] {
+            b"type" => {
+                if matches!(&self.b[s..e], b"image" | b"image_url" | b"input_image") {
+                    self.images += 1;
+                }
+            }
+            b"data" | b"url" | b"image_url" | b"file_data" if e - s >= MEDIA_BYTES => {
+                self.media_bytes += (e - s) as u64;
+            }
+            _ => {}
+        }
+    }
+
     fn object(&mut self) -> Step<u128> {
         self.enter()?;
         let mark = self.members.len();
@@ -437,7 +486,9 @@ impl<'a, const SIGN: bool> Scanner<'a, SIGN> {
             loop {
                 let (ks, ke) = self.string()?;
                 self.expect(b':', "expected `:`")?;
-                self.value()?;
+                if self.value()? == Kind::String {
+                    self.note(ks, ke);
+                }
                 if SIGN {
                     self.members.push((xxh3_64(&self.b[ks..ke]), self.last));
                 }
@@ -510,8 +561,33 @@ impl<'a, const SIGN: bool> Scanner<'a, SIGN> {
                 }
                 b"max_tokens" => {
                     head.max_tokens = SIGN.then_some(h);
+                    head.shape.max_tokens = serde_json::from_slice(text).ok();
                     keep = false;
                 }
+                b"max_completion_tokens" | b"max_output_tokens" => {
+                    head.shape.max_tokens = serde_json::from_slice(text).ok();
+                }
+                b"tools" | b"functions" => {
+                    head.shape.tools |= kind == Kind::Array
+                        && text[1..]
+                            .iter()
+                            .find(|c| !c.is_ascii_whitespace())
+                            .is_some_and(|&c| c != b']');
+                }
+                b"thinking" => {
+                    #[derive(serde::Deserialize)]
+                    struct Thinking<'t> {
+                        #[serde(borrow, rename = "type")]
+                        kind: Option<&'t str>,
+                    }
+                    head.shape.thinking |= serde_json::from_slice::<Thinking>(text)
+                        .is_ok_and(|t| matches!(t.kind, Some("enabled" | "adaptive")));
+                }
+                b"reasoning_effort" => {
+                    head.shape.thinking |=
+                        kind == Kind::String && &text[1..text.len() - 1] != b"none";
+                }
+                b"system" => head.shape.system = Some(start..self.i),
                 b"model" => {
                     head.model_present = true;
                     head.model = decode_string(text, kind);
@@ -534,6 +610,8 @@ impl<'a, const SIGN: bool> Scanner<'a, SIGN> {
             head.signature = self.hash_members(0);
         }
         head.gateway_signed = self.gateway_signed;
+        head.shape.images = self.images;
+        head.shape.media_bytes = self.media_bytes;
         Ok(head)
     }
 }
@@ -555,6 +633,37 @@ mod tests {
             Err(ScanError::Syntax(m)) => m,
             other => panic!("{body}: {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_scan_reads_what_a_request_asks_of_a_model() {
+        let big = "A".repeat(2000);
+        let body = format!(
+            r#"{{"model":"m","max_tokens":32000,"system":[{{"type":"text","text":"sys"}}],
+            "thinking":{{"type":"adaptive"}},"tools":[ {{"name":"t"}} ],
+            "messages":[{{"role":"user","content":[{{"type":"image","source":{{"type":"base64","media_type":"image/png","data":"{big}"}}}},
+            {{"type":"text","text":"image"}}]}}]}}"#
+        );
+        for sign in [true, false] {
+            let s = scan(body.as_bytes(), sign).unwrap().shape;
+            assert_eq!(s.max_tokens, Some(32000));
+            assert!(s.tools && s.thinking);
+            assert_eq!(s.images, 1, "a text \"image\" is no image part");
+            assert_eq!(s.media_bytes, 2000);
+            let sys = &body.as_bytes()[s.system.clone().unwrap()];
+            assert_eq!(sys, br#"[{"type":"text","text":"sys"}]"#);
+        }
+        let chat = br#"{"model":"m","max_completion_tokens":5,"reasoning_effort":"low","tools":[],
+            "messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/y.png"}}]}]}"#;
+        let s = scan(chat, false).unwrap().shape;
+        assert_eq!(
+            (s.max_tokens, s.thinking, s.tools, s.images, s.media_bytes),
+            (Some(5), true, false, 1, 0)
+        );
+        let off = br#"{"model":"m","thinking":{"type":"disabled"},"reasoning_effort":"none","messages":[]}"#;
+        let s = scan(off, false).unwrap().shape;
+        assert!(!s.thinking);
+        assert_eq!(s.system, None);
     }
 
     #[test]

@@ -327,6 +327,7 @@ impl Metrics {
                 (AttemptOutcome::ClientFault, _) => "client_fault".to_owned(),
                 (AttemptOutcome::Fault, None) => "fault".to_owned(),
                 (AttemptOutcome::Unsupported, _) => "unsupported".to_owned(),
+                (AttemptOutcome::Skipped, _) => "skipped".to_owned(),
             };
             self.attempts
                 .get_or_create(&AttemptLabels {

@@ -6,6 +6,7 @@
 //! [`Plan::promote`].
 
 pub mod affinity;
+pub mod fit;
 pub mod health;
 pub mod keys;
 
@@ -16,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use regex::Regex;
 use tokio::time::Instant;
 
-use crate::config::{ModelMapping, RouteConfig, RouteEntry, Strategy};
+use crate::config::{Capabilities, ModelConfig, ModelMapping, RouteConfig, RouteEntry, Strategy};
 use crate::upstream::Provider;
 use health::HealthBook;
 
@@ -31,6 +32,15 @@ pub struct Candidate {
     pub priority: i64,
     /// The route (pattern as written) this candidate came from.
     pub route: Arc<str>,
+    /// What the upstream model can take: the entry's own statement, completed from the `models:`
+    /// table and the shipped defaults when `resolved` (a mapped model: at load time), else by
+    /// [`RouteTable::capabilities_of`] when a request needs it (passthrough: the name varies).
+    pub caps: Capabilities,
+    pub resolved: bool,
+    /// The candidate's entry has `when:` conditions, and they hold.
+    pub scenario: bool,
+    /// The index of its entry in its route's entries (as written).
+    pub entry: usize,
 }
 
 /// The ordered candidates for one request.
@@ -39,6 +49,9 @@ pub struct Plan {
     /// The first matching route's pattern: the request's route for logs and affinity.
     pub route: Arc<str>,
     pub candidates: Vec<Candidate>,
+    /// Entries left out because their `when:` conditions failed (only with `PlanContext::explain`):
+    /// provider, route, the condition that failed.
+    pub passed_over: Vec<(String, Arc<str>, String)>,
 }
 
 #[derive(Debug)]
@@ -50,6 +63,8 @@ enum Matcher {
 
 #[derive(Debug)]
 struct Tier {
+    /// The tier's entries have `when:` conditions: such tiers come before the unconditional ones.
+    scenario: bool,
     priority: i64,
     /// Indices into the route's entries, in file order.
     entries: Vec<usize>,
@@ -61,6 +76,10 @@ struct Route {
     pattern: Arc<str>,
     matcher: Matcher,
     entries: Vec<RouteEntry>,
+    /// Per entry: its compiled `when:`.
+    when: Vec<fit::When>,
+    /// Per entry: its capabilities when its model is mapped (passthrough: looked up per request).
+    caps: Vec<Option<Capabilities>>,
     tiers: Vec<Tier>,
 }
 
@@ -69,6 +88,7 @@ struct Route {
 pub struct RouteTable {
     /// Exact routes first (in file order), then glob routes (in file order).
     routes: Vec<Route>,
+    models: fit::ModelTable,
 }
 
 /// Translates a pattern with `*` and `?` into an anchored, case-insensitive regex.
@@ -93,23 +113,38 @@ pub fn glob_pattern(pattern: &str) -> String {
 }
 
 impl RouteTable {
-    pub fn new(routes: &[RouteConfig]) -> Self {
+    pub fn new(routes: &[RouteConfig], models: &[ModelConfig]) -> Self {
+        let models = fit::ModelTable::new(models);
         let mut exact = Vec::new();
         let mut globs = Vec::new();
         for rc in routes {
             let entries: Vec<RouteEntry> = rc.entries.clone();
+            let when: Vec<fit::When> = entries.iter().map(|e| fit::When::new(&e.when)).collect();
+            let caps = entries
+                .iter()
+                .map(|e| match &e.model {
+                    ModelMapping::Name(n) => Some(e.capabilities.or(models.lookup(n))),
+                    ModelMapping::Passthrough => None,
+                })
+                .collect();
             let mut tiers: Vec<Tier> = Vec::new();
             for (i, e) in entries.iter().enumerate().filter(|(_, e)| e.enabled) {
-                match tiers.iter_mut().find(|t| t.priority == e.priority) {
+                let scenario = !e.when.is_empty();
+                match tiers
+                    .iter_mut()
+                    .find(|t| t.priority == e.priority && t.scenario == scenario)
+                {
                     Some(t) => t.entries.push(i),
                     None => tiers.push(Tier {
+                        scenario,
                         priority: e.priority,
                         entries: vec![i],
                         next: AtomicUsize::new(0),
                     }),
                 }
             }
-            tiers.sort_by_key(|t| t.priority);
+            // Scenario tiers (entries with `when:`) first, then by priority.
+            tiers.sort_by_key(|t| (!t.scenario, t.priority));
             let pattern: Arc<str> = Arc::from(rc.pattern.as_str());
             if rc.pattern.contains(['*', '?']) {
                 // glob_regex escapes everything else, so it always compiles; a failure would only drop the route.
@@ -118,6 +153,8 @@ impl RouteTable {
                         pattern,
                         matcher: Matcher::Glob(re),
                         entries,
+                        when,
+                        caps,
                         tiers,
                     });
                 }
@@ -126,12 +163,31 @@ impl RouteTable {
                     pattern,
                     matcher: Matcher::Exact(rc.pattern.to_lowercase()),
                     entries,
+                    when,
+                    caps,
                     tiers,
                 });
             }
         }
         exact.extend(globs);
-        Self { routes: exact }
+        Self {
+            routes: exact,
+            models,
+        }
+    }
+
+    /// The capabilities of an upstream model name (`models:`, then the shipped defaults).
+    pub fn capabilities(&self, model: &str) -> Capabilities {
+        self.models.lookup(model)
+    }
+
+    /// A candidate's capabilities, completed from the tables.
+    pub fn capabilities_of(&self, c: &Candidate) -> Capabilities {
+        if c.resolved {
+            c.caps
+        } else {
+            c.caps.or(self.models.lookup(&c.upstream_model))
+        }
     }
 
     fn matching<'a>(&'a self, model: &'a str) -> impl Iterator<Item = &'a Route> + 'a {
@@ -159,6 +215,7 @@ impl RouteTable {
         let mut routes = self.matching(model).peekable();
         let route_name = Arc::clone(&routes.peek()?.pattern);
         let mut ordered: Vec<Candidate> = Vec::new();
+        let mut passed_over = Vec::new();
         for route in routes {
             for tier in &route.tiers {
                 let mut idx: Vec<usize> = tier
@@ -169,6 +226,26 @@ impl RouteTable {
                         let name = route.entries[i].provider.as_str();
                         ctx.providers.get(name).is_some_and(|p| p.config.usable())
                             && !ordered.iter().any(|c| c.provider.config.name == name)
+                    })
+                    .filter(|&i| {
+                        let when = &route.when[i];
+                        if when.is_empty() {
+                            return true;
+                        }
+                        let Some(needs) = ctx.needs else {
+                            // Without a request, `explain` shows every entry.
+                            return ctx.explain;
+                        };
+                        match fit::hold(when, needs, ctx.headers) {
+                            Ok(()) => true,
+                            Err(why) => {
+                                if ctx.explain {
+                                    let name = route.entries[i].provider.clone();
+                                    passed_over.push((name, Arc::clone(&route.pattern), why));
+                                }
+                                false
+                            }
+                        }
                     })
                     .collect();
                 order_tier(&mut idx, tier, route, ctx);
@@ -188,12 +265,20 @@ impl RouteTable {
                         ModelMapping::Passthrough => (model.to_owned(), true),
                         ModelMapping::Name(n) => (n.clone(), false),
                     };
+                    let (caps, resolved) = match route.caps[i] {
+                        Some(c) => (c, true),
+                        None => (entry.capabilities, false),
+                    };
                     ordered.push(Candidate {
                         provider: Arc::clone(provider),
                         upstream_model,
                         passthrough,
                         priority: entry.priority,
                         route: Arc::clone(&route.pattern),
+                        caps,
+                        resolved,
+                        scenario: tier.scenario,
+                        entry: i,
                     });
                 }
             }
@@ -216,6 +301,7 @@ impl RouteTable {
         Some(Plan {
             route: route_name,
             candidates,
+            passed_over,
         })
     }
 }
@@ -226,6 +312,12 @@ pub struct PlanContext<'a> {
     pub health: &'a HealthBook,
     pub strategy: Strategy,
     pub now: Instant,
+    /// What the request needs (`None`: entries with `when:` conditions are left out).
+    pub needs: Option<&'a fit::Needs>,
+    /// The request's headers (for `when.header`).
+    pub headers: &'a http::HeaderMap,
+    /// Record why entries were left out (`claude-balancer explain`).
+    pub explain: bool,
 }
 
 impl Plan {
@@ -350,6 +442,8 @@ mod tests {
             priority,
             enabled: true,
             weight: 1,
+            capabilities: Capabilities::default(),
+            when: crate::config::Conditions::default(),
         }
     }
 
@@ -403,18 +497,22 @@ mod tests {
 
         fn with_providers(routes: Vec<RouteConfig>, configs: Vec<ProviderConfig>) -> Self {
             Self {
-                table: RouteTable::new(&routes),
+                table: RouteTable::new(&routes, &[]),
                 providers: providers(configs),
                 health: HealthBook::new(),
             }
         }
 
         fn try_plan(&self, model: &str, strategy: Strategy, now: Instant) -> Option<Plan> {
+            let headers = http::HeaderMap::new();
             let ctx = PlanContext {
                 providers: &self.providers,
                 health: &self.health,
                 strategy,
                 now,
+                needs: None,
+                headers: &headers,
+                explain: false,
             };
             self.table.plan(model, &ctx)
         }
@@ -720,6 +818,84 @@ mod tests {
             assert_eq!(sorted(&w.order("same-tier", strategy)), ["a", "b"]);
             assert_eq!(w.order("two-tiers", strategy), ["a", "b"]);
         }
+    }
+
+    #[test]
+    fn entries_whose_conditions_hold_come_first_and_the_others_are_left_out() {
+        use crate::config::Conditions;
+        use crate::inbound::canonical::Shape;
+        let cond = |c: Conditions, e: RouteEntry| RouteEntry { when: c, ..e };
+        let w = World::new(vec![route(
+            "m",
+            vec![
+                entry("default", 1),
+                cond(
+                    Conditions {
+                        thinking: Some(true),
+                        ..Conditions::default()
+                    },
+                    entry("thinker", 5),
+                ),
+                cond(
+                    Conditions {
+                        tools: Some(true),
+                        ..Conditions::default()
+                    },
+                    entry("tooler", 2),
+                ),
+            ],
+        )]);
+        let plan_for = |shape: Shape, explain: bool| {
+            let needs = fit::Needs::new(
+                bytes::Bytes::new(),
+                shape,
+                &http::HeaderMap::new(),
+                fit::Counter::Body(bytes::Bytes::new()),
+            );
+            let headers = http::HeaderMap::new();
+            let ctx = PlanContext {
+                providers: &w.providers,
+                health: &w.health,
+                strategy: Strategy::Priority,
+                now: Instant::now(),
+                needs: Some(&needs),
+                headers: &headers,
+                explain,
+            };
+            w.table.plan("m", &ctx).unwrap()
+        };
+        let plain = plan_for(Shape::default(), true);
+        assert_eq!(names(&plain), ["default"]);
+        let why: Vec<(&str, &str)> = plain
+            .passed_over
+            .iter()
+            .map(|(p, _, r)| (p.as_str(), r.as_str()))
+            .collect();
+        assert_eq!(
+            why,
+            [
+                ("tooler", "when.tools is true, the request's is false"),
+                ("thinker", "when.thinking is true, the request's is false"),
+            ]
+        );
+        // Scenario entries first (by priority among them), the unconditional ones after.
+        let both = Shape {
+            thinking: true,
+            tools: true,
+            ..Shape::default()
+        };
+        let plan = plan_for(both, false);
+        assert_eq!(names(&plan), ["tooler", "thinker", "default"]);
+        assert!(plan.passed_over.is_empty(), "recorded only when explaining");
+        assert_eq!(
+            plan.candidates
+                .iter()
+                .map(|c| c.scenario)
+                .collect::<Vec<_>>(),
+            [true, true, false]
+        );
+        // Without a request (no needs), conditional entries are no candidates.
+        assert_eq!(w.order("m", Strategy::Priority), ["default"]);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`errors`]: OpenAI-style error bodies to Anthropic errors (C.14).
 
 pub mod errors;
+pub mod hygiene;
 pub mod request;
 pub mod response;
 pub mod stream;

@@ -498,6 +498,10 @@ pub fn convert(
     if let Some(tools) = body.get("tools").and_then(Value::as_array) {
         let mut functions = Vec::with_capacity(tools.len());
         for (i, t) in tools.iter().enumerate() {
+            // Loaded on demand by Anthropic's tool search: no place in Chat Completions (hygiene).
+            if super::hygiene::deferred(t) {
+                continue;
+            }
             if is_server_tool(t) {
                 let kind = t.get("type").and_then(Value::as_str).unwrap_or("");
                 let name = t.get("name").and_then(Value::as_str).unwrap_or(kind);
