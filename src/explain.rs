@@ -191,6 +191,11 @@ pub fn explain(config: Config, file: &[u8]) -> Result<String, String> {
         "candidates, in the order they would be tried (every provider healthy):"
     );
     let mut tried = 0;
+    let thinker_exists = needs.shape.thinking_budget
+        && plan
+            .candidates
+            .iter()
+            .any(|c| runtime.routes.capabilities_of(c).thinking != Some(false));
     let mut too_long: Option<(u64, u64)> = None;
     for (i, c) in plan.candidates.iter().enumerate() {
         let caps = fit::effective(runtime.routes.capabilities_of(c), &c.upstream_model, needs);
@@ -209,7 +214,7 @@ pub fn explain(config: Config, file: &[u8]) -> Result<String, String> {
             .map(|e| conditions(&e.when))
             .filter(|w| !w.is_empty())
             .map_or(String::new(), |w| format!(", when {{{w}}} holds"));
-        let verdict = match fit::check(&caps, needs) {
+        let verdict = match fit::check(&caps, needs, thinker_exists) {
             Ok(()) => {
                 tried += 1;
                 let reserve = fit::output_reserve(&caps, needs);

@@ -874,3 +874,33 @@ proptest! {
         prop_assert_eq!(convert_bytes(&pieces), whole);
     }
 }
+
+#[test]
+fn a_deferred_tool_and_the_fields_chat_completions_lacks_never_reach_the_provider() {
+    // Claude Code 2.1.332 sends a placeholder tool with `defer_loading: true` (Anthropic's tool
+    // search loads it), and `context_management` with every request.
+    let body = json!({"model":"m","max_tokens":100,"messages":[{"role":"user","content":"x"}],
+        "context_management":{"edits":[{"type":"clear_tool_uses_20250919"}]},
+        "metadata":{"user_id":"{\"session_id\":\"s\"}"},
+        "output_config":{"effort":"high"},
+        "thinking":{"type":"adaptive"},
+        "tools":[{"name":"Bash","input_schema":{"type":"object"}},
+                 {"name":"Deferred","input_schema":{"type":"object"},"defer_loading":true}]});
+    let out = conv_with(body, &opts(Dialect::Openai), false).unwrap();
+    let names: Vec<&str> = out["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["Bash"]);
+    for dropped in [
+        "context_management",
+        "metadata",
+        "output_config",
+        "defer_loading",
+    ] {
+        assert!(!out.to_string().contains(dropped), "{dropped}: {out}");
+    }
+    assert_eq!(out["reasoning_effort"], "high", "translated");
+}

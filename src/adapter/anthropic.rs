@@ -6,6 +6,24 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::ids::{SIGNATURE_PREFIX, is_gateway_signature};
+use crate::error::ApiError;
+
+/// An Anthropic-type provider's 400 that says the context overflowed in its own words (a relay
+/// in front of another model: "maximum context length is 131072 tokens…"), rewritten in the
+/// wording Claude Code acts on (`prompt is too long`: it compacts). `None` for any other error,
+/// and for Anthropic's own wordings, which pass unchanged. `estimate`: the request's input size.
+pub fn context_overflow(body: &[u8], estimate: u64) -> Option<ApiError> {
+    let (message, code) = super::openai::errors::error_parts(body);
+    if message.contains("prompt is too long")
+        || message.contains("exceed context limit")
+        || !super::openai::errors::is_context_overflow(&message, &code)
+    {
+        return None;
+    }
+    Some(ApiError::invalid_request(
+        super::openai::errors::context_overflow_message(&message, estimate),
+    ))
+}
 
 /// The body without gateway-signed thinking blocks, or `None` when it has none (the common case,
 /// decided by a byte search without parsing).
@@ -70,6 +88,27 @@ fn thinking_loses_its_turn(v: &Value) -> bool {
             )
         });
     on && loop_open && !thinks
+}
+
+#[cfg(test)]
+mod overflow_tests {
+    use super::*;
+
+    #[test]
+    fn a_relay_s_context_overflow_takes_the_wording_claude_code_compacts_on() {
+        let relay = br#"{"type":"error","error":{"type":"invalid_request_error","message":"This model's maximum context length is 131072 tokens. However, you requested 140000 tokens (132000 in the messages, 8000 in the completion)."}}"#;
+        let e = context_overflow(relay, 1).unwrap();
+        assert_eq!(e.status, 400);
+        assert_eq!(e.error_type, "invalid_request_error");
+        assert_eq!(
+            e.message,
+            "prompt is too long: 132000 tokens > 131072 maximum"
+        );
+        let own = br#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 210000 tokens > 200000 maximum"}}"#;
+        assert!(context_overflow(own, 1).is_none());
+        let other = br#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: must be at most 8192"}}"#;
+        assert!(context_overflow(other, 1).is_none());
+    }
 }
 
 #[cfg(test)]

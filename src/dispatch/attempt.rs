@@ -495,7 +495,24 @@ async fn anthropic(
     if !status.is_success() {
         return match error_status(resp, faults, &deadlines, runtime, inbound).await {
             Err(f) => Outcome::Fault(f),
-            Ok((status, headers, body)) => client_fault(status, &headers, body),
+            Ok((status, headers, body)) => {
+                // A relay's context overflow in other words: the wording Claude Code compacts on.
+                let estimate = inbound.needs().input_tokens();
+                match (status == StatusCode::BAD_REQUEST)
+                    .then(|| crate::adapter::anthropic::context_overflow(&body, estimate))
+                    .flatten()
+                {
+                    Some(e) => Outcome::ClientFault(Reply {
+                        status,
+                        headers: client_response_headers(&headers),
+                        body: Body::Error(e),
+                        wire: Wire::Anthropic,
+                        usage: None,
+                        ttfb: None,
+                    }),
+                    None => client_fault(status, &headers, body),
+                }
+            }
         };
     }
     let upstream_headers = std::mem::take(&mut resp.headers);

@@ -396,6 +396,13 @@ pub async fn run(
     let mut unsupported: Vec<String> = Vec::new();
     let mut param: Option<String> = None;
     let mut too_long: Option<(u64, u64)> = None;
+    // A request that insists on thinking skips models that cannot think, if some candidate can.
+    let thinker_exists = lane.fit
+        && inbound.needs().shape.thinking_budget
+        && plan
+            .candidates
+            .iter()
+            .any(|c| runtime.routes.capabilities_of(c).thinking != Some(false));
     // A candidate whose probe another instance holds goes to the end, once: like a provider
     // cooling down, it is tried only if every other candidate fails.
     let mut queue: VecDeque<(&Candidate, bool)> =
@@ -417,7 +424,7 @@ pub async fn run(
                 &candidate.upstream_model,
                 needs,
             );
-            if let Err(misfit) = crate::routing::fit::check(&caps, needs) {
+            if let Err(misfit) = crate::routing::fit::check(&caps, needs, thinker_exists) {
                 if let Misfit::TooLong { needed, window } = misfit {
                     too_long = Some(match too_long {
                         Some((n, w)) => (n.max(needed), w.max(window)),

@@ -64,8 +64,14 @@ pub struct Shape {
     pub max_tokens: Option<u64>,
     /// A non-empty `tools` (or `functions`) list.
     pub tools: bool,
-    /// `thinking` of type `enabled` or `adaptive`, or a `reasoning_effort` other than `none`.
+    /// A `tools` list that is there but empty (Claude Code's side requests send one).
+    pub tools_empty: bool,
+    /// `thinking` of type `enabled` or `adaptive`, or a `reasoning_effort` other than `none`:
+    /// the request asks for thinking.
     pub thinking: bool,
+    /// `thinking` of type `enabled` (a budget), or a `reasoning_effort` other than `none`: the
+    /// client insists. Adaptive thinking (the model decides) is served by any model.
+    pub thinking_budget: bool,
     /// Image parts (`"type": "image"`, `"image_url"` or `"input_image"`).
     pub images: u32,
     /// Bytes of inline media (long `data` or `url` strings: base64 images and documents), which
@@ -567,12 +573,13 @@ impl<'a, const SIGN: bool> Scanner<'a, SIGN> {
                 b"max_completion_tokens" | b"max_output_tokens" => {
                     head.shape.max_tokens = serde_json::from_slice(text).ok();
                 }
-                b"tools" | b"functions" => {
-                    head.shape.tools |= kind == Kind::Array
-                        && text[1..]
-                            .iter()
-                            .find(|c| !c.is_ascii_whitespace())
-                            .is_some_and(|&c| c != b']');
+                b"tools" | b"functions" if kind == Kind::Array => {
+                    let empty = text[1..]
+                        .iter()
+                        .find(|c| !c.is_ascii_whitespace())
+                        .is_none_or(|&c| c == b']');
+                    head.shape.tools |= !empty;
+                    head.shape.tools_empty |= empty && &*name == b"tools";
                 }
                 b"thinking" => {
                     #[derive(serde::Deserialize)]
@@ -580,12 +587,16 @@ impl<'a, const SIGN: bool> Scanner<'a, SIGN> {
                         #[serde(borrow, rename = "type")]
                         kind: Option<&'t str>,
                     }
-                    head.shape.thinking |= serde_json::from_slice::<Thinking>(text)
-                        .is_ok_and(|t| matches!(t.kind, Some("enabled" | "adaptive")));
+                    let kind = serde_json::from_slice::<Thinking>(text)
+                        .ok()
+                        .and_then(|t| t.kind);
+                    head.shape.thinking |= matches!(kind, Some("enabled" | "adaptive"));
+                    head.shape.thinking_budget |= kind == Some("enabled");
                 }
                 b"reasoning_effort" => {
-                    head.shape.thinking |=
-                        kind == Kind::String && &text[1..text.len() - 1] != b"none";
+                    let on = kind == Kind::String && &text[1..text.len() - 1] != b"none";
+                    head.shape.thinking |= on;
+                    head.shape.thinking_budget |= on;
                 }
                 b"system" => head.shape.system = Some(start..self.i),
                 b"model" => {

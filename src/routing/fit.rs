@@ -31,63 +31,56 @@ const fn caps(window: u64, output: u64, images: bool, tools: bool, thinking: boo
 /// a leading `*` also takes a vendor prefix such as `openai/` or `deepseek-ai/`). The first match
 /// wins; `0` is "not stated". A model no entry matches is assumed able and unbounded. From the
 /// vendors' model pages (December 2026); `models:` in the configuration overrides any field.
+#[rustfmt::skip]
 pub const DEFAULTS: &[(&str, Capabilities)] = &[
-    // Claude: 200k (1M with the `context-1m` beta, see `Needs::context_1m`).
-    ("*claude-opus-4-5*", caps(200_000, 64_000, true, true, true)),
-    (
-        "*claude-opus-4-6*",
-        caps(200_000, 128_000, true, true, true),
-    ),
-    ("*claude-opus-4*", caps(200_000, 32_000, true, true, true)),
-    ("*claude-sonnet-4*", caps(200_000, 64_000, true, true, true)),
-    ("*claude-haiku-4*", caps(200_000, 64_000, true, true, true)),
-    (
-        "*claude-3-7-sonnet*",
-        caps(200_000, 64_000, true, true, true),
-    ),
-    (
-        "*claude-3-5-sonnet*",
-        caps(200_000, 8_192, true, true, false),
-    ),
-    (
-        "*claude-3-5-haiku*",
-        caps(200_000, 8_192, true, true, false),
-    ),
-    ("*claude-3-haiku*", caps(200_000, 4_096, true, true, false)),
-    ("*claude-*", caps(200_000, 0, true, true, true)),
+    //                                  window     output   images tools thinking
+    // Claude: 200k (1M with the `context-1m` beta, see `Needs::context_1m`). Models newer than
+    // these may have larger windows: only their abilities are stated.
+    ("*claude-opus-4-5*",       caps(200_000,    64_000, true,  true,  true)),
+    ("*claude-opus-4-1*",       caps(200_000,    32_000, true,  true,  true)),
+    ("*claude-opus-4-0*",       caps(200_000,    32_000, true,  true,  true)),
+    ("*claude-opus-4-2025*",    caps(200_000,    32_000, true,  true,  true)),
+    ("*claude-opus-4",          caps(200_000,    32_000, true,  true,  true)),
+    ("*claude-sonnet-4-5*",     caps(200_000,    64_000, true,  true,  true)),
+    ("*claude-sonnet-4-0*",     caps(200_000,    64_000, true,  true,  true)),
+    ("*claude-sonnet-4-2025*",  caps(200_000,    64_000, true,  true,  true)),
+    ("*claude-sonnet-4",        caps(200_000,    64_000, true,  true,  true)),
+    ("*claude-haiku-4-5*",      caps(200_000,    64_000, true,  true,  true)),
+    ("*claude-3-7-sonnet*",     caps(200_000,    64_000, true,  true,  true)),
+    ("*claude-3-5-sonnet*",     caps(200_000,     8_192, true,  true,  false)),
+    ("*claude-3-5-haiku*",      caps(200_000,     8_192, true,  true,  false)),
+    ("*claude-3-haiku*",        caps(200_000,     4_096, true,  true,  false)),
+    ("*claude-*",               caps(0,               0, true,  true,  true)),
     // OpenAI.
-    ("*gpt-4.1*", caps(1_047_576, 32_768, true, true, false)),
-    ("*gpt-5*-chat*", caps(128_000, 16_384, true, true, false)),
-    ("*gpt-5*", caps(400_000, 128_000, true, true, true)),
-    ("*gpt-4o*", caps(128_000, 16_384, true, true, false)),
-    ("*gpt-oss*", caps(131_072, 32_768, false, true, true)),
-    ("*o1-mini*", caps(128_000, 65_536, false, false, true)),
-    ("*o3-mini*", caps(200_000, 100_000, false, true, true)),
-    ("*o1*", caps(200_000, 100_000, true, true, true)),
-    ("*o3*", caps(200_000, 100_000, true, true, true)),
-    ("*o4-mini*", caps(200_000, 100_000, true, true, true)),
+    ("*gpt-4.1*",               caps(1_047_576,  32_768, true,  true,  false)),
+    ("*gpt-5*-chat*",           caps(128_000,    16_384, true,  true,  false)),
+    ("*gpt-5*",                 caps(400_000,   128_000, true,  true,  true)),
+    ("*gpt-4o*",                caps(128_000,    16_384, true,  true,  false)),
+    ("*gpt-oss*",               caps(131_072,    32_768, false, true,  true)),
+    ("*o1-mini*",               caps(128_000,    65_536, false, false, true)),
+    ("*o3-mini*",               caps(200_000,   100_000, false, true,  true)),
+    ("*o1*",                    caps(200_000,   100_000, true,  true,  true)),
+    ("*o3*",                    caps(200_000,   100_000, true,  true,  true)),
+    ("*o4-mini*",               caps(200_000,   100_000, true,  true,  true)),
     // DeepSeek.
-    (
-        "*deepseek-reasoner*",
-        caps(128_000, 65_536, false, true, true),
-    ),
-    ("*deepseek-r1*", caps(128_000, 32_768, false, false, true)),
-    ("*deepseek-chat*", caps(128_000, 8_192, false, true, false)),
-    ("*deepseek-v3*", caps(128_000, 8_192, false, true, false)),
+    ("*deepseek-reasoner*",     caps(128_000,    65_536, false, true,  true)),
+    ("*deepseek-r1*",           caps(128_000,    32_768, false, false, true)),
+    ("*deepseek-chat*",         caps(128_000,     8_192, false, true,  false)),
+    ("*deepseek-v3*",           caps(128_000,     8_192, false, true,  false)),
     // Qwen.
-    ("*qwen*-vl*", caps(131_072, 8_192, true, true, false)),
-    ("*qwen3-coder*", caps(262_144, 65_536, false, true, false)),
-    ("*qwq*", caps(131_072, 32_768, false, true, true)),
-    ("*qwen3*", caps(131_072, 32_768, false, true, true)),
-    ("*qwen2.5*", caps(131_072, 8_192, false, true, false)),
+    ("*qwen*-vl*",              caps(131_072,     8_192, true,  true,  false)),
+    ("*qwen3-coder*",           caps(262_144,    65_536, false, true,  false)),
+    ("*qwq*",                   caps(131_072,    32_768, false, true,  true)),
+    ("*qwen3*",                 caps(131_072,    32_768, false, true,  true)),
+    ("*qwen2.5*",               caps(131_072,     8_192, false, true,  false)),
     // Llama.
-    ("*llama-4*", caps(1_048_576, 0, true, true, false)),
-    ("*llama-3.2*vision*", caps(131_072, 0, true, false, false)),
-    ("*llama-3*", caps(131_072, 0, false, true, false)),
+    ("*llama-4*",               caps(1_048_576,       0, true,  true,  false)),
+    ("*llama-3.2*vision*",      caps(131_072,         0, true,  false, false)),
+    ("*llama-3*",               caps(131_072,         0, false, true,  false)),
     // Gemini through OpenAI-compatible endpoints.
-    ("*gemini-1.5*", caps(1_048_576, 8_192, true, true, false)),
-    ("*gemini-2.0*", caps(1_048_576, 8_192, true, true, false)),
-    ("*gemini-*", caps(1_048_576, 65_536, true, true, true)),
+    ("*gemini-1.5*",            caps(1_048_576,   8_192, true,  true,  false)),
+    ("*gemini-2.0*",            caps(1_048_576,   8_192, true,  true,  false)),
+    ("*gemini-*",               caps(1_048_576,  65_536, true,  true,  true)),
 ];
 
 /// Upstream model name → capabilities: the `models:` table, then [`DEFAULTS`], field by field
@@ -148,32 +141,40 @@ impl RequestKind {
     }
 }
 
-/// Markers in the system prompt of a subagent's requests (Claude Code 2.1.197 and 2.1.332).
-const SUBAGENT_MARKERS: &[&[u8]] = &[b"You are an agent for Claude Code"];
-/// Markers in the system prompt of Claude Code's side requests.
-const BACKGROUND_MARKERS: &[&[u8]] = &[
-    b"Generate a concise, sentence-case title",
-    b"Analyze if this message indicates a new conversation topic",
-    b"Summarize this coding conversation",
-];
+/// Claude Code's first system block: `x-anthropic-billing-header: cc_version=…; cc_entrypoint=…;`.
+const BILLING_HEADER: &[u8] = b"x-anthropic-billing-header:";
+/// Added to the billing header in a subagent's requests.
+const SUBAGENT_MARK: &[u8] = b"cc_is_subagent=true";
+/// Only the start of the system prompt is searched: the billing header is its first block.
+const HEAD_BYTES: usize = 512;
 
-/// The kind of a Claude Code request, from its system prompt (`system` is its byte range in
-/// `body`). A request without those markers is `Main`.
-pub fn classify(body: &[u8], shape: &Shape) -> RequestKind {
+/// The kind of a Claude Code request, from what the real CLI sends (recorded from 2.1.197 and
+/// 2.1.332, `tests/fixtures/claude-code/`), never from the model name, which users map freely:
+/// - a subagent's requests carry `x-claude-code-agent-id` and `cc_is_subagent=true` in the
+///   billing header (the first system block);
+/// - side requests (session titles, WebFetch summaries) are Claude Code's (the billing header)
+///   with an empty `tools` list, where the main loop and subagents always send their tools;
+/// - anything else is `Main`, as is every request of another client.
+///
+/// `agent_header`: the request has `x-claude-code-agent-id`.
+pub fn classify(body: &[u8], shape: &Shape, agent_header: bool) -> RequestKind {
+    if agent_header {
+        return RequestKind::Subagent;
+    }
     let Some(range) = shape.system.clone() else {
         return RequestKind::Main;
     };
-    let Some(system) = body.get(range) else {
+    let Some(system) = body.get(range.start..range.end.min(range.start + HEAD_BYTES)) else {
         return RequestKind::Main;
     };
-    let has = |markers: &[&[u8]]| {
-        markers
-            .iter()
-            .any(|m| memchr::memmem::find(system, m).is_some())
+    let Some(at) = memchr::memmem::find(system, BILLING_HEADER) else {
+        return RequestKind::Main;
     };
-    if has(SUBAGENT_MARKERS) {
+    let line = &system[at..];
+    let line = &line[..memchr::memchr(b'"', line).unwrap_or(line.len())];
+    if memchr::memmem::find(line, SUBAGENT_MARK).is_some() {
         RequestKind::Subagent
-    } else if has(BACKGROUND_MARKERS) {
+    } else if shape.tools_empty {
         RequestKind::Background
     } else {
         RequestKind::Main
@@ -189,6 +190,8 @@ pub struct Needs {
     kind: OnceLock<RequestKind>,
     /// The client sent the `context-1m` beta: a Claude model's window is a million tokens.
     pub context_1m: bool,
+    /// The request has `x-claude-code-agent-id` (a subagent's).
+    agent_header: bool,
     /// Bytes of the body that are not inline media.
     text_bytes: u64,
     /// What the tokenizer counts, when asked (see [`Needs::counted`]).
@@ -231,6 +234,7 @@ impl Needs {
             body,
             kind: OnceLock::new(),
             context_1m,
+            agent_header: headers.contains_key("x-claude-code-agent-id"),
             text_bytes,
             counter,
             counted: OnceLock::new(),
@@ -239,7 +243,9 @@ impl Needs {
 
     /// The request's kind (read from the system prompt on first use).
     pub fn kind(&self) -> RequestKind {
-        *self.kind.get_or_init(|| classify(&self.body, &self.shape))
+        *self
+            .kind
+            .get_or_init(|| classify(&self.body, &self.shape, self.agent_header))
     }
 
     /// The input tokens estimated from the bytes alone (about 3.5 bytes a token).
@@ -351,8 +357,11 @@ pub fn output_reserve(caps: &Capabilities, needs: &Needs) -> u64 {
     caps.max_output_tokens.map_or(asked, |m| asked.min(m))
 }
 
-/// Whether a model with `caps` can take the request.
-pub fn check(caps: &Capabilities, needs: &Needs) -> Result<(), Misfit> {
+/// Whether a model with `caps` can take the request. A request that insists on thinking (a
+/// budget) needs a model that thinks only when `thinker_exists`: some candidate of its plan can;
+/// otherwise it is served without thinking rather than refused. Adaptive thinking (the model
+/// decides, as Claude Code asks of most models) needs nothing.
+pub fn check(caps: &Capabilities, needs: &Needs, thinker_exists: bool) -> Result<(), Misfit> {
     let s = &needs.shape;
     if s.images > 0 && caps.images == Some(false) {
         return Err(Misfit::Lacks("images"));
@@ -360,7 +369,7 @@ pub fn check(caps: &Capabilities, needs: &Needs) -> Result<(), Misfit> {
     if s.tools && caps.tools == Some(false) {
         return Err(Misfit::Lacks("tools"));
     }
-    if s.thinking && caps.thinking == Some(false) {
+    if s.thinking_budget && thinker_exists && caps.thinking == Some(false) {
         return Err(Misfit::Lacks("thinking"));
     }
     if let Some(window) = caps.context_window {
@@ -519,21 +528,21 @@ mod tests {
         for (bytes, count, max, w, out, want) in table {
             let n = needs(*bytes, shape(*max), *count);
             assert_eq!(
-                &check(&window(*w, *out), &n),
+                &check(&window(*w, *out), &n, true),
                 want,
                 "{bytes} bytes, {count} tokens, max {max}, window {w}, out {out:?}"
             );
         }
         // The tokenizer runs only near a limit.
         let n = needs(4_000, shape(1_000), 1_000);
-        check(&window(100_000, None), &n).unwrap();
+        check(&window(100_000, None), &n, true).unwrap();
         assert!(!n.was_counted());
         let n = needs(210_000, shape(8_000), 50_000);
-        check(&window(128_000, None), &n).unwrap();
+        check(&window(128_000, None), &n, true).unwrap();
         assert!(n.was_counted());
         // No window known: nothing to check, nothing counted.
         let n = needs(10_000_000, shape(8_000), 5_000_000);
-        check(&Capabilities::default(), &n).unwrap();
+        check(&Capabilities::default(), &n, true).unwrap();
         assert!(!n.was_counted());
     }
 
@@ -548,7 +557,7 @@ mod tests {
         let n = needs(3_010_000, s, 999_999);
         assert_eq!(n.estimated(), 10_000 * 2 / 7 + 2 * PER_IMAGE);
         // 3 MB of base64 is not 900k tokens: a 200k window holds it without counting.
-        check(&window(200_000, None), &n).unwrap();
+        check(&window(200_000, None), &n, true).unwrap();
         assert!(!n.was_counted());
     }
 
@@ -558,6 +567,7 @@ mod tests {
             images: 1,
             tools: true,
             thinking: true,
+            thinking_budget: true,
             ..Shape::default()
         };
         let n = needs(100, full, 10);
@@ -584,9 +594,24 @@ mod tests {
                 },
             ),
         ] {
-            assert_eq!(check(&caps, &n), Err(Misfit::Lacks(what)));
+            assert_eq!(check(&caps, &n, true), Err(Misfit::Lacks(what)));
         }
-        check(&Capabilities::default(), &n).unwrap();
+        check(&Capabilities::default(), &n, true).unwrap();
+        // Thinking is needed only when some other candidate can think; adaptive thinking never.
+        let no_thinking = Capabilities {
+            thinking: Some(false),
+            ..Capabilities::default()
+        };
+        check(&no_thinking, &n, false).unwrap();
+        let adaptive = needs(
+            100,
+            Shape {
+                thinking: true,
+                ..Shape::default()
+            },
+            10,
+        );
+        check(&no_thinking, &adaptive, true).unwrap();
         // A request that needs none of them fits a model that has none.
         let plain = needs(100, Shape::default(), 10);
         let none = Capabilities {
@@ -595,7 +620,7 @@ mod tests {
             thinking: Some(false),
             ..Capabilities::default()
         };
-        check(&none, &plain).unwrap();
+        check(&none, &plain, true).unwrap();
     }
 
     #[test]
@@ -638,7 +663,10 @@ mod tests {
             t.lookup("claude-opus-4-5-20251101").max_output_tokens,
             Some(64_000)
         );
-        assert_eq!(t.lookup("claude-sonnet-9").context_window, Some(200_000));
+        // A Claude model newer than the table: its abilities, no window (it may be larger).
+        assert_eq!(t.lookup("claude-opus-5-5").context_window, None);
+        assert_eq!(t.lookup("claude-opus-5-5").images, Some(true));
+        assert_eq!(t.lookup("claude-sonnet-4-5").context_window, Some(200_000));
         assert_eq!(t.lookup("qwen2.5-vl-72b-instruct").images, Some(true));
         assert_eq!(t.lookup("qwen3-235b").images, Some(false));
         // Unknown: nothing stated, so assumed able and unbounded.

@@ -47,7 +47,7 @@ fn numbers(s: &str) -> Vec<u64> {
         .collect()
 }
 
-fn is_context_overflow(message: &str, code: &str) -> bool {
+pub(crate) fn is_context_overflow(message: &str, code: &str) -> bool {
     let m = message.to_ascii_lowercase();
     code == "context_length_exceeded"
         || [
