@@ -251,7 +251,7 @@ pub fn explain(config: Config, file: &[u8]) -> Result<String, String> {
         let _ = writeln!(out, "  (none)");
     }
     if !plan.passed_over.is_empty() {
-        let _ = writeln!(out, "left out by their conditions:");
+        let _ = writeln!(out, "left out:");
         for (provider, route, why) in &plan.passed_over {
             let _ = writeln!(out, "  - {provider} (route {:?}): {why}", &**route);
         }

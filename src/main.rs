@@ -450,31 +450,54 @@ fn print_routes(config: &Config) {
             .filter(|p| &*p.route == r.pattern.as_str())
         {
             Some(plan) => {
-                for (i, c) in plan.candidates.iter().enumerate() {
+                // The route's own entries, in the order a request considers them (entries with
+                // `when:` first, then by priority), each with its conditions and capabilities;
+                // then the fallbacks later routes add.
+                let mut order: Vec<usize> = (0..r.entries.len())
+                    .filter(|&i| {
+                        let e = &r.entries[i];
+                        e.enabled
+                            && providers
+                                .get(&e.provider)
+                                .is_some_and(|p| p.config.usable())
+                    })
+                    .collect();
+                order.sort_by_key(|&i| (r.entries[i].when.is_empty(), r.entries[i].priority));
+                let mut n = 0;
+                for i in order {
+                    let e = &r.entries[i];
+                    let (model, caps) = match &e.model {
+                        config::ModelMapping::Passthrough => {
+                            ("passthrough".to_owned(), e.capabilities)
+                        }
+                        config::ModelMapping::Name(m) => {
+                            (m.clone(), e.capabilities.or(table.capabilities(m)))
+                        }
+                    };
+                    let when = claude_balancer::explain::conditions(&e.when);
+                    let when = if when.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", when {{{when}}}")
+                    };
+                    let caps = claude_balancer::explain::capabilities(&caps);
+                    n += 1;
+                    println!(
+                        "    {n}. {} -> model {model}, priority {}{when} [{caps}]",
+                        e.provider, e.priority
+                    );
+                }
+                for c in plan.candidates.iter().filter(|c| *c.route != *r.pattern) {
                     let model = if c.passthrough {
                         "passthrough".to_owned()
                     } else {
                         c.upstream_model.clone()
                     };
-                    let from = if &*c.route == r.pattern.as_str() {
-                        String::new()
-                    } else {
-                        format!(" (fallback from route {:?})", &*c.route)
-                    };
-                    let when = config
-                        .routes
-                        .iter()
-                        .find(|r| r.pattern == *c.route)
-                        .and_then(|r| r.entries.get(c.entry))
-                        .map(|e| claude_balancer::explain::conditions(&e.when))
-                        .filter(|w| !w.is_empty())
-                        .map_or(String::new(), |w| format!(", when {{{w}}}"));
                     let caps = claude_balancer::explain::capabilities(&table.capabilities_of(c));
+                    n += 1;
                     println!(
-                        "    {}. {} -> model {model}, priority {}{when}{from} [{caps}]",
-                        i + 1,
-                        c.provider.config.name,
-                        c.priority
+                        "    {n}. {} -> model {model}, priority {} (fallback from route {:?}) [{caps}]",
+                        c.provider.config.name, c.priority, &*c.route
                     );
                 }
                 if plan.candidates.is_empty() {

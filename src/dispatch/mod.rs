@@ -184,6 +184,20 @@ impl Inbound {
     /// What the request needs of a model: its shape from the scan, its kind, and how to count its
     /// tokens if the estimate is not enough (a Chat Completions request: its Anthropic form).
     pub fn needs(&self) -> &Needs {
+        self.shared_needs()
+    }
+
+    /// Counts the request's tokens on a blocking thread (the tokenizer takes milliseconds on a
+    /// long request, and loads itself on first use): the count is then kept for every check.
+    pub async fn count_tokens_aside(&self) {
+        let needs = Arc::clone(self.shared_needs());
+        if needs.was_counted() {
+            return;
+        }
+        let _ = tokio::task::spawn_blocking(move || needs.counted()).await;
+    }
+
+    fn shared_needs(&self) -> &Arc<Needs> {
         self.needs.get_or_init(|| {
             let counter = match &self.front {
                 Front::Chat(chat) => {
@@ -313,8 +327,17 @@ pub struct Failed {
 }
 
 /// The ordered candidates for a request (pure: no I/O). Its needs are read only when an entry of
-/// the route has `when:` conditions.
-pub fn plan(state: &AppState, runtime: &Runtime, inbound: &Inbound) -> Option<Plan> {
+/// the route has `when:` conditions. A `min_input_tokens` condition close to the request's
+/// estimated size has it counted first, off the async runtime.
+pub async fn plan(state: &AppState, runtime: &Runtime, inbound: &Inbound) -> Option<Plan> {
+    let needs = inbound.needs();
+    if runtime
+        .routes
+        .min_input_conditions(&inbound.envelope.model)
+        .any(|min| needs.would_count_for_min(min))
+    {
+        inbound.count_tokens_aside().await;
+    }
     let ctx = PlanContext {
         providers: &runtime.providers,
         health: &state.health,
@@ -332,7 +355,7 @@ pub fn plan(state: &AppState, runtime: &Runtime, inbound: &Inbound) -> Option<Pl
 pub async fn messages(state: &Arc<AppState>, inbound: Inbound) -> Answer {
     let runtime = state.runtime();
     let model = &inbound.envelope.model;
-    let Some(mut plan) = plan(state, &runtime, &inbound) else {
+    let Some(mut plan) = plan(state, &runtime, &inbound).await else {
         return Answer::error(ApiError::not_found(format!(
             "model {model:?} matches no entry of model_routes"
         )));
@@ -424,6 +447,9 @@ pub async fn run(
                 &candidate.upstream_model,
                 needs,
             );
+            if needs.would_count_for(&caps) {
+                inbound.count_tokens_aside().await;
+            }
             if let Err(misfit) = crate::routing::fit::check(&caps, needs, thinker_exists) {
                 if let Misfit::TooLong { needed, window } = misfit {
                     too_long = Some(match too_long {

@@ -21,7 +21,7 @@ pub async fn count_tokens(state: &Arc<AppState>, inbound: Inbound) -> Answer {
     let runtime = state.runtime();
     let mut tried = None;
     if !runtime.config.settings.token_counting.always_use_local {
-        if let Some(plan) = dispatch::plan(state, &runtime, &inbound) {
+        if let Some(plan) = dispatch::plan(state, &runtime, &inbound).await {
             match dispatch::run(state, &runtime, &plan, &inbound, Endpoint::CountTokens).await {
                 Ok(answer) if answer.status().is_success() => return answer,
                 Ok(answer) => tried = Some((answer.route, answer.attempts)),

@@ -295,6 +295,19 @@ impl Needs {
         self.counted() >= min
     }
 
+    /// Whether deciding `input >= min` would run the tokenizer (not counted yet, and the
+    /// estimate is close): the caller may count first, off the async runtime.
+    pub fn would_count_for_min(&self, min: u64) -> bool {
+        !self.was_counted() && self.upper() >= min && self.estimated() / 2 < min
+    }
+
+    /// Whether checking a model with `caps` would run the tokenizer (a window is known, nothing
+    /// counted yet, and the byte estimate cannot settle it).
+    pub fn would_count_for(&self, caps: &Capabilities) -> bool {
+        caps.context_window
+            .is_some_and(|w| !self.was_counted() && self.upper() + output_reserve(caps, self) > w)
+    }
+
     /// The input size to report: the count when it was made, else the estimate.
     pub fn input_tokens(&self) -> u64 {
         self.counted

@@ -181,6 +181,12 @@ impl RouteTable {
         self.models.lookup(model)
     }
 
+    /// The `min_input_tokens` conditions of the routes matching `model`.
+    pub fn min_input_conditions<'a>(&'a self, model: &'a str) -> impl Iterator<Item = u64> + 'a {
+        self.matching(model)
+            .flat_map(|r| r.when.iter().filter_map(|w| w.conditions.min_input_tokens))
+    }
+
     /// A candidate's capabilities, completed from the tables.
     pub fn capabilities_of(&self, c: &Candidate) -> Capabilities {
         if c.resolved {
@@ -218,36 +224,42 @@ impl RouteTable {
         let mut passed_over = Vec::new();
         for route in routes {
             for tier in &route.tiers {
-                let mut idx: Vec<usize> = tier
-                    .entries
-                    .iter()
-                    .copied()
-                    .filter(|&i| {
-                        let name = route.entries[i].provider.as_str();
-                        ctx.providers.get(name).is_some_and(|p| p.config.usable())
-                            && !ordered.iter().any(|c| c.provider.config.name == name)
-                    })
-                    .filter(|&i| {
-                        let when = &route.when[i];
-                        if when.is_empty() {
-                            return true;
-                        }
-                        let Some(needs) = ctx.needs else {
+                let mut idx: Vec<usize> = Vec::with_capacity(tier.entries.len());
+                for &i in &tier.entries {
+                    let name = route.entries[i].provider.as_str();
+                    if !ctx.providers.get(name).is_some_and(|p| p.config.usable()) {
+                        continue;
+                    }
+                    let when = &route.when[i];
+                    let holds = if when.is_empty() {
+                        Ok(())
+                    } else {
+                        match ctx.needs {
+                            Some(needs) => fit::hold(when, needs, ctx.headers),
                             // Without a request, `explain` shows every entry.
-                            return ctx.explain;
-                        };
-                        match fit::hold(when, needs, ctx.headers) {
-                            Ok(()) => true,
-                            Err(why) => {
-                                if ctx.explain {
-                                    let name = route.entries[i].provider.clone();
-                                    passed_over.push((name, Arc::clone(&route.pattern), why));
-                                }
-                                false
-                            }
+                            None if ctx.explain => Ok(()),
+                            None => Err(String::new()),
                         }
-                    })
-                    .collect();
+                    };
+                    let why = match holds {
+                        Err(why) => Some(why),
+                        Ok(()) if ordered.iter().any(|c| c.provider.config.name == name) => {
+                            Some(ALREADY_PLANNED.to_owned())
+                        }
+                        Ok(()) => None,
+                    };
+                    match why {
+                        Some(why) if ctx.explain => {
+                            let entry = match &route.entries[i].model {
+                                ModelMapping::Passthrough => format!("{name} (passthrough)"),
+                                ModelMapping::Name(m) => format!("{name} -> {m}"),
+                            };
+                            passed_over.push((entry, Arc::clone(&route.pattern), why));
+                        }
+                        Some(_) => {}
+                        None => idx.push(i),
+                    }
+                }
                 order_tier(&mut idx, tier, route, ctx);
                 for i in idx {
                     let entry = &route.entries[i];
@@ -255,16 +267,24 @@ impl RouteTable {
                     let Some(provider) = ctx.providers.get(entry.provider.as_str()) else {
                         continue;
                     };
-                    if ordered
-                        .iter()
-                        .any(|c| c.provider.config.name == entry.provider)
-                    {
-                        continue; // the same provider twice in one tier
-                    }
                     let (upstream_model, passthrough) = match &entry.model {
                         ModelMapping::Passthrough => (model.to_owned(), true),
                         ModelMapping::Name(n) => (n.clone(), false),
                     };
+                    if ordered
+                        .iter()
+                        .any(|c| c.provider.config.name == entry.provider)
+                    {
+                        // The same provider twice in one tier.
+                        if ctx.explain {
+                            passed_over.push((
+                                format!("{} -> {upstream_model}", entry.provider),
+                                Arc::clone(&route.pattern),
+                                ALREADY_PLANNED.to_owned(),
+                            ));
+                        }
+                        continue;
+                    }
                     let (caps, resolved) = match route.caps[i] {
                         Some(c) => (c, true),
                         None => (entry.capabilities, false),
@@ -305,6 +325,9 @@ impl RouteTable {
         })
     }
 }
+
+/// Why `explain` shows an entry left out whose provider an earlier entry already made a candidate.
+const ALREADY_PLANNED: &str = "its provider is already a candidate (one attempt per provider)";
 
 /// What [`RouteTable::plan`] needs besides the model name.
 pub struct PlanContext<'a> {
@@ -874,8 +897,14 @@ mod tests {
         assert_eq!(
             why,
             [
-                ("tooler", "when.tools is true, the request's is false"),
-                ("thinker", "when.thinking is true, the request's is false"),
+                (
+                    "tooler (passthrough)",
+                    "when.tools is true, the request's is false"
+                ),
+                (
+                    "thinker (passthrough)",
+                    "when.thinking is true, the request's is false"
+                ),
             ]
         );
         // Scenario entries first (by priority among them), the unconditional ones after.

@@ -6,10 +6,18 @@ text, that no retry was needed (no `api_retry` line), that the CLI never had to 
 request without streaming, that the mapped model name reached the provider, and that the client's
 credential never reached a provider that has its own.
 
+Two scenarios check routing that knows the request, on the anthropic route only: a conversation
+that outgrows a small-window route is refused with `prompt is too long` before any provider is
+called, and Claude Code compacts it and succeeds; an image goes to the provider that takes images.
+
+CLAUDE_E2E_ONLY=TEXT runs only the scenarios whose name contains TEXT.
+
 Environment: BIN_DIR (the built binaries), CLAUDE_BIN (the CLI). Prints "claude-e2e: N passed, M failed".
 """
 import json
 import os
+import re
+import struct
 import shutil
 import socket
 import subprocess
@@ -17,6 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import zlib
 
 BIN_DIR = os.environ["BIN_DIR"]
 CLAUDE_BIN = os.environ["CLAUDE_BIN"]
@@ -57,13 +66,17 @@ def http(method, url, body=None, timeout=10):
 
 
 class Balancer:
-    def __init__(self, workdir, mocks, primary_down=None):
+    def __init__(self, workdir, mocks, primary_down=None, routes=None):
+        """`routes`: the `model_routes:` entries as YAML lines, instead of those of ROUTES."""
         self.path = os.path.join(workdir, "balancer.yaml")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.mocks = mocks
+        self.routes = routes
         self.write(primary_down=primary_down)
-        self.log = open(os.path.join(workdir, "balancer.log"), "ab")
+        self.log_path = os.path.join(workdir, "balancer.log")
+        self.log_start = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
+        self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([os.path.join(BIN_DIR, "claude-balancer"), "--config", self.path, "--port", str(self.port)],
                                      stdout=self.log, stderr=self.log)
         procs.append(self.proc)
@@ -86,12 +99,13 @@ class Balancer:
             lines += [f'  - name: "{name}"', f"    type: {kind}", f'    base_url: "{base}"', "    auth_type: api_key",
                       f'    auth_value: "{PROVIDER_KEY}"']
         lines.append("model_routes:")
-        for route, (_, upstream, primary, secondary) in ROUTES.items():
+        for route, (_, upstream, primary, secondary) in ({} if self.routes else ROUTES).items():
             first, second = (secondary, primary) if swap else (primary, secondary)
             pattern = "*claude*" if route == "anthropic" else "*gpt*"
             lines += [f'  "{pattern}":',
                       f'    - {{provider: "{first}", model: "{upstream}", priority: 1}}',
                       f'    - {{provider: "{second}", model: "{upstream}", priority: 2}}']
+        lines += self.routes or []
         lines += ["settings:", "  failure_cooldown: 60", "  log_level: INFO"]
         with open(self.path, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -99,6 +113,25 @@ class Balancer:
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=10)
+
+    def summaries(self):
+        """The per-request summary lines this balancer logged (`request req_... STATUS ... attempts=[...]`)."""
+        self.log.flush()
+        with open(self.log_path, "rb") as f:
+            f.seek(self.log_start)
+            text = f.read().decode(errors="replace")
+        return [l for l in text.splitlines() if re.search(r"\brequest req_\S+ \d{3} ", l)]
+
+    def fits(self, body):
+        """Whether the balancer, planning `body` by this configuration, would call a provider (the
+        same estimate it routes by), and `explain`'s account of it."""
+        path = os.path.join(os.path.dirname(self.path), "explain-request.json")
+        with open(path, "w") as f:
+            json.dump(body, f)
+        p = subprocess.run([os.path.join(BIN_DIR, "claude-balancer"), "explain", "--config", self.path, path],
+                           capture_output=True, text=True, timeout=60)
+        out = p.stdout + p.stderr
+        return re.search(r"^outcome: [1-9]\d* candidates? would be tried", out, re.M) is not None, out
 
 
 def run_claude(workdir, balancer_url, model, prompt, auth="api_key"):
@@ -132,6 +165,8 @@ def message_requests(mock_url):
 
 def check(name, fn):
     global passed, failed
+    if os.environ.get("CLAUDE_E2E_ONLY", "") not in name:
+        return
     try:
         fn()
         passed += 1
@@ -161,6 +196,38 @@ def expect_clean_upstream(mock_urls, upstream_model):
             assert CLIENT_KEY not in headers, "the client's credential reached a provider with its own"
             assert PROVIDER_KEY in headers, "the provider's own key was not sent"
     assert seen > 0, "no request reached a provider"
+
+
+def png(path, width=16, height=16):
+    """A small valid RGB PNG (a red square)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    rows = b"".join(b"\x00" + b"\xff\x00\x00" * width for _ in range(height))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def filler(label, size):
+    """About `size` bytes of numbered lines (about 3 bytes a token), each line different."""
+    out, i, n = [], 0, 0
+    while n < size:
+        line = f"{label} {i}: the quick brown fox jumps over the lazy dog, number {i * 7919 % 10007}\n"
+        out.append(line)
+        n += len(line)
+        i += 1
+    return "".join(out)
+
+
+def has_image(body):
+    """Whether an Anthropic request body carries an image block anywhere in its messages."""
+    def walk(v):
+        if isinstance(v, dict):
+            return v.get("type") == "image" or any(walk(x) for x in v.values())
+        if isinstance(v, list):
+            return any(walk(x) for x in v)
+        return False
+    return walk(body.get("messages") or [])
 
 
 def main():
@@ -237,6 +304,88 @@ def main():
         finally:
             bal.stop()
     check("hot reload moves a route between two runs", hot_reload)
+
+    # Compaction. The route's only provider holds WINDOW tokens and is asked for at most 4000 out.
+    # The prompt carries PAD of background text and makes the model Read a file of FILE: Claude
+    # Code's first request (its ~21.5k-token system prompt and tools, plus PAD) fits; the next one,
+    # which adds the file's content, does not, so the balancer answers 400 `prompt is too long: N
+    # tokens > WINDOW maximum` without calling the provider. Claude Code then compacts: from the
+    # numbers in that message it drops the oldest messages (the padded prompt) from its summary
+    # request, which fits, and continues from the summary, which fits too. Measured with 2.1.332
+    # (the balancer's counts, output included): first request ~37k, the one refused ~52k, the
+    # summary requests ~39k, the request after compaction ~26k: each at least 6k from WINDOW.
+    WINDOW, PAD, FILE = 46000, 40000, 44000
+    big = os.path.join(workdir, "project", "big.txt")
+    with open(big, "w") as f:
+        f.write(filler("file line", FILE))
+    pad_text = filler("background note", PAD)
+    file_tail = filler("file line", FILE).splitlines()[-1]
+
+    def compaction():
+        reset()
+        routes = ['  "*claude*":',
+                  f'    - {{provider: "A1", model: "claude-upstream-mapped", priority: 1, context_window: {WINDOW}, max_output_tokens: 4000}}']
+        bal = Balancer(workdir, mocks, routes=routes)
+        try:
+            prompt = f'use the tool Read {{"file_path":"{big}"}}\n\nBackground for later, no action needed:\n{pad_text}'
+            code, result, lines, stderr = run_claude(workdir, bal.url, ROUTES["anthropic"][0], prompt)
+            summaries = bal.summaries()
+            refused = [l for l in summaries if re.search(r"request req_\S+ 400 ", l) and "skipped: needs" in l
+                       and f"window {WINDOW // 1000}k" in l]
+            assert refused, "the balancer never answered `prompt is too long`: " + "\n".join(summaries)[-1500:]
+            expect_success(code, result, lines, stderr, "Hello from the mock provider")
+            statuses = [l for l in lines if l.get("type") == "system" and l.get("subtype") in ("status", "compact_boundary")]
+            assert any(l.get("compact_result") == "success" for l in statuses), f"no successful compaction: {statuses}"
+            assert any(l.get("subtype") == "compact_boundary" for l in statuses), f"no compact_boundary: {statuses}"
+            assert "continued from a previous conversation" in result.get("result", ""), f"not answered from the summary: {result.get('result')!r}"
+            expect_clean_upstream([mocks["A1"]], "claude-upstream-mapped")
+            reqs = message_requests(mocks["A1"])
+            # The provider never got a request it cannot hold: by the balancer's own estimate ...
+            for r in reqs:
+                ok, why = bal.fits(r["body"])
+                assert ok, f"A1 received a request larger than its window:\n{why}"
+            # ... and, independently of it, never the padded prompt together with the file.
+            for r in reqs:
+                text = json.dumps(r["body"])
+                assert not ("background note 1:" in text and file_tail in text), "A1 received the prompt and the file together"
+            def last_text(r):
+                return json.dumps(((r["body"] or {}).get("messages") or [{}])[-1])
+            summary_reqs = [r for r in reqs if "create a detailed summary of the conversation" in last_text(r)]
+            assert summary_reqs, "no summary request reached A1"
+            assert any("continued from a previous conversation" in json.dumps(r["body"]) for r in reqs), "no request after compaction"
+            print(f"     compaction: {len(reqs)} requests reached A1 ({len(summary_reqs)} summary requests), "
+                  f"{len(refused)} refused; sizes {[len(json.dumps(r['body'])) for r in reqs]} bytes", flush=True)
+        finally:
+            bal.stop()
+    check("anthropic: a conversation too long for the window is compacted by Claude Code, then served", compaction)
+
+    # An image goes past the provider that takes none. The first request (text) goes to A1; after
+    # the Read of a PNG the next one carries an image block and must go to A2.
+    pic = os.path.join(workdir, "project", "pic.png")
+    png(pic)
+
+    def image():
+        reset()
+        routes = ['  "*claude*":',
+                  '    - {provider: "A1", model: "claude-upstream-mapped", priority: 1, images: false}',
+                  '    - {provider: "A2", model: "claude-upstream-mapped", priority: 2, images: true}']
+        bal = Balancer(workdir, mocks, routes=routes)
+        try:
+            code, result, lines, stderr = run_claude(workdir, bal.url, ROUTES["anthropic"][0], f'use the tool Read {{"file_path":"{pic}"}}')
+            expect_success(code, result, lines, stderr, "The tool said")
+            expect_clean_upstream([mocks["A1"], mocks["A2"]], "claude-upstream-mapped")
+            a1, a2 = message_requests(mocks["A1"]), message_requests(mocks["A2"])
+            everything_a1 = http("GET", mocks["A1"] + "/_mock/requests")
+            assert not any(has_image(r["body"] or {}) for r in everything_a1), "A1 (images: false) received an image"
+            assert a1, "A1 served nothing: the first request (no image) should have gone to it"
+            with_image = [r for r in a2 if has_image(r["body"] or {})]
+            assert with_image, f"no request with an image reached A2 ({len(a2)} requests)"
+            skipped = [l for l in bal.summaries() if "skipped: needs images" in l]
+            assert skipped, "the balancer's log shows no candidate skipped for lacking images"
+            print(f"     image: A1 got {len(a1)} requests, A2 got {len(a2)} ({len(with_image)} with an image)", flush=True)
+        finally:
+            bal.stop()
+    check("anthropic: an image goes to the provider that takes images", image)
 
     for p in procs:
         if p.poll() is None:

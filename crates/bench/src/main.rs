@@ -51,6 +51,9 @@ const REDIS_ARM: &str = "claude-balancer, as shipped, redis state backend";
 /// The shipped settings, with the requests' key a named client with every kind of limit (set so
 /// high that none refuses): identified, admitted and charged on every request.
 const CLIENT_ARM: &str = "claude-balancer, as shipped, named client with limits";
+/// The same settings with a route that states a context window and has `when:` entries (background,
+/// long context), so that every request is classified and fit-checked.
+const FIT_ARM: &str = "claude-balancer, as shipped, scenario route (window + when:)";
 /// Sessions the load is spread over (one per worker, as each Claude Code session is one client).
 const SESSIONS: usize = 16;
 
@@ -411,7 +414,6 @@ fn start_balancer_with(
     } else {
         upstream.to_owned()
     };
-    let config = dir.join(format!("{name}.yaml"));
     let yaml = format!(
         "providers:\n  - {{name: P, type: {kind}, base_url: \"{base}\", auth_type: api_key, auth_value: provider-key}}\nmodel_routes:\n  \"*\":\n    - {{provider: P, model: passthrough}}\nsettings:\n  log_level: INFO\n  log_file_path: \"{0}/{name}-logs/logs.jsonl\"\n  usage:\n    path: \"{0}/{name}-usage.db\"\n{1}",
         dir.display(),
@@ -421,6 +423,95 @@ fn start_balancer_with(
             "  sticky_provider_duration: 0\n  deduplication:\n    enabled: false\n"
         }
     ) + more_settings;
+    spawn_balancer(dir, name, &yaml, port)
+}
+
+/// Microseconds per call of `f`, over `n` calls.
+fn per_call(n: usize, mut f: impl FnMut()) -> f64 {
+    let started = tokio::time::Instant::now();
+    for _ in 0..n {
+        f();
+    }
+    started.elapsed().as_secs_f64() * 1e6 / n as f64
+}
+
+/// The in-process cost of routing that knows the request, on the benchmark's request: reading
+/// what it needs (during the scan every request gets), classifying it, two `when:` conditions,
+/// the capabilities of a passthrough model and the fit check; and the check near a limit, where
+/// the tokenizer runs.
+fn fit_costs(scale: usize, passthrough_cpu: Option<f64>) -> String {
+    use claude_balancer::config::{Capabilities, Conditions};
+    use claude_balancer::routing::fit;
+    use std::hint::black_box;
+    let body = request_body(true);
+    let headers = hyper::HeaderMap::new();
+    let Ok(envelope) = claude_balancer::inbound::body::parse_with(&body, true) else {
+        return "fit: the benchmark request did not parse".into();
+    };
+    let table = fit::ModelTable::new(&[]);
+    let background = fit::When::new(&Conditions {
+        background: Some(true),
+        ..Conditions::default()
+    });
+    let long = fit::When::new(&Conditions {
+        min_input_tokens: Some(60_000),
+        ..Conditions::default()
+    });
+    let window = |w: u64| Capabilities {
+        context_window: Some(w),
+        max_output_tokens: Some(64_000),
+        ..Capabilities::default()
+    };
+    let n = 20_000 * scale;
+    let scan = per_call(n, || {
+        black_box(claude_balancer::inbound::body::parse_with(black_box(&body), true).is_ok());
+    });
+    let needs = || {
+        fit::Needs::new(
+            body.clone(),
+            envelope.shape.clone(),
+            &headers,
+            fit::Counter::Body(body.clone()),
+        )
+    };
+    let check = per_call(n, || {
+        let needs = needs();
+        black_box(fit::hold(&background, &needs, &headers).is_ok());
+        black_box(fit::hold(&long, &needs, &headers).is_ok());
+        let caps = window(200_000).or(table.lookup(black_box("claude-sonnet-4-6")));
+        black_box(fit::check(&caps, &needs, false).is_ok());
+    });
+    let near = per_call(50 * scale, || {
+        let needs = needs();
+        black_box(fit::check(&window(40_000), &needs, false).is_ok());
+    });
+    let ratio = passthrough_cpu.map_or("-".to_owned(), |p| format!("{:.1} %", check / p * 100.0));
+    format!(
+        "\n### Routing that knows the request, in process, {} KB request\n\n| work | µs/request | of the shipped passthrough's CPU/request ({}) |\n|---|---|---|\n| the request check (scan, signature and what the request needs) | {scan:.1} | - |\n| fit check and two `when:` conditions (background, min_input_tokens), no tokenizer | {check:.2} | {ratio} |\n| the same near a limit (the local tokenizer counts the request once) | {near:.0} | - |",
+        body.len() / 1024,
+        passthrough_cpu.map_or("not measured".to_owned(), |p| format!("{p:.0} µs")),
+    )
+}
+
+/// The balancer with the scenario route of [`FIT_ARM`].
+fn start_fit_balancer(dir: &std::path::Path, upstream: &str) -> (Proc, String) {
+    let port = free_port();
+    let mut yaml = String::from("providers:\n");
+    for p in ["P", "Q", "R"] {
+        yaml += &format!(
+            "  - {{name: {p}, type: anthropic, base_url: \"{upstream}\", auth_type: api_key, auth_value: provider-key}}\n"
+        );
+    }
+    yaml += "model_routes:\n  \"*\":\n    - {provider: P, model: passthrough, context_window: 200000, max_output_tokens: 64000}\n    - {provider: Q, model: passthrough, when: {background: true}}\n    - {provider: R, model: passthrough, when: {min_input_tokens: 60000}}\n";
+    yaml += &format!(
+        "settings:\n  log_level: INFO\n  log_file_path: \"{0}/fit-logs/logs.jsonl\"\n  usage:\n    path: \"{0}/fit-usage.db\"\n",
+        dir.display()
+    );
+    spawn_balancer(dir, "fit", &yaml, port)
+}
+
+fn spawn_balancer(dir: &std::path::Path, name: &str, yaml: &str, port: u16) -> (Proc, String) {
+    let config = dir.join(format!("{name}.yaml"));
     let _ = std::fs::write(&config, yaml);
     let exe = sibling("claude-balancer");
     let child = wrapped(exe, "balancer")
@@ -547,7 +638,7 @@ fn machine() -> String {
     format!("{cores} cores, {model}, Linux {}", kernel.trim())
 }
 
-const USAGE: &str = "usage: bench [--quick] [--only latency|stream|throughput|convert|chat|memory] [--concurrency N] [--out FILE]
+const USAGE: &str = "usage: bench [--quick] [--only latency|stream|throughput|convert|chat|fit|memory] [--concurrency N] [--out FILE]
   runs every scenario and rewrites the measured part of FILE (BENCHMARKS.md) unless --only is given;
   --quick runs a quarter of the requests; --concurrency N runs the latency scenario at N connections (16).";
 
@@ -584,12 +675,13 @@ async fn main() {
         }
     }
     let scale = if quick { 1 } else { 4 };
-    const SCENARIOS: [&str; 6] = [
+    const SCENARIOS: [&str; 7] = [
         "latency",
         "stream",
         "throughput",
         "convert",
         "chat",
+        "fit",
         "memory",
     ];
     if let Some(o) = only.as_deref()
@@ -641,6 +733,7 @@ async fn main() {
         "clients:\n  - name: bench\n    key: bench-key\n    limits:\n      requests_per_minute: 1000000000\n      concurrent_requests: 100000\n      tokens: { window: 5h, max: 1000000000000000 }\n      budget_usd: { window: 30d, max: 1000000000 }\n",
     );
     let (bare_proc, bare) = start_bare_proxy(&mock.url());
+    let (fit_proc, fit_bal) = start_fit_balancer(&dir, &mock.url());
     // The Redis arm, when `redis-server` is installed.
     let redis = start_redis(&dir);
     let shared = redis.as_ref().map(|(_, url)| {
@@ -651,6 +744,7 @@ async fn main() {
     wait_up(&c, &oai_bal).await;
     wait_up(&c, &plain).await;
     wait_up(&c, &client_bal).await;
+    wait_up(&c, &fit_bal).await;
     if let Some((_, url)) = &shared {
         wait_shared(&c, url).await;
     }
@@ -662,6 +756,7 @@ async fn main() {
         (SHIPPED_ARM, bal.clone()),
         (PLAIN_ARM, plain.clone()),
         (CLIENT_ARM, client_bal.clone()),
+        (FIT_ARM, fit_bal.clone()),
     ];
     if let Some((_, url)) = &shared {
         arms.push((REDIS_ARM, url.clone()));
@@ -672,6 +767,7 @@ async fn main() {
         SHIPPED_ARM => Some(bal_proc.0.id()),
         PLAIN_ARM => Some(plain_proc.0.id()),
         CLIENT_ARM => Some(client_proc.0.id()),
+        FIT_ARM => Some(fit_proc.0.id()),
         REDIS_ARM => shared_pid,
         _ => None,
     };
@@ -732,6 +828,9 @@ async fn main() {
         machine()
     );
 
+    // The shipped passthrough arm's CPU per request, for the fit scenario's ratio.
+    let mut passthrough_cpu: Option<f64> = None;
+
     // 1. Non-streaming, 20 ms provider, concurrency 16.
     if want("latency") {
         mock.set_default(
@@ -739,6 +838,10 @@ async fn main() {
         );
         let body = request_body(false);
         let r = rounds(&c, &arms, &pids, &body, latency_concurrency, 300 * scale).await;
+        passthrough_cpu = r
+            .iter()
+            .find(|(n, _, _)| n == SHIPPED_ARM)
+            .and_then(|x| x.2);
         let direct = (
             Samples::pct(&r[0].1.total, 0.5),
             Samples::pct(&r[0].1.total, 0.99),
@@ -977,7 +1080,13 @@ async fn main() {
         }
     }
 
-    // 6. Memory: idle, and holding 1,000 concurrent streams (50 events, 100 ms apart).
+    // 6. Routing that knows the request: the fit check and `when:` conditions, in process, on the
+    //    same 38 KB request, against the shipped passthrough's CPU per request measured above.
+    if want("fit") {
+        let _ = writeln!(report, "{}", fit_costs(scale, passthrough_cpu));
+    }
+
+    // 7. Memory: idle, and holding 1,000 concurrent streams (50 events, 100 ms apart).
     if want("memory") {
         mock.set_default(stream_reply(
             &anthropic_events(),
@@ -1014,6 +1123,6 @@ async fn main() {
     {
         eprintln!("cannot write {out}: {e}");
     }
-    drop((bal_proc, oai_proc, plain_proc, bare_proc));
+    drop((bal_proc, oai_proc, plain_proc, bare_proc, fit_proc));
     let _ = std::fs::remove_dir_all(&dir);
 }
