@@ -43,7 +43,11 @@ pub const MAX_CACHE_BYTES: usize = 256 * 1024 * 1024;
 pub type Key = u128;
 
 /// The key of a request: body signature, client identity, and what else reaches the provider.
-pub fn key(inbound: &Inbound, include_max_tokens: bool) -> Key {
+pub fn key(
+    inbound: &Inbound,
+    include_max_tokens: bool,
+    routing_headers: &[http::HeaderName],
+) -> Key {
     let mut h = Xxh3::new();
     h.update(&inbound.envelope.signature.to_le_bytes());
     if include_max_tokens {
@@ -58,6 +62,16 @@ pub fn key(inbound: &Inbound, include_max_tokens: bool) -> Key {
         "anthropic-version",
     ] {
         h.update(name.as_bytes());
+        h.update(&[0]);
+        for v in inbound.headers.get_all(name) {
+            h.update(v.as_bytes());
+            h.update(&[1]);
+        }
+    }
+    // Headers that choose a route entry (`when.header`, a subagent's id): two requests that differ
+    // in them may be served by different models.
+    for name in routing_headers {
+        h.update(name.as_str().as_bytes());
         h.update(&[0]);
         for v in inbound.headers.get_all(name) {
             h.update(v.as_bytes());
@@ -817,6 +831,7 @@ pub async fn serve(state: &Arc<AppState>, inbound: Inbound) -> Answer {
     let key = key(
         &inbound,
         settings.deduplication.include_max_tokens_in_signature,
+        runtime.routes.routing_headers(),
     );
     let wants_stream = inbound.envelope.stream;
     let book = &state.dedup;

@@ -191,14 +191,15 @@ pub fn explain(config: Config, file: &[u8]) -> Result<String, String> {
         "candidates, in the order they would be tried (every provider healthy):"
     );
     let mut tried = 0;
-    let thinker_exists = needs.shape.thinking_budget
-        && plan
-            .candidates
-            .iter()
-            .any(|c| runtime.routes.capabilities_of(c).thinking != Some(false));
-    let mut too_long: Option<(u64, u64)> = None;
+
+    let mut too_long: Option<(u64, u64, u64)> = None;
     for (i, c) in plan.candidates.iter().enumerate() {
-        let caps = fit::effective(runtime.routes.capabilities_of(c), &c.upstream_model, needs);
+        let caps = crate::dispatch::fit_capabilities(&runtime, c, needs);
+        let thinker_exists = needs.shape.thinking_budget
+            && caps.thinking == Some(false)
+            && plan.candidates[i + 1..].iter().any(|c| {
+                crate::dispatch::fit_capabilities(&runtime, c, needs).thinking != Some(false)
+            });
         let model_note = if c.passthrough { " (passthrough)" } else { "" };
         let from = if *c.route == *plan.route {
             String::new()
@@ -221,17 +222,22 @@ pub fn explain(config: Config, file: &[u8]) -> Result<String, String> {
                 match caps.context_window {
                     Some(w) => format!(
                         "kept: needs about {} tokens with its output ({reserve}), window {}",
-                        thousands(needs.input_tokens() + reserve),
+                        thousands(needs.input_tokens().saturating_add(reserve)),
                         thousands(w)
                     ),
                     None => "kept: no window known, assumed large enough".into(),
                 }
             }
             Err(m) => {
-                if let fit::Misfit::TooLong { needed, window } = m {
-                    too_long = Some(
-                        too_long.map_or((needed, window), |(n, w)| (n.max(needed), w.max(window))),
-                    );
+                if let fit::Misfit::TooLong {
+                    input,
+                    output,
+                    window,
+                } = m
+                {
+                    if too_long.is_none_or(|(_, _, w)| window > w) {
+                        too_long = Some((input, output, window));
+                    }
                 }
                 m.to_string()
             }
@@ -261,10 +267,16 @@ pub fn explain(config: Config, file: &[u8]) -> Result<String, String> {
             "{tried} candidate{} would be tried",
             if tried == 1 { "" } else { "s" }
         )
-    } else if let Some((needed, window)) = too_long {
-        format!(
-            "no candidate can hold it: the client would get 400 \"prompt is too long: {needed} tokens > {window} maximum\""
-        )
+    } else if let Some((input, output, window)) = too_long {
+        if input > window {
+            format!(
+                "no candidate can hold it: the client would get 400 \"prompt is too long: {input} tokens > {window} maximum\""
+            )
+        } else {
+            format!(
+                "no candidate can hold its output: the client would get 400 \"input length and `max_tokens` exceed context limit: {input} + {output} > {window}\""
+            )
+        }
     } else if plan.candidates.is_empty() {
         "no candidate: the client would get 503".into()
     } else {

@@ -480,7 +480,16 @@ fn print_routes(config: &Config) {
                     } else {
                         format!(", when {{{when}}}")
                     };
-                    let caps = claude_balancer::explain::capabilities(&caps);
+                    let caps = match (&e.model, caps.is_empty()) {
+                        (config::ModelMapping::Passthrough, true) => {
+                            "capabilities of the model asked for".to_owned()
+                        }
+                        (config::ModelMapping::Passthrough, false) => format!(
+                            "{}; the rest from the model asked for",
+                            claude_balancer::explain::capabilities(&caps)
+                        ),
+                        _ => claude_balancer::explain::capabilities(&caps),
+                    };
                     n += 1;
                     println!(
                         "    {n}. {} -> model {model}, priority {}{when} [{caps}]",

@@ -134,6 +134,9 @@ pub struct AppState {
     /// Local token counts run on the blocking pool, this many at a time (one per core), so a
     /// burst of large bodies neither blocks the request threads nor takes every core.
     pub counting: Arc<tokio::sync::Semaphore>,
+    /// The last local token count of each session's requests (text bytes, tokens): the next
+    /// request's size is bounded from it, so a long conversation is not counted on every turn.
+    token_counts: std::sync::Mutex<HashMap<String, (u64, u64)>>,
     pub metrics: Metrics,
     pub recent: Recent,
     pub affinity: AffinityBook,
@@ -168,6 +171,25 @@ pub struct ReloadSummary {
 }
 
 impl AppState {
+    /// Keeps a session's last token count (at most 10,000 sessions: the table starts over when
+    /// full, which only means a recount).
+    pub fn remember_count(&self, session: &str, text_bytes: u64, tokens: u64) {
+        let mut counts = self.token_counts.lock().unwrap_or_else(|e| e.into_inner());
+        if counts.len() >= 10_000 && !counts.contains_key(session) {
+            counts.clear();
+        }
+        counts.insert(session.to_owned(), (text_bytes, tokens));
+    }
+
+    /// A session's last token count, if one was made.
+    pub fn prior_count(&self, session: &str) -> Option<(u64, u64)> {
+        self.token_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(session)
+            .copied()
+    }
+
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Arc<Self>, ConfigErrors> {
         let clients = ClientPool::default();
         let state_settings = config.settings.state.clone();
@@ -191,6 +213,7 @@ impl AppState {
             counting: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )),
+            token_counts: std::sync::Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
             recent: Recent::default(),
             affinity: AffinityBook::default(),

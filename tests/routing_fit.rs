@@ -288,3 +288,119 @@ async fn recorded_claude_code_requests_are_told_apart_as_main_background_and_sub
     assert_eq!(by, "Subagent", "by the billing header alone");
     assert!(p[0].request_count() > 0 && p[1].request_count() > 0);
 }
+
+#[test]
+fn the_byte_bound_holds_on_recorded_claude_code_requests() {
+    // The fit check trusts "tokens <= bytes * 3/5" (no tokenizer run) when that settles it; on
+    // every recorded request the tokenizer (with its margin) must count well below it.
+    for (name, _, saved) in fixtures() {
+        let body = serde_json::to_vec(&saved["body"]).unwrap();
+        let counted = claude_balancer::tokens::count_body(&body);
+        let per_byte = counted as f64 / body.len() as f64;
+        println!(
+            "{name}: {} bytes, {counted} tokens, {per_byte:.3} a byte",
+            body.len()
+        );
+        assert!(per_byte < 0.45, "{name}: {per_byte}");
+    }
+}
+
+#[tokio::test]
+async fn a_request_whose_input_fits_but_not_its_output_gets_the_max_tokens_wording() {
+    let (p, bal) = world(&[("Small", "context_window: 16000")]).await;
+    // 8 KB of input (about 2k tokens) and 32000 asked: the input fits, the output does not.
+    let (status, _, body) = served_by(&bal, &long_request(8, 32_000), &[]).await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("input length and `max_tokens` exceed context limit: "),
+        "{message}"
+    );
+    assert!(message.contains(" + 32000 > 16000"), "{message}");
+    assert_eq!(p[0].request_count(), 0);
+}
+
+#[tokio::test]
+async fn a_route_of_conditional_entries_only_answers_400_when_none_applies() {
+    let (p, bal) = world(&[("Think", "when: { thinking: true }")]).await;
+    let (status, _, body) = served_by(&bal, &long_request(1, 100), &[]).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`when:` conditions do not hold"),
+        "{body}"
+    );
+    assert_eq!(p[0].request_count(), 0);
+}
+
+#[tokio::test]
+async fn session_affinity_does_not_overtake_a_scenario_entry() {
+    let (p, bal) = world(&[
+        ("Default", ""),
+        ("Background", "when: { background: true }"),
+    ])
+    .await;
+    let session = [("x-claude-code-session-id", "s-affinity")];
+    // The main loop sticks the session to Default ...
+    let (_, by, _) = served_by(&bal, &long_request(1, 100), &session).await;
+    assert_eq!(by, "Default");
+    // ... and its background request still goes to its own entry, which it does not make sticky.
+    let (_, _, saved) = fixtures()
+        .into_iter()
+        .find(|(n, _, _)| n == "2.1.332-background-title.json")
+        .unwrap();
+    let mut background = saved["body"].clone();
+    background["stream"] = json!(false);
+    background["model"] = json!("m");
+    let (_, by, _) = served_by(&bal, &background, &session).await;
+    assert_eq!(by, "Background");
+    let (_, by, _) = served_by(&bal, &long_request(2, 100), &session).await;
+    assert_eq!(by, "Default");
+    assert_eq!(p[1].request_count(), 1);
+}
+
+#[tokio::test]
+async fn a_header_that_picks_an_entry_is_part_of_the_cache_key() {
+    let (_p, bal) = world(&[
+        ("Default", ""),
+        ("Cheap", "when: { header: { x-balancer-route: cheap } }"),
+    ])
+    .await;
+    bal.write_config(&format!(
+        "{}  max_cache_size: 100\n",
+        std::fs::read_to_string(bal.config_file.path()).unwrap()
+    ));
+    bal.state.reload().await.unwrap();
+    let body = long_request(1, 100);
+    let (_, by, _) = served_by(&bal, &body, &[]).await;
+    assert_eq!(by, "Default");
+    let (_, by, _) = served_by(&bal, &body, &[("x-balancer-route", "cheap")]).await;
+    assert_eq!(by, "Cheap", "not the cached answer of the default entry");
+}
+
+#[tokio::test]
+async fn thinking_with_a_budget_tries_a_model_that_cannot_think_last() {
+    let (p, bal) = world(&[
+        ("Plain", "priority: 1\nthinking: false"),
+        ("Thinker", "priority: 2"),
+    ])
+    .await;
+    let body = json!({"model": "m", "max_tokens": 4000, "thinking": {"type": "enabled", "budget_tokens": 2048},
+                      "messages": [{"role": "user", "content": "think"}]});
+    // The model that thinks first, although its priority comes second ...
+    let (status, by, _) = served_by(&bal, &body, &[]).await;
+    assert_eq!((status, by.as_str()), (200, "Thinker"));
+    assert_eq!(p[0].request_count(), 0);
+    // ... and when it fails, the request is served without thinking rather than refused.
+    p[1].push(Reply::error(529, "overloaded_error", "busy"));
+    let (status, by, _) = served_by(&bal, &body, &[]).await;
+    assert_eq!((status, by.as_str()), (200, "Plain"));
+    // Adaptive thinking needs no thinker: priority order.
+    let adaptive = json!({"model": "m", "max_tokens": 4000, "thinking": {"type": "adaptive"},
+                          "messages": [{"role": "user", "content": "think"}]});
+    let (_, by, _) = served_by(&bal, &adaptive, &[]).await;
+    assert_eq!(by, "Plain");
+}

@@ -187,14 +187,27 @@ impl Inbound {
         self.shared_needs()
     }
 
-    /// Counts the request's tokens on a blocking thread (the tokenizer takes milliseconds on a
-    /// long request, and loads itself on first use): the count is then kept for every check.
-    pub async fn count_tokens_aside(&self) {
+    /// Counts the request's tokens on a blocking thread, one of the count_tokens endpoint's
+    /// (`AppState::counting`: one per core), since the tokenizer takes milliseconds on a long
+    /// request and loads itself on first use. The count is then kept for every check.
+    pub async fn count_tokens_aside(&self, state: &AppState) {
         let needs = Arc::clone(self.shared_needs());
         if needs.was_counted() {
             return;
         }
-        let _ = tokio::task::spawn_blocking(move || needs.counted()).await;
+        let Ok(permit) = Arc::clone(&state.counting).acquire_owned().await else {
+            return; // shut down: the check counts inline
+        };
+        let counted = Arc::clone(&needs);
+        let done = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            counted.counted()
+        })
+        .await;
+        // The session's next request is bounded from this count (see `Needs::set_prior`).
+        if let (Ok(tokens), Some(session)) = (done, &self.session) {
+            state.remember_count(session, needs.text_bytes(), tokens);
+        }
     }
 
     fn shared_needs(&self) -> &Arc<Needs> {
@@ -321,9 +334,29 @@ pub struct Failed {
     /// The parameter a skipped candidate named as the reason (an OpenAI request that cannot be
     /// expressed in Anthropic form).
     pub param: Option<String>,
-    /// Candidates skipped because the request is too long for them: the size needed and the
-    /// largest of their windows.
-    pub too_long: Option<(u64, u64)>,
+    /// Candidates skipped because the request is too long for them: for the largest of their
+    /// windows, the input, the output asked and the window.
+    pub too_long: Option<(u64, u64, u64)>,
+}
+
+/// A candidate's capabilities for a request: its model's, the `context-1m` beta applied, and for an
+/// openai-type provider its `max_tokens_cap` bounding the output (the conversion sends no more).
+pub(crate) fn fit_capabilities(
+    runtime: &Runtime,
+    candidate: &Candidate,
+    needs: &Needs,
+) -> crate::config::Capabilities {
+    let caps = crate::routing::fit::effective(
+        runtime.routes.capabilities_of(candidate),
+        &candidate.upstream_model,
+        needs,
+    );
+    match candidate.provider.config.kind {
+        ProviderKind::Openai => {
+            crate::routing::fit::with_output_cap(caps, candidate.provider.config.max_tokens_cap)
+        }
+        ProviderKind::Anthropic => caps,
+    }
 }
 
 /// The ordered candidates for a request (pure: no I/O). Its needs are read only when an entry of
@@ -336,7 +369,7 @@ pub async fn plan(state: &AppState, runtime: &Runtime, inbound: &Inbound) -> Opt
         .min_input_conditions(&inbound.envelope.model)
         .any(|min| needs.would_count_for_min(min))
     {
-        inbound.count_tokens_aside().await;
+        inbound.count_tokens_aside(state).await;
     }
     let ctx = PlanContext {
         providers: &runtime.providers,
@@ -360,6 +393,16 @@ pub async fn messages(state: &Arc<AppState>, inbound: Inbound) -> Answer {
             "model {model:?} matches no entry of model_routes"
         )));
     };
+    if plan.candidates.is_empty() && plan.held_back > 0 {
+        // Every entry has `when:` conditions and none holds: the request's shape, not an outage.
+        let mut answer = Answer::error(ApiError::invalid_request(format!(
+            "no entry of route {:?} serves this request: their `when:` conditions do not hold \
+             (add an entry without `when:` as the default)",
+            &*plan.route
+        )));
+        answer.route = Some(plan.route);
+        return answer;
+    }
     if plan.candidates.is_empty() {
         let mut answer = Answer::error(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -371,6 +414,13 @@ pub async fn messages(state: &Arc<AppState>, inbound: Inbound) -> Answer {
         ));
         answer.route = Some(plan.route);
         return answer;
+    }
+    if let Some((bytes, tokens)) = inbound
+        .session
+        .as_deref()
+        .and_then(|s| state.prior_count(s))
+    {
+        inbound.needs().set_prior(bytes, tokens);
     }
     let sticky = runtime.config.settings.sticky_provider_duration > Duration::ZERO;
     if let (true, Some(session)) = (sticky, &inbound.session) {
@@ -389,8 +439,17 @@ pub async fn messages(state: &Arc<AppState>, inbound: Inbound) -> Answer {
                 }
             }
         }
+        // Affinity orders providers among the entries a request would use first: a scenario
+        // entry whose conditions hold is not overtaken by the session's default provider, and the
+        // other way round.
         if let Some(p) = sticky_to {
-            if state.health.standing(&p, now).available {
+            let first = plan.candidates.first().map(|c| c.scenario);
+            let same_group = plan
+                .candidates
+                .iter()
+                .find(|c| *c.provider.name == *p)
+                .is_some_and(|c| Some(c.scenario) == first);
+            if same_group && state.health.standing(&p, now).available {
                 plan.promote(&p);
             }
         }
@@ -418,14 +477,7 @@ pub async fn run(
     let mut failures: Vec<(String, Fault)> = Vec::new();
     let mut unsupported: Vec<String> = Vec::new();
     let mut param: Option<String> = None;
-    let mut too_long: Option<(u64, u64)> = None;
-    // A request that insists on thinking skips models that cannot think, if some candidate can.
-    let thinker_exists = lane.fit
-        && inbound.needs().shape.thinking_budget
-        && plan
-            .candidates
-            .iter()
-            .any(|c| runtime.routes.capabilities_of(c).thinking != Some(false));
+    let mut too_long: Option<(u64, u64, u64)> = None;
     // A candidate whose probe another instance holds goes to the end, once: like a provider
     // cooling down, it is tried only if every other candidate fails.
     let mut queue: VecDeque<(&Candidate, bool)> =
@@ -442,20 +494,32 @@ pub async fn run(
         // skipped before any call, without penalty.
         if lane.fit {
             let needs = inbound.needs();
-            let caps = crate::routing::fit::effective(
-                runtime.routes.capabilities_of(candidate),
-                &candidate.upstream_model,
-                needs,
-            );
+            let caps = fit_capabilities(runtime, candidate, needs);
             if needs.would_count_for(&caps) {
-                inbound.count_tokens_aside().await;
+                inbound.count_tokens_aside(state).await;
             }
-            if let Err(misfit) = crate::routing::fit::check(&caps, needs, thinker_exists) {
-                if let Misfit::TooLong { needed, window } = misfit {
-                    too_long = Some(match too_long {
-                        Some((n, w)) => (n.max(needed), w.max(window)),
-                        None => (needed, window),
-                    });
+            // A request that insists on thinking tries a model that cannot think only after the
+            // candidates that can: it goes to the end of the queue while one of them is left.
+            let thinker_left = needs.shape.thinking_budget
+                && caps.thinking == Some(false)
+                && queue
+                    .iter()
+                    .any(|(c, _)| fit_capabilities(runtime, c, needs).thinking != Some(false));
+            if thinker_left && crate::routing::fit::check(&caps, needs, false).is_ok() {
+                queue.push_back((candidate, true));
+                continue;
+            }
+            if let Err(misfit) = crate::routing::fit::check(&caps, needs, thinker_left) {
+                if let Misfit::TooLong {
+                    input,
+                    output,
+                    window,
+                } = misfit
+                {
+                    // The largest window is the one the client is told about.
+                    if too_long.is_none_or(|(_, _, w)| window > w) {
+                        too_long = Some((input, output, window));
+                    }
                 }
                 let reason = misfit.to_string();
                 tracing::info!(provider = %name, model = %candidate.upstream_model, %reason, "candidate cannot hold this request; skipped");
@@ -536,9 +600,13 @@ pub async fn run(
         if let Some(l) = lease.as_mut() {
             l.resolved();
         }
-        if let (true, Some(session), true) =
-            (lane.affinity, &inbound.session, reply.status.is_success())
-        {
+        // A scenario entry is chosen by its conditions, not remembered for the session.
+        if let (true, Some(session), true, false) = (
+            lane.affinity,
+            &inbound.session,
+            reply.status.is_success(),
+            candidate.scenario,
+        ) {
             let ttl = runtime.config.settings.sticky_provider_duration;
             let name = &candidate.provider.name;
             let share = state
@@ -778,16 +846,27 @@ fn log_change(provider: &str, change: Option<(HealthState, HealthState)>) {
 impl Failed {
     /// The answer to a `/v1/messages` request no candidate served.
     pub fn into_answer(self, state: &AppState, model: &str) -> Answer {
-        let error = if let (true, Some((needed, window))) =
+        let error = if let (true, Some((input, output, window))) =
             (self.failures.is_empty(), self.too_long)
         {
-            // Claude Code compacts the conversation on this wording and tries again.
-            ApiError::invalid_request(format!(
-                "prompt is too long: {needed} tokens > {window} maximum (estimated by the balancer: \
-                 the largest context window among route {:?}'s providers is {window} tokens, and \
-                 the request needs about {needed} with its output; no provider was called)",
+            let note = format!(
+                "(estimated by the balancer: the largest context window among route {:?}'s \
+                 providers is {window} tokens; no provider was called)",
                 &*self.route
-            ))
+            );
+            if input > window {
+                // Claude Code compacts the conversation on this wording and tries again.
+                ApiError::invalid_request(format!(
+                    "prompt is too long: {input} tokens > {window} maximum {note}"
+                ))
+            } else {
+                // The input fits, the output asked does not: on Anthropic's wording for this,
+                // Claude Code asks again for less output.
+                ApiError::invalid_request(format!(
+                    "input length and `max_tokens` exceed context limit: {input} + {output} > \
+                     {window}, decrease input length or `max_tokens` and try again {note}"
+                ))
+            }
         } else if self.failures.is_empty() && !self.unsupported.is_empty() {
             let e = ApiError::invalid_request(format!(
                 "no provider of this route can serve the request: {}",

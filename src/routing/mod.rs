@@ -52,6 +52,8 @@ pub struct Plan {
     /// Entries left out because their `when:` conditions failed (only with `PlanContext::explain`):
     /// provider, route, the condition that failed.
     pub passed_over: Vec<(String, Arc<str>, String)>,
+    /// How many entries their `when:` conditions left out.
+    pub held_back: usize,
 }
 
 #[derive(Debug)]
@@ -89,6 +91,9 @@ pub struct RouteTable {
     /// Exact routes first (in file order), then glob routes (in file order).
     routes: Vec<Route>,
     models: fit::ModelTable,
+    /// The headers `when:` conditions read (and Claude Code's subagent id): part of the
+    /// coalescing and cache key.
+    routing_headers: Vec<http::HeaderName>,
 }
 
 /// Translates a pattern with `*` and `?` into an anchored, case-insensitive regex.
@@ -170,10 +175,28 @@ impl RouteTable {
             }
         }
         exact.extend(globs);
+        let mut routing_headers = vec![http::HeaderName::from_static("x-claude-code-agent-id")];
+        for rc in routes {
+            for e in &rc.entries {
+                for (name, _) in &e.when.header {
+                    if let Ok(n) = http::HeaderName::from_bytes(name.as_bytes()) {
+                        if !routing_headers.contains(&n) {
+                            routing_headers.push(n);
+                        }
+                    }
+                }
+            }
+        }
         Self {
             routes: exact,
             models,
+            routing_headers,
         }
+    }
+
+    /// The headers that can change which entries serve a request.
+    pub fn routing_headers(&self) -> &[http::HeaderName] {
+        &self.routing_headers
     }
 
     /// The capabilities of an upstream model name (`models:`, then the shipped defaults).
@@ -222,6 +245,7 @@ impl RouteTable {
         let route_name = Arc::clone(&routes.peek()?.pattern);
         let mut ordered: Vec<Candidate> = Vec::new();
         let mut passed_over = Vec::new();
+        let mut held_back = 0;
         for route in routes {
             for tier in &route.tiers {
                 let mut idx: Vec<usize> = Vec::with_capacity(tier.entries.len());
@@ -242,7 +266,10 @@ impl RouteTable {
                         }
                     };
                     let why = match holds {
-                        Err(why) => Some(why),
+                        Err(why) => {
+                            held_back += 1;
+                            Some(why)
+                        }
                         Ok(()) if ordered.iter().any(|c| c.provider.config.name == name) => {
                             Some(ALREADY_PLANNED.to_owned())
                         }
@@ -322,6 +349,7 @@ impl RouteTable {
             route: route_name,
             candidates,
             passed_over,
+            held_back,
         })
     }
 }

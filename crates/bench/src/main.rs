@@ -332,10 +332,20 @@ impl Drop for Proc {
     }
 }
 
+/// A port free now and never handed out before in this run: the processes bind theirs later, so
+/// the same free port given twice would put two arms on one process.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0))
-        .unwrap_or(0)
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0))
+            .unwrap_or(0);
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if port == 0 || !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 async fn wait_up(c: &HttpClient, url: &str) {
