@@ -43,6 +43,21 @@ pub fn count_body(raw: &[u8]) -> u64 {
     }
 }
 
+/// Counts a request body to decide whether a model can hold it: as [`count_body`], except that a
+/// PDF costs what an image does (its real size is unknown without reading it; erring low means
+/// at worst one call the provider refuses, erring high a conversation refused for nothing).
+pub fn count_to_fit(raw: &[u8]) -> u64 {
+    match serde_json::from_slice::<Value>(raw) {
+        Ok(v) => {
+            let mut text = FitText(String::new());
+            let fixed = walk(&v, &mut text);
+            let counted = count_text(&text.0) + fixed as u64;
+            ((counted as f64 * MARGIN).ceil() as u64).max(1)
+        }
+        Err(_) => count_body(raw),
+    }
+}
+
 /// Tokens of `text`: the first [`MAX_EXACT_BYTES`] counted, the rest extrapolated.
 fn count_text(text: &str) -> u64 {
     let bpe = tiktoken_rs::o200k_base_singleton();
@@ -99,6 +114,26 @@ pub fn estimate_request(body: &Value) -> u64 {
 /// Where countable text goes: the text itself (for the tokenizer) or only its length.
 trait Sink {
     fn add(&mut self, s: &str);
+
+    /// The tokens of a PDF of `len` base64 bytes: about 1,500 tokens a page, a page about 3 KB of
+    /// base64, which errs high for PDFs with images (right for advice on when to compact).
+    fn pdf(&self, len: usize) -> usize {
+        (len / 2).max(PER_IMAGE)
+    }
+}
+
+/// The text for a count that decides whether a model can hold a request (`count_to_fit`): a PDF
+/// is charged like an image, erring low, since a wrong refusal costs more than a refused call.
+struct FitText(String);
+
+impl Sink for FitText {
+    fn add(&mut self, s: &str) {
+        self.0.add(s);
+    }
+
+    fn pdf(&self, _len: usize) -> usize {
+        PER_IMAGE
+    }
 }
 
 impl Sink for String {
@@ -207,13 +242,13 @@ fn collect_block(block: &Value, text: &mut impl Sink, fixed: &mut usize) {
                         collect_content(c, text, fixed);
                     }
                 }
-                // A PDF: about 1,500 tokens a page, a page about 3 KB of base64.
+                // A PDF.
                 _ => {
                     let len = source
                         .and_then(|s| s.get("data"))
                         .and_then(Value::as_str)
                         .map_or(0, str::len);
-                    *fixed += (len / 2).max(PER_IMAGE);
+                    *fixed += text.pdf(len);
                 }
             }
         }
@@ -226,6 +261,17 @@ fn collect_block(block: &Value, text: &mut impl Sink, fixed: &mut usize) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_count_to_fit_charges_a_pdf_like_an_image() {
+        let pdf = "JVBERi0xLjcK".repeat(25_000); // 300 KB of base64
+        let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": pdf}},
+            {"type": "text", "text": "summarise"}]}]});
+        let raw = serde_json::to_vec(&body).unwrap_or_default();
+        assert!(count_body(&raw) > 150_000, "count_tokens errs high");
+        assert!(count_to_fit(&raw) < 2_000, "the fit check errs low");
+    }
+
     use super::*;
     use serde_json::json;
 

@@ -216,8 +216,8 @@ impl Inbound {
                 Front::Chat(chat) => {
                     let chat = Arc::clone(chat);
                     Counter::With(Box::new(move || match chat.converted() {
-                        Ok(form) => crate::tokens::count_body(&form.body),
-                        Err(_) => crate::tokens::count_body(&chat.original),
+                        Ok(form) => crate::tokens::count_to_fit(&form.body),
+                        Err(_) => crate::tokens::count_to_fit(&chat.original),
                     }))
                 }
                 _ => Counter::Body(self.body.clone()),

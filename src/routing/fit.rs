@@ -303,7 +303,7 @@ impl Needs {
     /// The input tokens as the local tokenizer counts them (once per request).
     pub fn counted(&self) -> u64 {
         *self.counted.get_or_init(|| match &self.counter {
-            Counter::Body(b) => crate::tokens::count_body(b),
+            Counter::Body(b) => crate::tokens::count_to_fit(b),
             Counter::With(f) => f(),
         })
     }
