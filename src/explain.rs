@@ -229,16 +229,7 @@ pub fn explain(config: Config, file: &[u8]) -> Result<String, String> {
                 }
             }
             Err(m) => {
-                if let fit::Misfit::TooLong {
-                    input,
-                    output,
-                    window,
-                } = m
-                {
-                    if too_long.is_none_or(|(_, _, w)| window > w) {
-                        too_long = Some((input, output, window));
-                    }
-                }
+                fit::keep_largest(&mut too_long, &m);
                 m.to_string()
             }
         };
@@ -268,15 +259,10 @@ pub fn explain(config: Config, file: &[u8]) -> Result<String, String> {
             if tried == 1 { "" } else { "s" }
         )
     } else if let Some((input, output, window)) = too_long {
-        if input > window {
-            format!(
-                "no candidate can hold it: the client would get 400 \"prompt is too long: {input} tokens > {window} maximum\""
-            )
-        } else {
-            format!(
-                "no candidate can hold its output: the client would get 400 \"input length and `max_tokens` exceed context limit: {input} + {output} > {window}\""
-            )
-        }
+        format!(
+            "no candidate can hold it: the client would get 400 \"{}\"",
+            fit::too_long_words(input, output, window)
+        )
     } else if plan.candidates.is_empty() {
         "no candidate: the client would get 503".into()
     } else {

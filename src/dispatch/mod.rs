@@ -34,7 +34,7 @@ use crate::config::ProviderKind;
 use crate::error::{ApiError, error_type_for_status};
 use crate::inbound::body::Envelope;
 use crate::routing::affinity::Share;
-use crate::routing::fit::{Counter, Misfit, Needs};
+use crate::routing::fit::{Counter, Needs};
 use crate::routing::health::{HealthBook, HealthPolicy, HealthState, Verdict};
 use crate::routing::{Candidate, Plan, PlanContext};
 use crate::state::{AppState, Runtime};
@@ -510,17 +510,7 @@ pub async fn run(
                 continue;
             }
             if let Err(misfit) = crate::routing::fit::check(&caps, needs, thinker_left) {
-                if let Misfit::TooLong {
-                    input,
-                    output,
-                    window,
-                } = misfit
-                {
-                    // The largest window is the one the client is told about.
-                    if too_long.is_none_or(|(_, _, w)| window > w) {
-                        too_long = Some((input, output, window));
-                    }
-                }
+                crate::routing::fit::keep_largest(&mut too_long, &misfit);
                 let reason = misfit.to_string();
                 tracing::info!(provider = %name, model = %candidate.upstream_model, %reason, "candidate cannot hold this request; skipped");
                 unsupported.push(format!("{name}: {reason}"));
@@ -849,24 +839,12 @@ impl Failed {
         let error = if let (true, Some((input, output, window))) =
             (self.failures.is_empty(), self.too_long)
         {
-            let note = format!(
-                "(estimated by the balancer: the largest context window among route {:?}'s \
+            ApiError::invalid_request(format!(
+                "{} (estimated by the balancer: the largest context window among route {:?}'s \
                  providers is {window} tokens; no provider was called)",
+                crate::routing::fit::too_long_words(input, output, window),
                 &*self.route
-            );
-            if input > window {
-                // Claude Code compacts the conversation on this wording and tries again.
-                ApiError::invalid_request(format!(
-                    "prompt is too long: {input} tokens > {window} maximum {note}"
-                ))
-            } else {
-                // The input fits, the output asked does not: on Anthropic's wording for this,
-                // Claude Code asks again for less output.
-                ApiError::invalid_request(format!(
-                    "input length and `max_tokens` exceed context limit: {input} + {output} > \
-                     {window}, decrease input length or `max_tokens` and try again {note}"
-                ))
-            }
+            ))
         } else if self.failures.is_empty() && !self.unsupported.is_empty() {
             let e = ApiError::invalid_request(format!(
                 "no provider of this route can serve the request: {}",

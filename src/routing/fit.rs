@@ -389,6 +389,35 @@ impl std::fmt::Display for Misfit {
     }
 }
 
+/// Of the size misfits of one request, keeps the one with the largest window: the one the client
+/// is told about (the input, the output asked, the window).
+pub fn keep_largest(seen: &mut Option<(u64, u64, u64)>, misfit: &Misfit) {
+    if let Misfit::TooLong {
+        input,
+        output,
+        window,
+    } = *misfit
+    {
+        if seen.is_none_or(|(_, _, w)| window > w) {
+            *seen = Some((input, output, window));
+        }
+    }
+}
+
+/// What a client is told when no candidate can hold its request, in the words Claude Code acts
+/// on: `prompt is too long` (it compacts the conversation) when the input alone exceeds the
+/// window, else Anthropic's wording for an output that does not fit (it asks for less output).
+pub fn too_long_words(input: u64, output: u64, window: u64) -> String {
+    if input > window {
+        format!("prompt is too long: {input} tokens > {window} maximum")
+    } else {
+        format!(
+            "input length and `max_tokens` exceed context limit: {input} + {output} > {window}, \
+             decrease input length or `max_tokens` and try again"
+        )
+    }
+}
+
 /// `212k` for 212 345, `1M` for a million, the number itself below 10 000.
 pub fn thousands(n: u64) -> String {
     if n >= 1_000_000 && n % 1_000_000 == 0 {
