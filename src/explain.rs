@@ -195,11 +195,7 @@ pub fn explain(config: Config, file: &[u8]) -> Result<String, String> {
     let mut too_long: Option<(u64, u64, u64)> = None;
     for (i, c) in plan.candidates.iter().enumerate() {
         let caps = crate::dispatch::fit_capabilities(&runtime, c, needs);
-        let thinker_exists = needs.shape.thinking_budget
-            && caps.thinking == Some(false)
-            && plan.candidates[i + 1..].iter().any(|c| {
-                crate::dispatch::fit_capabilities(&runtime, c, needs).thinking != Some(false)
-            });
+
         let model_note = if c.passthrough { " (passthrough)" } else { "" };
         let from = if *c.route == *plan.route {
             String::new()
@@ -215,8 +211,16 @@ pub fn explain(config: Config, file: &[u8]) -> Result<String, String> {
             .map(|e| conditions(&e.when))
             .filter(|w| !w.is_empty())
             .map_or(String::new(), |w| format!(", when {{{w}}} holds"));
-        let verdict = match fit::check(&caps, needs, thinker_exists) {
-            Ok(()) => {
+        let judged =
+            crate::dispatch::judge(&runtime, &caps, needs, plan.candidates[i + 1..].iter());
+        let verdict = match judged {
+            crate::dispatch::Judgement::Later => {
+                tried += 1;
+                "kept, tried after the candidates that can think: the request asks for a thinking \
+                 budget and this model cannot think"
+                    .into()
+            }
+            crate::dispatch::Judgement::Try => {
                 tried += 1;
                 let reserve = fit::output_reserve(&caps, needs);
                 match caps.context_window {
@@ -228,7 +232,7 @@ pub fn explain(config: Config, file: &[u8]) -> Result<String, String> {
                     None => "kept: no window known, assumed large enough".into(),
                 }
             }
-            Err(m) => {
+            crate::dispatch::Judgement::Skip(m) => {
                 fit::keep_largest(&mut too_long, &m);
                 m.to_string()
             }

@@ -404,3 +404,24 @@ async fn thinking_with_a_budget_tries_a_model_that_cannot_think_last() {
     let (_, by, _) = served_by(&bal, &adaptive, &[]).await;
     assert_eq!(by, "Plain");
 }
+
+#[tokio::test]
+async fn a_model_too_small_is_skipped_for_its_size_even_when_it_also_cannot_think() {
+    let (p, bal) = world(&[
+        (
+            "Plain",
+            "priority: 1\nthinking: false\ncontext_window: 16000",
+        ),
+        ("Thinker", "priority: 2\ncontext_window: 8000"),
+    ])
+    .await;
+    let mut body = long_request(100, 1000);
+    body["thinking"] = json!({"type": "enabled", "budget_tokens": 512});
+    let (status, _, answer) = served_by(&bal, &body, &[]).await;
+    assert_eq!(status, 400, "{answer}");
+    // The largest window that was too small is the one the client hears of.
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains(" tokens > 16000 maximum"), "{message}");
+    assert!(message.starts_with("prompt is too long: "), "{message}");
+    assert_eq!(p[0].request_count() + p[1].request_count(), 0);
+}

@@ -861,11 +861,11 @@ async fn openai(
         ));
     };
     // The output asked for, clamped to the provider's cap and the model's `max_output_tokens`.
-    let model_max = runtime.routes.capabilities_of(candidate).max_output_tokens;
-    let max_tokens_cap = match (provider.config.max_tokens_cap, model_max) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
+    let max_tokens_cap = crate::routing::fit::with_output_cap(
+        runtime.routes.capabilities_of(candidate),
+        provider.config.max_tokens_cap,
+    )
+    .max_output_tokens;
     let opts = Options {
         dialect: provider.config.dialect,
         max_tokens_cap,

@@ -34,7 +34,7 @@ use crate::config::ProviderKind;
 use crate::error::{ApiError, error_type_for_status};
 use crate::inbound::body::Envelope;
 use crate::routing::affinity::Share;
-use crate::routing::fit::{Counter, Needs};
+use crate::routing::fit::{Counter, Misfit, Needs};
 use crate::routing::health::{HealthBook, HealthPolicy, HealthState, Verdict};
 use crate::routing::{Candidate, Plan, PlanContext};
 use crate::state::{AppState, Runtime};
@@ -359,15 +359,47 @@ pub(crate) fn fit_capabilities(
     }
 }
 
+/// What the loop does with a candidate, by its capabilities.
+pub(crate) enum Judgement {
+    Try,
+    /// The request insists on thinking (a budget) and this model cannot think: it is tried after
+    /// the candidates still to come that can.
+    Later,
+    /// It cannot hold the request: skipped without a call.
+    Skip(Misfit),
+}
+
+/// Judges a candidate with capabilities `caps` (from [`fit_capabilities`]); `rest`: the candidates
+/// still to be tried after it.
+pub(crate) fn judge<'a>(
+    runtime: &Runtime,
+    caps: &crate::config::Capabilities,
+    needs: &Needs,
+    mut rest: impl Iterator<Item = &'a Candidate>,
+) -> Judgement {
+    if let Err(m) = crate::routing::fit::check(caps, needs, false) {
+        return Judgement::Skip(m);
+    }
+    let thinker_left = needs.shape.thinking_budget
+        && caps.thinking == Some(false)
+        && rest.any(|c| fit_capabilities(runtime, c, needs).thinking != Some(false));
+    if thinker_left {
+        Judgement::Later
+    } else {
+        Judgement::Try
+    }
+}
+
 /// The ordered candidates for a request (pure: no I/O). Its needs are read only when an entry of
 /// the route has `when:` conditions. A `min_input_tokens` condition close to the request's
 /// estimated size has it counted first, off the async runtime.
 pub async fn plan(state: &AppState, runtime: &Runtime, inbound: &Inbound) -> Option<Plan> {
     let needs = inbound.needs();
-    if runtime
-        .routes
-        .min_input_conditions(&inbound.envelope.model)
-        .any(|min| needs.would_count_for_min(min))
+    if runtime.routes.has_min_input_conditions()
+        && runtime
+            .routes
+            .min_input_conditions(&inbound.envelope.model)
+            .any(|min| needs.would_count_for_min(min))
     {
         inbound.count_tokens_aside(state).await;
     }
@@ -498,18 +530,15 @@ pub async fn run(
             if needs.would_count_for(&caps) {
                 inbound.count_tokens_aside(state).await;
             }
-            // A request that insists on thinking tries a model that cannot think only after the
-            // candidates that can: it goes to the end of the queue while one of them is left.
-            let thinker_left = needs.shape.thinking_budget
-                && caps.thinking == Some(false)
-                && queue
-                    .iter()
-                    .any(|(c, _)| fit_capabilities(runtime, c, needs).thinking != Some(false));
-            if thinker_left && crate::routing::fit::check(&caps, needs, false).is_ok() {
-                queue.push_back((candidate, true));
-                continue;
-            }
-            if let Err(misfit) = crate::routing::fit::check(&caps, needs, thinker_left) {
+            let misfit = match judge(runtime, &caps, needs, queue.iter().map(|(c, _)| *c)) {
+                Judgement::Try => None,
+                Judgement::Later => {
+                    queue.push_back((candidate, true));
+                    continue;
+                }
+                Judgement::Skip(m) => Some(m),
+            };
+            if let Some(misfit) = misfit {
                 crate::routing::fit::keep_largest(&mut too_long, &misfit);
                 let reason = misfit.to_string();
                 tracing::info!(provider = %name, model = %candidate.upstream_model, %reason, "candidate cannot hold this request; skipped");

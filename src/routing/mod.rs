@@ -94,6 +94,8 @@ pub struct RouteTable {
     /// The headers `when:` conditions read (and Claude Code's subagent id): part of the
     /// coalescing and cache key.
     routing_headers: Vec<http::HeaderName>,
+    /// Some entry has a `min_input_tokens` condition.
+    min_input: bool,
 }
 
 /// Translates a pattern with `*` and `?` into an anchored, case-insensitive regex.
@@ -187,10 +189,15 @@ impl RouteTable {
                 }
             }
         }
+        let min_input = routes
+            .iter()
+            .flat_map(|r| &r.entries)
+            .any(|e| e.when.min_input_tokens.is_some());
         Self {
             routes: exact,
             models,
             routing_headers,
+            min_input,
         }
     }
 
@@ -202,6 +209,11 @@ impl RouteTable {
     /// The capabilities of an upstream model name (`models:`, then the shipped defaults).
     pub fn capabilities(&self, model: &str) -> Capabilities {
         self.models.lookup(model)
+    }
+
+    /// Whether any entry has a `min_input_tokens` condition (else a request need not look).
+    pub fn has_min_input_conditions(&self) -> bool {
+        self.min_input
     }
 
     /// The `min_input_tokens` conditions of the routes matching `model`.
